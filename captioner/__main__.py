@@ -1,0 +1,5 @@
+"""`python -m captioner ...` (also what `torchrun -m captioner` runs)."""
+
+from captioner.cli import main
+
+raise SystemExit(main())

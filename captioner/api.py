@@ -1,0 +1,211 @@
+"""The public Python API: `Captioner.load()` and `Captioner.caption()`.
+
+A Captioner holds an encoder and a decoder in eval mode and no other mutable state, so one instance can serve
+several threads at once. Images are decoded and resized in a thread pool (PIL releases the GIL while decoding)
+while the previous batch runs through the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from captioner.checkpoint import CaptionModel, CheckpointError, load_model
+from captioner.config import DecodeConfig
+from captioner.decoding import Hypothesis, beam_search
+from captioner.encoder import Encoder, build_encoder
+from captioner.images import ImageInput, ImageLoadError, describe, open_image
+
+DEFAULT_MODEL = "flickr8k.safetensors"
+
+
+@dataclass
+class Alternative:
+    """One of the n-best sentences."""
+
+    text: str
+    score: float
+    logprob: float
+
+
+@dataclass
+class Caption:
+    """The caption of one image. On a skipped failure `error` is set and `text` is empty."""
+
+    source: str
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    score: float = float("nan")
+    logprob: float = float("nan")
+    alternatives: list[Alternative] = field(default_factory=list)
+    attention: np.ndarray | None = None
+    """(L, g, g) attention over the encoder grid per generated token (<end> included when generated)."""
+    gates: dict[str, np.ndarray] | None = None
+    """input, forget, output gate activations and cell state, (L, H) each."""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        """JSON-ready record (without attention and gates arrays)."""
+        return {"source": self.source, "caption": self.text, "score": self.score, "logprob": self.logprob,
+                "alternatives": [a.__dict__ for a in self.alternatives], "error": self.error}
+
+
+def default_model_path() -> Path:
+    """Where the shipped model lives inside the installed package."""
+    return Path(str(resources.files("captioner") / "weights" / DEFAULT_MODEL))
+
+
+class Captioner:
+    """Encoder + decoder + vocabulary, ready to caption images."""
+
+    def __init__(self, model: CaptionModel, encoder: Encoder, device: str | torch.device = "cpu"):
+        if encoder.feature_dim != model.encoder_dim:
+            raise ValueError(f"encoder {encoder.name} gives {encoder.feature_dim}-d features, the decoder expects "
+                             f"{model.encoder_dim}")
+        self.device = torch.device(device)
+        self.model = model
+        self.encoder = encoder.to(self.device).eval()
+        self.decoder = model.decoder.to(self.device).eval()
+        self.vocab = model.vocab
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, *, encoder_weights: str | None = None,
+             device: str | torch.device = "cpu") -> Captioner:
+        """Load a checkpoint, or the shipped Flickr8k model when `path` is None.
+
+        Args:
+            path: a `.safetensors` checkpoint written by captioner.
+            encoder_weights: overrides the encoder weights file recorded in the checkpoint (resnet50).
+            device: torch device to run on.
+
+        Raises:
+            CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.
+        """
+        if path is None:
+            path = default_model_path()
+            if not path.is_file():
+                raise CheckpointError(
+                    f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
+        model = load_model(path)
+        encoder = build_encoder(model.model_cfg.encoder, encoder_weights or model.model_cfg.encoder_weights)
+        return cls(model, encoder, device)
+
+    @property
+    def decode_defaults(self) -> DecodeConfig:
+        return self.model.decode_cfg
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, N, D) grid features."""
+        with torch.inference_mode():
+            return self.encoder(pixels.to(self.device))
+
+    def preprocess(self, item: ImageInput, source: str | None = None) -> torch.Tensor:
+        """Open, orient, resize and normalise one image with the encoder's own preprocessing."""
+        prep = self.encoder.preprocess
+        return prep(open_image(item, prep.size, source))
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], beam_size: int | None = None, n_best: int = 1,
+                batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
+                length_penalty: float | None = None, return_attention: bool = False, return_gates: bool = False,
+                on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2) -> list[Caption]:
+        """Caption images given as paths, bytes, PIL images, or a mixed list; one Caption per input, in order.
+
+        Decoding defaults (beam size, lengths, length penalty) come from the checkpoint.
+
+        Raises:
+            ImageLoadError: an image cannot be read and `on_error="raise"`.
+        """
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        return list(self.caption_iter(items, beam_size=beam_size, n_best=n_best, batch_size=batch_size,
+                                         max_length=max_length, min_length=min_length,
+                                         length_penalty=length_penalty, return_attention=return_attention,
+                                         return_gates=return_gates, on_error=on_error, num_workers=num_workers))
+
+    def caption_iter(self, images: Iterable[ImageInput], *, beam_size: int | None = None, n_best: int = 1,
+                     batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
+                     length_penalty: float | None = None, return_attention: bool = False,
+                     return_gates: bool = False, on_error: Literal["raise", "skip"] = "raise",
+                     num_workers: int = 2) -> Iterator[Caption]:
+        """Like `caption`, but lazily: yields Captions in input order as each batch finishes.
+
+        Only about two batches are in memory at a time, so this scales to any number of images.
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        d = self.model.decode_cfg
+        search = dict(beam_size=beam_size or d.beam_size, n_best=n_best,
+                      max_length=max_length or d.max_length,
+                      min_length=d.min_length if min_length is None else min_length,
+                      length_penalty=d.length_penalty if length_penalty is None else length_penalty,
+                      return_attention=return_attention, return_gates=return_gates)
+        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+            pending = None
+            for batch in _batches(enumerate(images), batch_size):
+                # Submit the next batch's decoding before running the network on the current one.
+                futures = [pool.submit(self._safe_preprocess, item) for item in batch]
+                if pending is not None:
+                    yield from self._caption_batch([f.result() for f in pending], on_error, search)
+                pending = futures
+            if pending is not None:
+                yield from self._caption_batch([f.result() for f in pending], on_error, search)
+
+    def _safe_preprocess(self, indexed: tuple[int, ImageInput]) -> tuple[str, torch.Tensor | ImageLoadError]:
+        index, item = indexed
+        source = describe(item, index)
+        try:
+            return source, self.preprocess(item, source)
+        except ImageLoadError as exc:
+            return source, exc
+
+    def _caption_batch(self, loaded: list[tuple[str, torch.Tensor | ImageLoadError]], on_error: str,
+                       search: dict) -> list[Caption]:
+        good = [(i, x) for i, (_, x) in enumerate(loaded) if isinstance(x, torch.Tensor)]
+        for source, x in loaded:
+            if isinstance(x, ImageLoadError) and on_error == "raise":
+                raise x
+        out: list[Caption] = [Caption(source=s, error=str(x)) if isinstance(x, Exception) else None
+                              for s, x in loaded]  # type: ignore[misc]
+        if good:
+            features = self.encode(torch.stack([x for _, x in good]))  # (B, N, D)
+            hyps = beam_search(self.decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
+                               banned_ids=self.vocab.banned_ids, **search)
+            for (i, _), image_hyps in zip(good, hyps):
+                out[i] = self._to_caption(loaded[i][0], image_hyps)
+        return out
+
+    def _to_caption(self, source: str, hyps: list[Hypothesis]) -> Caption:
+        best = hyps[0]
+        words = self.vocab.decode(best.tokens)
+        g = self.encoder.grid_size
+        attention = None
+        if best.attention is not None:
+            attention = best.attention.float().view(-1, g, g).cpu().numpy()
+        gates = {k: v.float().cpu().numpy() for k, v in best.gates.items()} if best.gates is not None else None
+        alternatives = [Alternative(" ".join(self.vocab.decode(h.tokens)), h.score, h.logprob) for h in hyps]
+        return Caption(source=source, text=" ".join(words), tokens=words, score=best.score, logprob=best.logprob,
+                       alternatives=alternatives, attention=attention, gates=gates)
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

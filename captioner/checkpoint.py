@@ -1,0 +1,160 @@
+"""Checkpoints: one `.safetensors` file holding the decoder weights plus JSON metadata in its header.
+
+The metadata carries everything needed to caption (model config, decoding defaults, vocabulary, format version)
+and where the model came from (training data, metrics). Loading never unpickles: a pickle-based `.pt`/`.pth`
+is refused with an explanation. Writes are atomic (temp file, fsync, rename), so a crash never leaves a
+half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_dumps
+
+from captioner.config import DecodeConfig, ModelConfig, config_to_dict, dataclass_from_dict
+from captioner.decoder import build_decoder
+from captioner.vocab import Vocabulary
+
+FORMAT = "captioner"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, of another format, or pickle-based."""
+
+
+@dataclass
+class CaptionModel:
+    """A decoder with the vocabulary and config it was trained with."""
+
+    decoder: torch.nn.Module
+    vocab: Vocabulary
+    model_cfg: ModelConfig
+    decode_cfg: DecodeConfig = field(default_factory=DecodeConfig)
+    info: dict[str, Any] = field(default_factory=dict)
+    """Provenance: training data, recipe, metrics. Free-form JSON."""
+    encoder_dim: int = 1280
+
+
+def new_model(model_cfg: ModelConfig, vocab: Vocabulary, encoder_dim: int,
+              decode_cfg: DecodeConfig | None = None) -> CaptionModel:
+    """A freshly initialised CaptionModel."""
+    decoder = build_decoder(model_cfg, len(vocab), encoder_dim)
+    return CaptionModel(decoder, vocab, model_cfg, decode_cfg or DecodeConfig(), {}, encoder_dim)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Atomically write tensors and a JSON-serialisable metadata dict as one safetensors file."""
+    header = {"json": json.dumps(metadata, ensure_ascii=False)}
+    data = safetensors_dumps({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
+    atomic_write_bytes(path, data)
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"{path}: this is a pickle-based PyTorch file (torch.save). captioner never unpickles checkpoints "
+            "because unpickling can run arbitrary code; use a .safetensors checkpoint written by captioner "
+            "(captioner.checkpoint.save_model)"
+        )
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a safetensors file written by `save_tensors` -> (tensors, metadata).
+
+    Raises:
+        CheckpointError: missing, pickle-based, damaged, or without captioner metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    _refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: damaged or not a safetensors file ({exc})") from exc
+    try:
+        metadata = json.loads(raw["json"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: safetensors file without captioner metadata") from exc
+    return tensors, metadata
+
+
+def save_model(model: CaptionModel, path: str | Path, half: bool = False) -> None:
+    """Write a CaptionModel (fp16 weights when `half`, for shipping)."""
+    state = model.decoder.state_dict()
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": config_to_dict(model.model_cfg),
+        "decode": config_to_dict(model.decode_cfg),
+        "encoder_dim": model.encoder_dim,
+        "vocab": model.vocab.itos,
+        "info": model.info,
+    }
+    save_tensors(path, state, metadata)
+
+
+def load_model(path: str | Path) -> CaptionModel:
+    """Read a checkpoint written by `save_model`; weights come back as float32.
+
+    Raises:
+        CheckpointError: see `load_tensors`; also a wrong format or version, or weights that do not fit.
+    """
+    tensors, meta = load_tensors(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a captioner model checkpoint (format={meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {meta.get('format_version')} is not supported "
+                              f"(this captioner reads version {FORMAT_VERSION})")
+    try:
+        model_cfg = dataclass_from_dict(ModelConfig, meta["model"], "model")
+        decode_cfg = dataclass_from_dict(DecodeConfig, meta["decode"], "decode")
+        vocab = Vocabulary(meta["vocab"])
+        encoder_dim = int(meta["encoder_dim"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: metadata is incomplete or invalid ({exc})") from exc
+    model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        model.decoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the stored config ({exc})") from exc
+    model.decoder.eval()
+    model.info = meta.get("info", {})
+    return model

@@ -1,0 +1,127 @@
+"""The `captioner` command: thin argument parsing over the library.
+
+    captioner caption PATH... [--checkpoint FILE] [--beam-size K] [--format text|jsonl|csv] [--output FILE]
+    captioner train --config configs/flickr8k.yaml [--set train.lr=3e-4 ...] [--resume]
+    captioner evaluate --checkpoint FILE --data DIR --format flickr8k --split dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from captioner.writers import open_writer
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from captioner.api import Captioner
+    from captioner.images import find_images
+    from captioner.sharding import parse_shard, take_shard
+
+    try:
+        paths = list(find_images(args.paths))
+    except FileNotFoundError as exc:
+        print(f"captioner: {exc}", file=sys.stderr)
+        return 2
+    if args.shard:
+        index, count = parse_shard(args.shard)
+        paths = take_shard(paths, index, count)
+    if not paths:
+        print("captioner: no images found", file=sys.stderr)
+        return 2
+    captioner = Captioner.load(args.checkpoint)
+    failures = 0
+    show_bar = len(paths) > args.batch_size and not args.quiet
+    with open_writer(args.output, args.format, args.n_best) as writer, \
+            tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar:
+        try:
+            stream = captioner.caption_iter(paths, beam_size=args.beam_size, n_best=args.n_best,
+                                            batch_size=args.batch_size, max_length=args.max_length,
+                                            on_error="skip", num_workers=args.num_workers)
+            for caption in stream:
+                writer.write(caption)
+                if caption.error:
+                    failures += 1
+                    bar.write(f"captioner: failed: {caption.error}", file=sys.stderr)
+                bar.update(1)
+        except KeyboardInterrupt:
+            writer.flush()
+            print(f"\ncaptioner: interrupted; {writer.count} records written", file=sys.stderr)
+            return 130
+    if failures:
+        print(f"captioner: {failures} of {len(paths)} images failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from captioner.config import load_config
+    from captioner.training import fit
+
+    cfg = load_config(args.config, args.set)
+    fit(cfg, resume=args.resume)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from captioner.evaluation import evaluate_command
+
+    return evaluate_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("caption", help="caption image files and folders")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--checkpoint", help="model .safetensors (default: the shipped model)")
+    p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the model's)")
+    p.add_argument("--n-best", type=int, default=1, help="alternatives per image")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text")
+    p.add_argument("--output", help="write here instead of stdout")
+    p.add_argument("--shard", help="I/N: caption only the I-th of N deterministic shards (0-based)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("train", help="train a model from a YAML config")
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=3e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint with BLEU, METEOR, ROUGE-L and CIDEr-D")
+    p.add_argument("--checkpoint", help="model .safetensors (default: the shipped model)")
+    p.add_argument("--data", help="dataset folder (flickr8k) or annotation file (karpathy, csv, jsonl)")
+    p.add_argument("--format", default="flickr8k", choices=["flickr8k", "karpathy", "coco", "csv", "jsonl"])
+    p.add_argument("--annotations", help="annotation file (coco)")
+    p.add_argument("--images", help="image folder (coco, karpathy, csv, jsonl)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--output", help="folder for scores.json and captions.jsonl (default: print only)")
+    p.set_defaults(func=_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `captioner` console script; returns the exit code."""
+    from captioner.checkpoint import CheckpointError
+    from captioner.config import ConfigError
+    from captioner.data.readers import DatasetError
+    from captioner.encoder import EncoderError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, ConfigError, EncoderError, DatasetError, FileNotFoundError) as exc:
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,298 @@
+"""Typed configuration: one dataclass per concern, YAML in and out, validated before any work.
+
+The YAML recipes in `configs/` mirror these dataclasses key for key, so a typo is an error, not a silently
+ignored setting. `load_config` applies dotted `--set section.key=value` overrides on top of the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration is invalid; the message lists every problem found."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the captioning model."""
+
+    encoder: str = "efficientnet_lite0"
+    """Registered encoder name (see `captioner.encoder.available_encoders()`)."""
+    encoder_weights: str | None = None
+    """Local weights file for encoders that do not ship their own (e.g. resnet50)."""
+    decoder: str = "attention"
+    """`attention` (Show, Attend and Tell) or `show_tell` (no attention, image vector conditions the LSTM)."""
+    embed_dim: int = 256
+    """Word embedding size."""
+    hidden_dim: int = 512
+    """LSTM hidden and cell size."""
+    attention_dim: int = 256
+    """Size of the additive attention's hidden layer."""
+    feature_dim: int = 512
+    """Grid features are projected to this size once per image before attention (0 keeps the encoder's)."""
+    dropout: float = 0.5
+    """Dropout on features and on the LSTM output."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.decoder not in ("attention", "show_tell"):
+            problems.append(f"model.decoder must be 'attention' or 'show_tell', got {self.decoder!r}")
+        for name in ("embed_dim", "hidden_dim", "attention_dim"):
+            if getattr(self, name) <= 0:
+                problems.append(f"model.{name} must be positive")
+        if self.feature_dim < 0:
+            problems.append("model.feature_dim must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("model.dropout must be in [0, 1)")
+        _raise(problems)
+
+
+@dataclass
+class DecodeConfig:
+    """Beam search settings used for validation, evaluation and as API defaults."""
+
+    beam_size: int = 3
+    """Number of beams; 1 is greedy decoding."""
+    max_length: int = 20
+    """Maximum number of generated words (the end token included)."""
+    min_length: int = 1
+    """The end token is forbidden before this many words."""
+    length_penalty: float = 0.0
+    """Exponent a in score = log p / length**a; 0 ranks by total log-probability."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.beam_size < 1:
+            problems.append("decode.beam_size must be >= 1")
+        if self.max_length < 1:
+            problems.append("decode.max_length must be >= 1")
+        if not 0 <= self.min_length <= self.max_length:
+            problems.append("decode.min_length must be in [0, max_length]")
+        _raise(problems)
+
+
+@dataclass
+class DataConfig:
+    """Where the training data lives and how it is read."""
+
+    format: str = "flickr8k"
+    """One of: flickr8k, karpathy, coco, csv, jsonl."""
+    root: str = ""
+    """Dataset folder (flickr8k: holds Images/ and the token and split files)."""
+    annotations: str = ""
+    """Annotation file for karpathy, coco, csv and jsonl formats."""
+    images: str = ""
+    """Image folder for karpathy, coco, csv and jsonl formats (defaults to the annotation file's folder)."""
+    val_annotations: str = ""
+    """coco/csv/jsonl only: a second annotation file for validation (else val_fraction of train is held out)."""
+    val_fraction: float = 0.05
+    """Share of images held out for validation when the format has no validation split."""
+    train_split: str = "train"
+    """Split used for training."""
+    val_split: str = "dev"
+    """Split used for model selection (flickr8k: dev; karpathy: val)."""
+    min_word_count: int = 5
+    """Words seen fewer times in the training captions become <unk>."""
+    max_caption_length: int = 30
+    """Training captions are cut to this many words."""
+    cache_dir: str = ".cache/features"
+    """Folder of the encoder feature cache."""
+    on_missing: str = "error"
+    """What a missing or unreadable image does: `error` stops with the list, `skip` drops them and counts."""
+    max_images: int = 0
+    """Use only the first N training images (0 = all); handy for quick experiments."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.format not in ("flickr8k", "karpathy", "coco", "csv", "jsonl"):
+            problems.append(f"data.format must be one of flickr8k, karpathy, coco, csv, jsonl; got {self.format!r}")
+        if self.on_missing not in ("error", "skip"):
+            problems.append(f"data.on_missing must be 'error' or 'skip', got {self.on_missing!r}")
+        if self.min_word_count < 1:
+            problems.append("data.min_word_count must be >= 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append("data.val_fraction must be in (0, 1)")
+        _raise(problems)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, validation and output settings."""
+
+    out_dir: str = "runs/flickr8k"
+    """Run directory: checkpoints, resolved config, metrics log and curves."""
+    epochs: int = 20
+    """Maximum number of epochs."""
+    batch_size: int = 64
+    """Images per batch (each image contributes captions_per_image captions)."""
+    captions_per_image: int = 5
+    """How many of an image's reference captions are trained on per step."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    warmup_steps: int = 200
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = 0.05
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    attention_reg: float = 1.0
+    """Weight of the doubly stochastic attention penalty (Show, Attend and Tell eq. 14)."""
+    grad_clip: float = 5.0
+    """Gradient norm clip (0 disables)."""
+    seed: int = 0
+    """Seed for weights, shuffling and dropout."""
+    patience: int = 4
+    """Stop after this many epochs without a better validation CIDEr (0 disables early stopping)."""
+    val_max_images: int = 0
+    """Decode at most this many validation images per epoch (0 = all)."""
+    scst_epochs: int = 0
+    """Self-critical sequence training epochs with a CIDEr-D reward after cross-entropy (0 = none)."""
+    scst_lr: float = 2e-5
+    """Learning rate during self-critical training."""
+    scst_samples: int = 5
+    """Sampled captions per image in self-critical training (their mean reward is the baseline)."""
+    num_workers: int = 0
+    """Image-decoding worker processes while extracting features."""
+    skip_cache_check: bool = False
+    """Trust cached features without re-checking the image files' size and modification time."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("epochs", "batch_size", "captions_per_image"):
+            if getattr(self, name) < 1:
+                problems.append(f"train.{name} must be >= 1")
+        if self.lr <= 0:
+            problems.append("train.lr must be > 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append("train.label_smoothing must be in [0, 1)")
+        _raise(problems)
+
+
+@dataclass
+class Config:
+    """A whole training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation, allowing int -> float; raise ConfigError otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"invalid config:\n  - {where}: expected {annotation}, got {value!r}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"invalid config:\n  - {where}: expected true/false, got {value!r}")
+    if annotation is int and isinstance(value, bool):
+        raise ConfigError(f"invalid config:\n  - {where}: expected an integer, got {value!r}")
+    if not isinstance(value, annotation):
+        raise ConfigError(
+            f"invalid config:\n  - {where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def dataclass_from_dict(cls: type, raw: Any, where: str = "") -> Any:
+    """Build config dataclass `cls` from a mapping, rejecting unknown keys and wrong types (ConfigError)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config:\n  - {where or 'top level'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            "invalid config:\n  - unknown key(s) "
+            + ", ".join(prefix + k for k in unknown)
+            + f"; valid keys: {', '.join(prefix + k for k in fields)}"
+        )
+    kwargs = {}
+    hints = typing.get_type_hints(cls)
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = dataclass_from_dict(hint, value, key)
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping (unknown keys and wrong types raise ConfigError)."""
+    return dataclass_from_dict(Config, raw, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain-dict form of any config dataclass (JSON and YAML safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"invalid config:\n  - override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply `section.key=value` overrides and validate the result.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, a key is unknown, or a value has the wrong type.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"invalid config:\n  - config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"invalid config:\n  - {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"invalid config:\n  - {path}: the top level must be a mapping")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"invalid config:\n  - override {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the format `load_config` reads back)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,0 +1,159 @@
+"""LSTM caption decoders: Show, Attend and Tell (soft attention) and Show and Tell (no attention).
+
+Both expose one protocol that `captioner.decoding` drives:
+
+- `init(features) -> (memory, state)`: per-image work done once (feature projection, the attention keys) goes in
+  `memory`, which beam search expands to the beams once and never reorders; `state` (h, c) is reordered as beams
+  are chosen.
+- `step(tokens, memory, state, return_gates) -> StepOutput`: one word for every row of the batch.
+- `forward(features, captions)`: teacher forcing for training, built on the same `step`.
+
+Gate activations are computed on request from the `nn.LSTMCell`'s own weights, so the fused cell keeps the
+normal path fast and the explanation is of exactly the model that produced the caption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioner.config import ModelConfig
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class StepOutput:
+    """Result of one decoding step for a batch of R rows."""
+
+    logits: torch.Tensor  # (R, V)
+    state: Tensors  # h, c: (R, H)
+    attention: torch.Tensor | None = None  # (R, N) weights over the grid, None without attention
+    gates: Tensors | None = None  # input, forget, output, cell: (R, H), only when asked
+
+
+def lstm_cell_with_gates(cell: nn.LSTMCell, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, Tensors]:
+    """The same update as `cell(x, (h, c))`, unfused so the gates can be returned.
+
+    PyTorch orders the stacked gate weights input, forget, cell candidate, output.
+    """
+    z = F.linear(x, cell.weight_ih, cell.bias_ih) + F.linear(h, cell.weight_hh, cell.bias_hh)  # (R, 4H)
+    i, f, g, o = z.chunk(4, dim=1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    return h_new, c_new, {"input": i, "forget": f, "output": o, "cell": c_new}
+
+
+class _LSTMDecoder(nn.Module):
+    """Shared parts: embeddings, the output layer, the recurrent step and teacher forcing."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, encoder_dim: int, lstm_input: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.encoder_dim = encoder_dim
+        feat = cfg.feature_dim or encoder_dim
+        self.feature_size = feat
+        self.project = (nn.Sequential(nn.Linear(encoder_dim, feat), nn.ReLU())
+                        if cfg.feature_dim else nn.Identity())
+        self.embed = nn.Embedding(vocab_size, cfg.embed_dim)
+        self.lstm = nn.LSTMCell(lstm_input, cfg.hidden_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.out = nn.Linear(cfg.hidden_dim, vocab_size)
+
+    def _recur(self, x: torch.Tensor, state: Tensors, return_gates: bool) -> tuple[Tensors, Tensors | None]:
+        if return_gates:
+            h, c, gates = lstm_cell_with_gates(self.lstm, x, state["h"], state["c"])
+            return {"h": h, "c": c}, gates
+        h, c = self.lstm(x, (state["h"], state["c"]))
+        return {"h": h, "c": c}, None
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher forcing.
+
+        Args:
+            features: (B, N, D) encoder grid.
+            captions: (B, T) token ids starting with <start>; position t predicts token t + 1.
+
+        Returns:
+            logits (B, T - 1, V) and attention weights (B, T - 1, N) (None without attention).
+        """
+        memory, state = self.init(features)
+        logits, alphas = [], []
+        for t in range(captions.size(1) - 1):
+            out = self.step(captions[:, t], memory, state)
+            state = out.state
+            logits.append(out.logits)
+            if out.attention is not None:
+                alphas.append(out.attention)
+        return torch.stack(logits, 1), (torch.stack(alphas, 1) if alphas else None)
+
+    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+        raise NotImplementedError
+
+
+class AttentionDecoder(_LSTMDecoder):
+    """Show, Attend and Tell (Xu et al. 2015) with soft additive attention and a gating scalar on the context."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, encoder_dim: int):
+        feat = cfg.feature_dim or encoder_dim
+        super().__init__(cfg, vocab_size, encoder_dim, cfg.embed_dim + feat)
+        self.att_feat = nn.Linear(feat, cfg.attention_dim)
+        self.att_hidden = nn.Linear(cfg.hidden_dim, cfg.attention_dim)
+        self.att_score = nn.Linear(cfg.attention_dim, 1)
+        self.gate = nn.Linear(cfg.hidden_dim, feat)  # beta in the paper
+        self.init_h = nn.Linear(feat, cfg.hidden_dim)
+        self.init_c = nn.Linear(feat, cfg.hidden_dim)
+
+    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
+        feats = self.dropout(self.project(features))  # (B, N, F)
+        keys = self.att_feat(feats)  # (B, N, A): the attention projection, computed once per image
+        mean = feats.mean(1)  # (B, F)
+        state = {"h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
+        return {"feats": feats, "keys": keys}, state
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+        h = state["h"]  # (R, H)
+        energy = self.att_score(torch.tanh(memory["keys"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)  # (R, N)
+        alpha = torch.softmax(energy, dim=1)  # (R, N)
+        context = torch.bmm(alpha.unsqueeze(1), memory["feats"]).squeeze(1)  # (R, F)
+        context = torch.sigmoid(self.gate(h)) * context
+        x = torch.cat([self.embed(tokens), context], dim=1)  # (R, E + F)
+        new_state, gates = self._recur(x, state, return_gates)
+        logits = self.out(self.dropout(new_state["h"]))  # (R, V)
+        return StepOutput(logits, new_state, alpha, gates)
+
+
+class ShowTellDecoder(_LSTMDecoder):
+    """Show and Tell (Vinyals et al. 2015): the image vector is the LSTM's first input, then only words."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, encoder_dim: int):
+        super().__init__(cfg, vocab_size, encoder_dim, cfg.embed_dim)
+        self.image_embed = nn.Linear(cfg.feature_dim or encoder_dim, cfg.embed_dim)
+
+    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
+        image = self.dropout(self.project(features)).mean(1)  # (B, F)
+        zeros = image.new_zeros(image.size(0), self.cfg.hidden_dim)
+        state, _ = self._recur(self.image_embed(image), {"h": zeros, "c": zeros}, False)
+        return {}, state
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+        new_state, gates = self._recur(self.embed(tokens), state, return_gates)
+        return StepOutput(self.out(self.dropout(new_state["h"])), new_state, None, gates)
+
+
+def build_decoder(cfg: ModelConfig, vocab_size: int, encoder_dim: int) -> _LSTMDecoder:
+    """Decoder named by `cfg.decoder`."""
+    if cfg.decoder == "attention":
+        return AttentionDecoder(cfg, vocab_size, encoder_dim)
+    if cfg.decoder == "show_tell":
+        return ShowTellDecoder(cfg, vocab_size, encoder_dim)
+    raise ValueError(f"unknown decoder {cfg.decoder!r}; available: attention, show_tell")

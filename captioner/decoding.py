@@ -1,0 +1,159 @@
+"""Batched beam search: the only caption search in the project (greedy is `beam_size=1`).
+
+All B images x K beams advance together as (B*K)-row tensors; the only Python loop is over time steps. A beam
+that has emitted <end> stays in its slot with a frozen score (it can only be extended by <end> at no cost), so
+finished and unfinished hypotheses compete on the same length-normalised score and the search ends early when
+every beam has finished. If no beam ever ends, the best partial hypotheses are returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from captioner.decoder import StepOutput, Tensors
+
+
+class StepDecoder(Protocol):
+    """What beam search needs from a decoder (see `captioner.decoder`)."""
+
+    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]: ...
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors,
+             return_gates: bool = False) -> StepOutput: ...
+
+
+@dataclass
+class Hypothesis:
+    """One decoded sentence."""
+
+    tokens: list[int]
+    """Generated ids without <start> and <end>."""
+    logprob: float
+    """Total log-probability, the <end> token included when present."""
+    score: float
+    """Ranking score: logprob / length ** length_penalty."""
+    finished: bool
+    """False when the sentence hit max_length without <end>."""
+    attention: torch.Tensor | None = None
+    """(L, N) attention weights, one row per generated token (the <end> step included when present)."""
+    gates: dict[str, torch.Tensor] | None = None
+    """input, forget, output, cell: (L, H) each, aligned with `attention`."""
+
+
+def _select(tensors: Tensors, index: torch.Tensor) -> Tensors:
+    return {k: v.index_select(0, index) for k, v in tensors.items()}
+
+
+@torch.inference_mode()
+def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, end_id: int, beam_size: int = 3,
+                max_length: int = 20, min_length: int = 1, length_penalty: float = 0.0, n_best: int = 1,
+                return_attention: bool = False, return_gates: bool = False,
+                banned_ids: Sequence[int] = ()) -> list[list[Hypothesis]]:
+    """Decode a batch of images.
+
+    Args:
+        decoder: implements `init` and `step`.
+        features: (B, N, D) encoder grids.
+        start_id, end_id: ids of <start> and <end>.
+        beam_size: K beams per image; 1 is greedy.
+        max_length: at most this many tokens are generated per hypothesis (<end> included).
+        min_length: <end> is forbidden until this many tokens have been generated.
+        length_penalty: exponent a of score = logprob / length ** a (0: plain log-probability).
+        n_best: hypotheses returned per image, best first (at most beam_size).
+        return_attention, return_gates: keep per-token attention maps / LSTM gate activations.
+        banned_ids: tokens never generated (the API bans <pad>, <start> and <unk>).
+
+    Returns:
+        For each image, `n_best` hypotheses sorted by score, best first.
+    """
+    if beam_size < 1 or not 1 <= n_best <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size=} {n_best=}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    B, K = features.size(0), beam_size
+    device = features.device
+    memory, state = decoder.init(features)
+    rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each row
+    memory, state = _select(memory, rows), _select(state, rows)  # per-image work is shared, not recomputed
+
+    tokens = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    logprob = torch.zeros(B, K, device=device)
+    logprob[:, 1:] = float("-inf")  # all beams start identical: expand only the first at step one
+    lengths = torch.zeros(B * K, device=device)
+    finished = torch.zeros(B * K, dtype=torch.bool, device=device)
+    history = torch.empty(B * K, 0, dtype=torch.long, device=device)
+    attn_hist: torch.Tensor | None = None
+    gate_hist: Tensors | None = None
+    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
+    banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
+
+    for t in range(max_length):
+        out = decoder.step(tokens, memory, state, return_gates=return_gates)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, V)
+        V = logp.size(1)
+        if banned_ids:
+            logp[:, banned] = float("-inf")
+        if t < min_length:
+            logp[:, end_id] = float("-inf")
+        # Finished beams: the only continuation is <end> again, free and without growing the length.
+        logp = torch.where(finished.unsqueeze(1), torch.full_like(logp, float("-inf")), logp)
+        logp[:, end_id] = torch.where(finished, torch.zeros_like(logp[:, end_id]), logp[:, end_id])
+        new_len = (lengths + (~finished).float()).unsqueeze(1)  # (B*K, 1)
+        total = logprob.view(B * K, 1) + logp  # (B*K, V)
+        ranked = total / new_len.pow(length_penalty) if length_penalty else total
+        top_index = ranked.view(B, K * V).topk(K, dim=1).indices  # (B, K)
+        beam = torch.div(top_index, V, rounding_mode="floor")  # (B, K)
+        word = top_index % V  # (B, K)
+        source = (offsets + beam).view(-1)  # (B*K,) row each new beam extends
+
+        logprob = total.view(B, K * V).gather(1, top_index)  # (B, K)
+        lengths = new_len.view(-1).index_select(0, source)
+        was_finished = finished.index_select(0, source)
+        tokens = word.view(-1)
+        finished = was_finished | (tokens == end_id)
+        history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)
+        state = _select(out.state, source)
+        if return_attention and out.attention is not None:
+            step_attn = out.attention.index_select(0, source).unsqueeze(1)  # (B*K, 1, N)
+            attn_hist = step_attn if attn_hist is None else torch.cat([attn_hist.index_select(0, source), step_attn], 1)
+        if return_gates and out.gates is not None:
+            new = {k: v.index_select(0, source).unsqueeze(1) for k, v in out.gates.items()}
+            gate_hist = new if gate_hist is None else {
+                k: torch.cat([gate_hist[k].index_select(0, source), new[k]], 1) for k in new}
+        if bool(finished.all()):
+            break
+
+    score = logprob.view(-1) / lengths.clamp(min=1).pow(length_penalty) if length_penalty else logprob.view(-1)
+    order = score.view(B, K).argsort(dim=1, descending=True)  # (B, K)
+    return _collect(order, history, logprob.view(-1), score, lengths, finished, attn_hist, gate_hist, end_id, n_best)
+
+
+def _collect(order: torch.Tensor, history: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,
+             lengths: torch.Tensor, finished: torch.Tensor, attn: torch.Tensor | None, gates: Tensors | None,
+             end_id: int, n_best: int) -> list[list[Hypothesis]]:
+    """Turn the final beam tensors into per-image Python lists (the only per-image loop, after the search)."""
+    B, K = order.shape
+    history, lengths, finished = history.tolist(), lengths.long().tolist(), finished.tolist()
+    logprob, score = logprob.tolist(), score.tolist()
+    results = []
+    for b in range(B):
+        hyps = []
+        for k in order[b].tolist():
+            r = b * K + k
+            if logprob[r] == float("-inf"):
+                continue  # a slot that never held a real hypothesis (vocabulary smaller than the beam)
+            n = lengths[r]
+            words = [w for w in history[r][:n] if w != end_id]
+            hyps.append(Hypothesis(
+                tokens=words, logprob=logprob[r], score=score[r], finished=finished[r],
+                attention=attn[r, :n].clone() if attn is not None else None,
+                gates={g: v[r, :n].clone() for g, v in gates.items()} if gates is not None else None,
+            ))
+            if len(hyps) == n_best:
+                break
+        results.append(hyps)
+    return results

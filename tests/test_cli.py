@@ -1,0 +1,51 @@
+import csv
+import json
+import subprocess
+import sys
+
+from captioner.cli import main
+from tests.conftest import write_images
+
+
+def test_caption_folder_jsonl(tmp_path, tiny_checkpoint, capsys):
+    images = write_images(tmp_path / "photos" / "nested", 3) + write_images(tmp_path / "photos", 2, fmt="PNG",
+                                                                           suffix=".png")
+    out = tmp_path / "out.jsonl"
+    code = main(["caption", str(tmp_path / "photos"), "--checkpoint", str(tiny_checkpoint), "--format", "jsonl",
+                 "--output", str(out), "--batch-size", "2", "--n-best", "2"])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["path"] for r in records) == sorted(str(p) for p in images)
+    assert all(r["caption"] and r["error"] is None and len(r["alternatives"]) == 2 for r in records)
+    assert "img/s" in capsys.readouterr().err  # progress bar with a rate: more than one batch
+
+
+def test_caption_csv_with_a_bad_file(tmp_path, tiny_checkpoint, capsys):
+    good = write_images(tmp_path, 2)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out.csv"
+    code = main(["caption", *map(str, good), str(bad), "--checkpoint", str(tiny_checkpoint), "--format", "csv",
+                 "--output", str(out)])
+    assert code == 1
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(good[0]), str(good[1]), str(bad)]
+    assert rows[0]["caption"] and not rows[0]["error"]
+    assert rows[2]["error"] and not rows[2]["caption"]
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_missing_path_and_missing_checkpoint(tmp_path, tiny_checkpoint):
+    assert main(["caption", str(tmp_path / "nope.jpg"), "--checkpoint", str(tiny_checkpoint)]) == 2
+    [img] = write_images(tmp_path, 1)
+    assert main(["caption", str(img), "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+
+
+def test_console_script_text_output(tmp_path, tiny_checkpoint):
+    images = write_images(tmp_path, 2)
+    proc = subprocess.run([sys.executable, "-m", "captioner", "caption", str(tmp_path), "--checkpoint",
+                           str(tiny_checkpoint)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+    assert all(line.split("\t")[1] for line in lines)

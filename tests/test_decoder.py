@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from captioner.config import ModelConfig
+from captioner.decoder import build_decoder
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("feature_dim", [0, 20])
+def test_teacher_forcing_shapes_and_gradients(kind, feature_dim):
+    cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=feature_dim, dropout=0.1)
+    decoder = build_decoder(cfg, vocab_size=30, encoder_dim=16)
+    features = torch.randn(4, 9, 16)
+    captions = torch.randint(0, 30, (4, 7))
+    logits, alphas = decoder(features, captions)
+    assert logits.shape == (4, 6, 30)
+    if kind == "attention":
+        assert alphas.shape == (4, 6, 9)
+        assert torch.allclose(alphas.sum(-1), torch.ones(4, 6), atol=1e-5)
+    else:
+        assert alphas is None
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 30), captions[:, 1:].reshape(-1))
+    loss.backward()
+    missing = [n for n, p in decoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_step_matches_teacher_forcing():
+    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+    decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
+    features, captions = torch.randn(2, 9, 16), torch.randint(0, 20, (2, 5))
+    logits, _ = decoder(features, captions)
+    memory, state = decoder.init(features)
+    for t in range(4):
+        out = decoder.step(captions[:, t], memory, state)
+        state = out.state
+        assert torch.allclose(out.logits, logits[:, t], atol=1e-5)
+
+
+def test_gates_do_not_change_the_result():
+    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+    decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
+    memory, state = decoder.init(torch.randn(3, 9, 16))
+    tokens = torch.tensor([1, 4, 5])
+    plain = decoder.step(tokens, memory, state)
+    explained = decoder.step(tokens, memory, state, return_gates=True)
+    assert plain.gates is None
+    assert torch.allclose(plain.logits, explained.logits, atol=1e-5)
+    assert torch.allclose(explained.gates["cell"], explained.state["c"])

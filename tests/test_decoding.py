@@ -1,0 +1,150 @@
+"""Beam search: agreement with greedy and with image-by-image search, ordering, lengths, edge cases."""
+
+import math
+
+import pytest
+import torch
+
+from captioner.decoder import StepOutput, build_decoder, lstm_cell_with_gates
+from captioner.decoding import beam_search
+from captioner.vocab import Vocabulary
+
+START, END = Vocabulary.start_id, Vocabulary.end_id
+
+
+class TableDecoder:
+    """A Markov chain over tokens: the next-token distribution depends only on the previous token."""
+
+    def __init__(self, probs: dict[int, dict[int, float]], vocab_size: int):
+        table = torch.full((vocab_size, vocab_size), 1e-9)
+        for prev, row in probs.items():
+            for nxt, p in row.items():
+                table[prev, nxt] = p
+        self.logits = table.log()
+
+    def init(self, features):
+        return {}, {"h": features.new_zeros(features.size(0), 1)}
+
+    def step(self, tokens, memory, state, return_gates=False):
+        return StepOutput(self.logits[tokens], state)
+
+
+def random_decoder(tiny_cfg, vocab, seed=0, kind="attention"):
+    torch.manual_seed(seed)
+    cfg = type(tiny_cfg)(**{**tiny_cfg.__dict__, "decoder": kind})
+    return build_decoder(cfg, len(vocab), 32).eval()
+
+
+def greedy_reference(decoder, features, max_length):
+    """Plain greedy decoding written independently of beam_search."""
+    memory, state = decoder.init(features)
+    tokens = torch.full((features.size(0),), START)
+    out_tokens, done = [[] for _ in range(features.size(0))], [False] * features.size(0)
+    for _ in range(max_length):
+        out = decoder.step(tokens, memory, state)
+        state = out.state
+        tokens = out.logits.argmax(1)
+        for i, w in enumerate(tokens.tolist()):
+            if not done[i]:
+                if w == END:
+                    done[i] = True
+                else:
+                    out_tokens[i].append(w)
+    return out_tokens
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_beam_size_one_is_greedy(tiny_cfg, vocab, kind):
+    decoder = random_decoder(tiny_cfg, vocab, kind=kind)
+    features = torch.randn(5, 9, 32)
+    with torch.no_grad():
+        expected = greedy_reference(decoder, features, max_length=12)
+    got = beam_search(decoder, features, start_id=START, end_id=END, beam_size=1, max_length=12,
+                      min_length=0)
+    assert [h[0].tokens for h in got] == expected
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_batched_equals_one_by_one(tiny_cfg, vocab, kind):
+    decoder = random_decoder(tiny_cfg, vocab, seed=1, kind=kind)
+    features = torch.randn(6, 9, 32)
+    kwargs = dict(start_id=START, end_id=END, beam_size=4, n_best=3, max_length=10, length_penalty=0.7)
+    batched = beam_search(decoder, features, **kwargs)
+    for i in range(6):
+        alone = beam_search(decoder, features[i:i + 1], **kwargs)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in batched[i]]
+        assert [h.score for h in alone] == pytest.approx([h.score for h in batched[i]], abs=1e-4)
+
+
+def test_n_best_is_sorted_and_scores_are_consistent(tiny_cfg, vocab):
+    decoder = random_decoder(tiny_cfg, vocab, seed=2)
+    hyps = beam_search(decoder, torch.randn(3, 9, 32), start_id=START, end_id=END, beam_size=5, n_best=5,
+                       max_length=10, length_penalty=1.0)
+    for image in hyps:
+        assert len(image) == 5
+        scores = [h.score for h in image]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h.tokens) for h in image}) == 5  # distinct sentences
+        for h in image:
+            length = len(h.tokens) + int(h.finished)
+            assert h.score == pytest.approx(h.logprob / length, rel=1e-5)
+
+
+def test_length_penalty_changes_ranking():
+    a, b, c, d = 4, 5, 6, 7
+    chain = TableDecoder({START: {a: 0.6, b: 0.4}, a: {END: 1.0}, b: {c: 0.99, a: 0.01},
+                          c: {d: 0.99, a: 0.01}, d: {END: 0.99, a: 0.01}}, 8)
+    features = torch.zeros(1, 1, 1)
+    short = beam_search(chain, features, start_id=START, end_id=END, beam_size=2, max_length=6)[0][0]
+    assert short.tokens == [a]  # log .6 > log .4 + 3 log .99
+    long = beam_search(chain, features, start_id=START, end_id=END, beam_size=2, max_length=6,
+                       length_penalty=1.0)[0][0]
+    assert long.tokens == [b, c, d]  # per-token: -0.51/2 < -0.95/4
+    assert long.logprob == pytest.approx(math.log(0.4) + 3 * math.log(0.99), abs=1e-4)
+
+
+def test_no_end_token_returns_best_partial():
+    never_ends = TableDecoder({t: {4: 0.7, 5: 0.3} for t in range(8)}, 8)
+    hyps = beam_search(never_ends, torch.zeros(2, 1, 1), start_id=START, end_id=END, beam_size=3, n_best=2,
+                       max_length=5)
+    for image in hyps:
+        assert image[0].tokens == [4] * 5 and not image[0].finished
+        assert image[0].logprob == pytest.approx(5 * math.log(0.7), abs=1e-4)
+
+
+def test_min_length_forbids_early_end_and_banned_ids():
+    ends_at_once = TableDecoder({t: {END: 0.9, 4: 0.05, 5: 0.05} for t in range(8)}, 8)
+    hyp = beam_search(ends_at_once, torch.zeros(1, 1, 1), start_id=START, end_id=END, beam_size=2, max_length=6,
+                      min_length=3, banned_ids=[4])[0][0]
+    assert hyp.tokens == [5, 5, 5] and hyp.finished
+
+
+def test_early_exit_when_all_beams_end():
+    calls = []
+    chain = TableDecoder({START: {4: 0.5, 5: 0.5}, 4: {END: 1.0}, 5: {END: 1.0}}, 8)
+    step = chain.step
+    chain.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    beam_search(chain, torch.zeros(1, 1, 1), start_id=START, end_id=END, beam_size=2, max_length=50)
+    assert len(calls) == 2
+
+
+def test_attention_and_gates_are_returned_and_match_the_cell(tiny_cfg, vocab):
+    decoder = random_decoder(tiny_cfg, vocab, seed=3)
+    hyp = beam_search(decoder, torch.randn(2, 9, 32), start_id=START, end_id=END, beam_size=3, max_length=7,
+                      return_attention=True, return_gates=True)[0][0]
+    steps = len(hyp.tokens) + int(hyp.finished)
+    assert hyp.attention.shape == (steps, 9)
+    assert torch.allclose(hyp.attention.sum(1), torch.ones(steps), atol=1e-5)
+    for name in ("input", "forget", "output", "cell"):
+        assert hyp.gates[name].shape == (steps, tiny_cfg.hidden_dim)
+    assert ((hyp.gates["forget"] > 0) & (hyp.gates["forget"] < 1)).all()
+
+
+def test_unfused_cell_equals_lstm_cell():
+    cell = torch.nn.LSTMCell(7, 5)
+    x, h, c = torch.randn(3, 7), torch.randn(3, 5), torch.randn(3, 5)
+    h1, c1 = cell(x, (h, c))
+    h2, c2, gates = lstm_cell_with_gates(cell, x, h, c)
+    assert torch.allclose(h1, h2, atol=1e-6) and torch.allclose(c1, c2, atol=1e-6)
+    assert torch.allclose(gates["cell"], c1, atol=1e-6)
+    assert torch.allclose(h1, gates["output"] * torch.tanh(c1), atol=1e-6)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from PIL import Image
+
+from captioner.encoder import EncoderError, _read_state_dict, build_encoder, efficientnet_lite0_weights_path
+
+
+def test_real_weights_load_and_equal_the_file():
+    encoder = build_encoder("efficientnet_lite0")
+    source = list(_read_state_dict(efficientnet_lite0_weights_path()).values())
+    target = list(encoder.trunk.model.state_dict().values())
+    assert len(source) == len(target) == 296
+    for a, b in zip(source, target):
+        assert torch.equal(a, b)
+
+
+def test_grid_shape_and_frozen():
+    encoder = build_encoder("efficientnet_lite0", pretrained=False)
+    encoder.train()
+    assert not encoder.training
+    assert all(not p.requires_grad for p in encoder.parameters())
+    with torch.no_grad():
+        grid = encoder(torch.randn(2, 3, 224, 224))
+    assert grid.shape == (2, 49, 1280)
+
+
+def test_preprocessing_squashes_without_cropping_and_normalises():
+    encoder = build_encoder("efficientnet_lite0", pretrained=False)
+    image = Image.new("RGB", (400, 100), (255, 0, 128))
+    x = encoder.preprocess(image)
+    assert x.shape == (3, 224, 224)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+
+
+def test_unknown_encoder_lists_the_valid_ones():
+    with pytest.raises(EncoderError, match="efficientnet_lite0, resnet50"):
+        build_encoder("vgg16")
+
+
+def test_resnet50_needs_a_local_file(tmp_path):
+    with pytest.raises(EncoderError, match="local weights file"):
+        build_encoder("resnet50")
+    with pytest.raises(EncoderError, match="does not exist"):
+        build_encoder("resnet50", weights=tmp_path / "missing.pth")
+
+
+def test_mismatched_weights_fail_loudly(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    state = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    first = next(iter(state))
+    state[first] = torch.zeros(1, 2, 3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(EncoderError, match="shape mismatch"):
+        build_encoder("efficientnet_lite0", weights=tmp_path / "bad.safetensors")
