@@ -7,9 +7,8 @@ if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
   else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi
 fi
 [[ -x .venv/bin/python ]] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-# torch first and pinned: the CPU wheels on this machine's disk, never a newer release.
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
+# torch first and pinned to the release on this machine's disk (pip takes it from there), never a newer one.
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 if [[ "${1:-}" == "--test" ]]; then extras=".[test]"; else extras="."; fi
-.venv/bin/python -m pip install -q -e "$extras" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e "$extras"
 .venv/bin/python -c "import captioner, torch; print('captioner ready, torch', torch.__version__)"
