@@ -210,6 +210,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"invalid config:\n  - {where}: expected {annotation}, got {value!r}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"invalid config:\n  - {where}: expected true/false, got {value!r}")
     if annotation is int and isinstance(value, bool):

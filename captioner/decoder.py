@@ -73,25 +73,49 @@ class _LSTMDecoder(nn.Module):
         h, c = self.lstm(x, (state["h"], state["c"]))
         return {"h": h, "c": c}, None
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher forcing.
 
         Args:
-            features: (B, N, D) encoder grid.
+            features: (I, N, D) encoder grids.
             captions: (B, T) token ids starting with <start>; position t predicts token t + 1.
+            image_index: (B,) image of each caption, so several captions share one image's per-image work
+                (projection, attention keys); None means caption b belongs to image b.
+            lengths: (B,) tokens per caption including <start> and <end>, sorted in decreasing order; steps past
+                a caption's end are then skipped instead of computed on padding.
 
         Returns:
-            logits (B, T - 1, V) and attention weights (B, T - 1, N) (None without attention).
+            logits (B, T - 1, V) and attention weights (B, T - 1, N) (None without attention); rows past a
+            caption's length are zero when `lengths` is given.
         """
         memory, state = self.init(features)
-        logits, alphas = [], []
-        for t in range(captions.size(1) - 1):
-            out = self.step(captions[:, t], memory, state)
+        if image_index is not None:
+            memory = {k: v.index_select(0, image_index) for k, v in memory.items()}
+            state = {k: v.index_select(0, image_index) for k, v in state.items()}
+        B, T = captions.shape
+        steps = T - 1
+        active = [B] * steps
+        if lengths is not None:
+            counts = (lengths.unsqueeze(0) > torch.arange(1, T, device=lengths.device).unsqueeze(1)).sum(1)
+            active = counts.tolist()  # rows still inside their caption at each step (a prefix: sorted lengths)
+        logits = captions.new_zeros((B, steps, self.vocab_size), dtype=torch.float)
+        alphas = None
+        for t in range(steps):
+            n = active[t]
+            if n == 0:
+                break
+            if n < state["h"].size(0):
+                state = {k: v[:n] for k, v in state.items()}
+                memory = {k: v[:n] for k, v in memory.items()}
+            out = self.step(captions[:n, t], memory, state)
             state = out.state
-            logits.append(out.logits)
+            logits[:n, t] = out.logits
             if out.attention is not None:
-                alphas.append(out.attention)
-        return torch.stack(logits, 1), (torch.stack(alphas, 1) if alphas else None)
+                if alphas is None:
+                    alphas = out.attention.new_zeros(B, steps, out.attention.size(1))
+                alphas[:n, t] = out.attention
+        return logits, alphas
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
         raise NotImplementedError

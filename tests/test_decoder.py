@@ -47,3 +47,18 @@ def test_gates_do_not_change_the_result():
     assert plain.gates is None
     assert torch.allclose(plain.logits, explained.logits, atol=1e-5)
     assert torch.allclose(explained.gates["cell"], explained.state["c"])
+
+
+def test_length_sorted_forward_skips_padding_without_changing_results():
+    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+    decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
+    features = torch.randn(2, 9, 16)
+    lengths = torch.tensor([7, 5, 3])
+    captions = torch.randint(4, 20, (3, 7))
+    image_index = torch.tensor([1, 0, 1])
+    full, full_alpha = decoder(features.index_select(0, image_index), captions)
+    fast, fast_alpha = decoder(features, captions, image_index=image_index, lengths=lengths)
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.allclose(fast[row, : n - 1], full[row, : n - 1], atol=1e-5)
+        assert torch.all(fast[row, n - 1:] == 0)
+        assert torch.allclose(fast_alpha[row, : n - 1], full_alpha[row, : n - 1], atol=1e-5)

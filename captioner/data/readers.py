@@ -1,3 +1,178 @@
-"""placeholder"""
+"""Readers for captioning datasets. Each returns a list of `Sample(image path, reference captions)`.
+
+Formats: the Flickr8k layout, Karpathy's split JSON (Flickr8k/Flickr30k/COCO), COCO captions JSON, and a plain
+CSV or JSONL of (image, caption) rows. Formats without a validation split hold out a deterministic share of
+images (by a hash of the file name) so that every run and every machine agrees on the split.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioner.config import DataConfig
+
+
 class DatasetError(ValueError):
-    pass
+    """A dataset cannot be read: missing files, malformed annotations, unknown split, missing images."""
+
+
+@dataclass
+class Sample:
+    """One image and its reference captions."""
+
+    image: Path
+    captions: list[str]
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DatasetError(f"{what} {path} does not exist")
+    return path
+
+
+def _load_json(path: Path) -> object:
+    try:
+        return json.loads(_require_file(path, "annotation file").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _group(pairs: list[tuple[Path, str]]) -> list[Sample]:
+    grouped: OrderedDict[Path, list[str]] = OrderedDict()
+    for image, caption in pairs:
+        grouped.setdefault(image, []).append(caption)
+    return [Sample(image, caps) for image, caps in grouped.items()]
+
+
+FLICKR8K_SPLITS = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
+                   "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+
+
+def read_flickr8k(root: str | Path, split: str) -> list[Sample]:
+    """Flickr8k: `Images/`, `Flickr8k.token.txt` (`name.jpg#n<TAB>caption`) and `Flickr_8k.<split>Images.txt`."""
+    root = Path(root)
+    if split not in FLICKR8K_SPLITS:
+        raise DatasetError(f"unknown flickr8k split {split!r}; choose one of {', '.join(FLICKR8K_SPLITS)}")
+    names = [line.strip() for line in
+             _require_file(root / FLICKR8K_SPLITS[split], f"flickr8k {split} split list").read_text().splitlines()
+             if line.strip()]
+    captions: dict[str, list[str]] = {}
+    tokens = _require_file(root / "Flickr8k.token.txt", "flickr8k caption file")
+    for number, line in enumerate(tokens.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, caption = line.partition("\t")
+        if not sep or "#" not in key:
+            raise DatasetError(f"{tokens}:{number}: expected 'image.jpg#n<TAB>caption', got {line[:60]!r}")
+        captions.setdefault(key.rsplit("#", 1)[0], []).append(caption.strip())
+    without = [n for n in names if n not in captions]
+    if without:
+        raise DatasetError(f"{len(without)} images of the {split} split have no captions, e.g. {without[:3]}")
+    return [Sample(root / "Images" / n, captions[n]) for n in names]
+
+
+def read_karpathy(annotations: str | Path, images: str | Path, split: str) -> list[Sample]:
+    """Karpathy's `dataset_*.json`: images with `filename`, optional `filepath`, `split` and `sentences`.
+
+    `train` includes `restval`, as in the usual COCO recipe; `dev` is an alias of `val`.
+    """
+    data = _load_json(Path(annotations))
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"{annotations}: expected an object with an 'images' list (Karpathy split format)")
+    wanted = {"train": {"train", "restval"}, "dev": {"val"}}.get(split, {split})
+    samples = []
+    for entry in data["images"]:
+        try:
+            if entry["split"] not in wanted:
+                continue
+            path = Path(images) / entry.get("filepath", "") / entry["filename"]
+            caps = [s["raw"] if "raw" in s else " ".join(s["tokens"]) for s in entry["sentences"]]
+        except (KeyError, TypeError) as exc:
+            raise DatasetError(f"{annotations}: malformed image entry {str(entry)[:80]} ({exc})") from exc
+        samples.append(Sample(path, caps))
+    if not samples:
+        raise DatasetError(f"{annotations}: no images in split {split!r}")
+    return samples
+
+
+def read_coco(annotations: str | Path, images: str | Path) -> list[Sample]:
+    """COCO captions JSON (`images` with id/file_name, `annotations` with image_id/caption)."""
+    data = _load_json(Path(annotations))
+    try:
+        files = {img["id"]: img["file_name"] for img in data["images"]}
+        pairs = [(Path(images) / files[a["image_id"]], a["caption"]) for a in data["annotations"]]
+    except (KeyError, TypeError) as exc:
+        raise DatasetError(f"{annotations}: not COCO captions format ({exc})") from exc
+    return _group(pairs)
+
+
+def read_table(annotations: str | Path, images: str | Path | None = None) -> list[Sample]:
+    """CSV with `image,caption` columns, or JSONL with {"image": ..., "caption": ...} per line.
+
+    Relative image paths are resolved against `images` (default: the annotation file's folder).
+    """
+    path = _require_file(Path(annotations), "annotation file")
+    base = Path(images) if images else path.parent
+    pairs = []
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append((base / row["image"], str(row["caption"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise DatasetError(f"{path}:{number}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
+    else:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+                raise DatasetError(f"{path}: CSV needs 'image' and 'caption' columns, found {reader.fieldnames}")
+            pairs = [(base / row["image"], row["caption"]) for row in reader]
+    if not pairs:
+        raise DatasetError(f"{path}: no rows")
+    return _group(pairs)
+
+
+def _held_out(image: Path, fraction: float) -> bool:
+    digest = hashlib.sha1(image.name.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def read_dataset(cfg: DataConfig, split: str) -> list[Sample]:
+    """Samples of `split` ("train", "dev"/"val" or "test") for the dataset `cfg` describes."""
+    fmt = cfg.format
+    if fmt == "flickr8k":
+        return read_flickr8k(cfg.root, split)
+    if fmt == "karpathy":
+        return read_karpathy(cfg.annotations, cfg.images or Path(cfg.annotations).parent, split)
+    is_val = split in ("dev", "val")
+    if is_val and cfg.val_annotations:
+        annotations = cfg.val_annotations
+    else:
+        annotations = cfg.annotations
+    samples = (read_coco(annotations, cfg.images) if fmt == "coco" else read_table(annotations, cfg.images or None))
+    if cfg.val_annotations or split == "test":
+        return samples
+    return [s for s in samples if _held_out(s.image, cfg.val_fraction) == is_val]
+
+
+def check_images(samples: list[Sample], on_missing: str, what: str = "dataset") -> tuple[list[Sample], list[Path]]:
+    """Find images that are missing or empty. `on_missing="error"` raises with the list; "skip" drops them.
+
+    Returns:
+        The usable samples and the list of dropped images.
+    """
+    missing = [s.image for s in samples if not s.image.is_file() or s.image.stat().st_size == 0]
+    if missing and on_missing == "error":
+        listed = "\n  ".join(str(p) for p in missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise DatasetError(f"{len(missing)} image(s) of the {what} are missing or empty:\n  {listed}{more}\n"
+                           "(set data.on_missing=skip to train without them)")
+    bad = set(missing)
+    return [s for s in samples if s.image not in bad], missing

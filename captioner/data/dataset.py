@@ -1,0 +1,83 @@
+"""Training and validation sets on cached features, and the batches the training loop consumes.
+
+Features stay fp16 in memory (7,000 Flickr8k grids are under 1 GB); a batch holds B images and up to
+`captions_per_image` of their captions, sorted by length so the decoder can skip finished rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from captioner.vocab import Vocabulary
+
+
+@dataclass
+class CaptionSet:
+    """Images (as cached features) with their reference captions."""
+
+    images: list[Path]
+    features: torch.Tensor  # (I, N, D) fp16
+    references: list[list[str]]  # raw reference captions per image
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def ids(self) -> list[str]:
+        return [str(p) for p in self.images]
+
+    def subset(self, count: int) -> CaptionSet:
+        """The first `count` images (all when count is 0)."""
+        if not count or count >= len(self):
+            return self
+        return CaptionSet(self.images[:count], self.features[:count], self.references[:count])
+
+    def shard(self, rank: int, world: int) -> CaptionSet:
+        """Every world-th image starting at rank (for splitting work across processes)."""
+        idx = list(range(rank, len(self), world))
+        return CaptionSet([self.images[i] for i in idx], self.features[idx], [self.references[i] for i in idx])
+
+
+@dataclass
+class Batch:
+    features: torch.Tensor  # (b, N, D) float32
+    captions: torch.Tensor  # (B, T) ids, <start> ... <end> <pad>...
+    lengths: torch.Tensor  # (B,) sorted decreasing
+    image_index: torch.Tensor  # (B,) row of `features` for each caption
+    images: torch.Tensor  # (b,) dataset indices of the images
+
+
+def encode_captions(data: CaptionSet, vocab: Vocabulary, max_length: int) -> list[list[list[int]]]:
+    """Token ids of every reference caption, per image."""
+    return [[vocab.encode(c, max_length) for c in caps] for caps in data.references]
+
+
+def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size: int, captions_per_image: int,
+                    generator: torch.Generator, indices: list[int] | None = None) -> Iterator[Batch]:
+    """Shuffled batches of `batch_size` images; each image brings `captions_per_image` captions.
+
+    The order depends only on `generator`, so a seeded run (and a resumed one) sees the same batches.
+    `indices` restricts the epoch to those images (distributed training gives each rank its own).
+    """
+    pool = torch.tensor(indices) if indices is not None else torch.arange(len(data))
+    order = pool[torch.randperm(len(pool), generator=generator)].tolist()
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        seqs, owners = [], []
+        for row, i in enumerate(chosen):
+            caps = encoded[i]
+            if len(caps) > captions_per_image:
+                pick = torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
+                caps = [caps[j] for j in pick]
+            seqs += caps
+            owners += [row] * len(caps)
+        lengths = torch.tensor([len(s) for s in seqs])
+        lengths, sort = lengths.sort(descending=True)
+        captions = torch.zeros(len(seqs), int(lengths[0]), dtype=torch.long)
+        for r, j in enumerate(sort.tolist()):
+            captions[r, : len(seqs[j])] = torch.tensor(seqs[j])
+        yield Batch(features=data.features[chosen].float(), captions=captions, lengths=lengths,
+                    image_index=torch.tensor(owners)[sort], images=torch.tensor(chosen))

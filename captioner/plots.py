@@ -1,0 +1,30 @@
+"""Training curves as a PNG (matplotlib's non-interactive Agg backend; no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
+    """Loss and validation scores per epoch, side by side."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [row["loss"] for row in history], marker="o")
+    left.set(title="training loss", xlabel="epoch")
+    for key in ("CIDEr", "Bleu_4", "ROUGE_L", "METEOR"):
+        values = [row.get(key) for row in history]
+        if any(v is not None for v in values):
+            right.plot(epochs, values, marker="o", label=key)
+    right.set(title="validation (beam search)", xlabel="epoch")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,45 @@
+import pytest
+
+from captioner.cli import main
+from captioner.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_committed_recipe_loads():
+    cfg = load_config("configs/flickr8k.yaml")
+    assert cfg.data.format == "flickr8k" and cfg.model.decoder == "attention"
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 0.01\n"), ["train.lr=3e-4", "model.hidden_dim=64"])
+    assert cfg.train.lr == 3e-4 and cfg.model.hidden_dim == 64
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  learning_rate: 0.1\n", "unknown key.*train.learning_rate"),
+    ("train:\n  epochs: many\n", "train.epochs: expected int"),
+    ("model:\n  decoder: transformer\n", "model.decoder must be"),
+    ("bogus: 1\n", "unknown key.*bogus"),
+    ("train: [1, 2]\n", "expected a mapping"),
+    ("model:\n  dropout: true\n", "model.dropout"),
+])
+def test_bad_configs_are_one_clear_error(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_data_path_fails_before_any_work(tmp_path, capsys):
+    path = write(tmp_path, f"data:\n  root: {tmp_path / 'nowhere'}\ntrain:\n  out_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "data.root" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
