@@ -1,0 +1,291 @@
+"""Streamlit app: upload images, read their captions, see where the model looked and what its LSTM gates did.
+
+    streamlit run app.py                                          # the shipped Flickr8k model
+    CAPTIONER_CHECKPOINT=runs/x/best.safetensors streamlit run app.py
+
+UI only: every model operation goes through `captioner.Captioner`; the gate and attention summaries come from
+`captioner.explain`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import streamlit as st
+from PIL import Image
+
+from captioner import Caption, Captioner, CheckpointError
+from captioner.explain import (
+    GATE_HELP,
+    GATES,
+    attention_overlay,
+    attention_summary,
+    describe_word,
+    gate_table,
+    step_labels,
+    top_cells,
+)
+from captioner.images import open_image
+
+CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
+MAX_UPLOAD_MB = 20  # per file; .streamlit/config.toml sets the same server.maxUploadSize for the endpoint
+IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+PREVIEW_SIZE = 448
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Decoding options chosen in the sidebar."""
+
+    beam_size: int
+    n_best: int
+    max_length: int
+    length_penalty: float
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: its name, a widget-key-safe id and its bytes."""
+
+    name: str
+    key: str
+    data: bytes
+
+
+@st.cache_resource(show_spinner="Loading the model...")
+def load_captioner(path: str | None) -> Captioner:
+    """The model, loaded once per checkpoint path and shared by all sessions (a Captioner is thread-safe)."""
+    return Captioner.load(path)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def preview(data: bytes) -> Image.Image:
+    """The upright RGB image, shrunk for display and the attention overlay."""
+    image = open_image(data, PREVIEW_SIZE)
+    image.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+    return image
+
+
+def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, memo: dict) -> list[Caption]:
+    """One Caption per upload, in order; too-large and unreadable files carry an error naming the file.
+
+    `memo` (the session's) keeps each file's Caption per settings, so picking a word or adding a file decodes
+    only what is new; the new files go through the model as one batch. Entries of removed files are dropped.
+    """
+    limit = MAX_UPLOAD_MB * 1024 * 1024
+    keys = [(upload.key, settings) for upload in uploads]
+    new = [(key, u) for key, u in zip(keys, uploads) if key not in memo and len(u.data) <= limit]
+    if new:
+        results = cap.caption([u.data for _, u in new], beam_size=settings.beam_size, n_best=settings.n_best,
+                              max_length=settings.max_length,
+                              min_length=min(cap.decode_defaults.min_length, settings.max_length),
+                              length_penalty=settings.length_penalty, return_attention=True,
+                              return_gates=True, on_error="skip")
+        for (key, upload), result in zip(new, results):
+            # The API names byte inputs "<bytes #i>"; put the file name in its place.
+            error = None if result.ok else f"{upload.name}: {result.error.split(': ', 1)[-1]}"
+            memo[key] = dataclasses.replace(result, source=upload.name, error=error)
+    for key, upload in zip(keys, uploads):
+        if key not in memo:
+            reason = f"file too large ({len(upload.data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB)"
+            memo[key] = Caption(source=upload.name, error=f"{upload.name}: {reason}")
+    for stale in memo.keys() - set(keys):
+        del memo[stale]
+    return [memo[key] for key in keys]
+
+
+def _md(text: str) -> str:
+    """Escape what Streamlit's markdown would interpret in a file name (`*`, `_`, `$`, brackets...)."""
+    return re.sub(r"([\\`*_\[\]$~|<>])", r"\\\1", text)
+
+
+def _clean(value):
+    """NaN -> None, so the JSON export is valid JSON."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def results_csv(captions: list[Caption]) -> str:
+    """One row per image: file, caption, score, log-probability, the n-best list and any error."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["file", "caption", "score", "logprob", "alternatives", "error"])
+    for c in captions:
+        alternatives = " | ".join(f"{a.text} ({a.score:.4f})" for a in c.alternatives)
+        writer.writerow([c.source, c.text, _clean(c.score), _clean(c.logprob), alternatives, c.error or ""])
+    return out.getvalue()
+
+
+def results_json(captions: list[Caption], settings: Settings) -> str:
+    """The settings and one record per image (`Caption.to_dict`), NaN scores as null."""
+    records = [{k: _clean(v) for k, v in c.to_dict().items()} for c in captions]
+    return json.dumps({"settings": dataclasses.asdict(settings), "results": records}, indent=2)
+
+
+def load_ui() -> tuple[Captioner, str | None] | None:
+    """Load the model named by $CAPTIONER_CHECKPOINT, else the shipped one; explain any failure."""
+    path = os.environ.get(CHECKPOINT_ENV) or None
+    try:
+        return load_captioner(path), path
+    except CheckpointError as exc:
+        hint = ("The shipped model is not installed yet (it is trained with `captioner train`). "
+                if path is None else "")
+        st.error(f"No usable model: {exc}\n\n{hint}To use another checkpoint, start the app with "
+                 f"`{CHECKPOINT_ENV}=/path/to/model.safetensors streamlit run app.py`.")
+    except (ValueError, OSError) as exc:  # e.g. the encoder's weights are missing
+        st.error(f"The model could not be loaded: {exc}")
+    return None
+
+
+def sidebar_ui(cap: Captioner) -> Settings:
+    """Decoding controls, defaults taken from the checkpoint."""
+    d = cap.decode_defaults
+    st.sidebar.header("Decoding")
+    beam = st.sidebar.slider("Beam size", 1, max(10, d.beam_size), d.beam_size, key="beam_size",
+                             help="How many partial captions are kept at each step; 1 is greedy decoding.")
+    if beam > 1:
+        n_best = st.sidebar.slider("Alternatives (n-best)", 1, beam, min(3, beam),
+                                   help="How many of the best finished captions to list.")
+    else:
+        n_best = 1
+        st.sidebar.caption("Alternatives (n-best): 1 with greedy decoding.")
+    max_length = st.sidebar.slider("Maximum length (words)", 1, max(40, d.max_length), d.max_length,
+                                   key="max_length")
+    penalty = st.sidebar.slider("Length penalty", 0.0, 2.0, float(d.length_penalty), 0.1,
+                                key="length_penalty", help="0 ranks by total log-probability (favours short "
+                                                           "captions); higher values favour longer ones.")
+    return Settings(beam, n_best, max_length, penalty)
+
+
+def model_info_ui(cap: Captioner, path: str | None) -> None:
+    """What the model is and, when the checkpoint says so, what it was trained on and how it scores."""
+    st.sidebar.header("Model")
+    cfg = cap.model.model_cfg
+    st.sidebar.markdown(f"- checkpoint: `{os.path.basename(path) if path else 'shipped model'}`\n"
+                        f"- encoder: `{cap.encoder.name}`\n- decoder: `{cfg.decoder}`, {cfg.hidden_dim} LSTM "
+                        f"cells\n- vocabulary: {len(cap.vocab)} words")
+    info = cap.model.info
+    if not info:
+        st.sidebar.caption("This checkpoint records no training data or scores.")
+        return
+    for key, value in (info.items() if isinstance(info, dict) else [("info", info)]):
+        st.sidebar.markdown(f"**{key}**")
+        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
+            st.sidebar.dataframe([{"": k, "value": v} for k, v in value.items()], hide_index=True)
+        elif isinstance(value, (dict, list)):
+            st.sidebar.json(value, expanded=False)
+        else:
+            st.sidebar.write(value)
+
+
+def upload_ui() -> list[Upload]:
+    files = st.file_uploader("Images", type=list(IMAGE_TYPES), accept_multiple_files=True,
+                             max_upload_size=MAX_UPLOAD_MB,
+                             help=f"{', '.join(IMAGE_TYPES)}; up to {MAX_UPLOAD_MB} MB each.")
+    return [Upload(f.name, f.file_id, f.getvalue()) for f in files or []]
+
+
+def downloads_ui(captions: list[Caption], settings: Settings) -> None:
+    left, right = st.columns(2)
+    left.download_button("Download CSV", results_csv(captions), "captions.csv", "text/csv", on_click="ignore")
+    right.download_button("Download JSON", results_json(captions, settings), "captions.json",
+                          "application/json", on_click="ignore")
+
+
+def caption_ui(number: int, upload: Upload, caption: Caption) -> None:
+    """One image: caption, alternatives, and the attention and gates for a chosen word."""
+    with st.container(border=True):
+        st.subheader(f"{number}. {_md(upload.name)}")
+        if not caption.ok:
+            st.error(f"Could not caption {_md(caption.error)}")
+            return
+        image = preview(upload.data)
+        left, right = st.columns([2, 3])
+        left.image(image)
+        with right:
+            st.markdown(f"### {caption.text or '(empty caption)'}")
+            st.caption(f"score {caption.score:.3f} | log-probability {caption.logprob:.3f}")
+            alternatives = [{"rank": rank, "caption": a.text, "score": round(a.score, 4),
+                             "log-probability": round(a.logprob, 4)}
+                            for rank, a in enumerate(caption.alternatives, 1)]
+            st.dataframe(alternatives, hide_index=True)
+        labels = step_labels(caption)
+        if not labels:
+            return
+        label = st.select_slider("Word", labels, key=f"word-{upload.key}",
+                                 help="Pick a word: where did the model look, what did its gates do?")
+        step = labels.index(label)
+        attention_tab, gates_tab = st.tabs(["Attention", "LSTM gates"])
+        with attention_tab:
+            attention_ui(image, caption, step, label)
+        with gates_tab:
+            gates_ui(caption, step, labels)
+
+
+def attention_ui(image: Image.Image, caption: Caption, step: int, label: str) -> None:
+    if caption.attention is None:
+        st.info("This model does not use attention (show_tell decoder): every word sees the whole image.")
+        return
+    weights = caption.attention[step]  # (g, g)
+    st.image(attention_overlay(image, weights), caption=f"Attention for word {label}")
+    st.caption(attention_summary(weights))
+
+
+def gates_ui(caption: Caption, step: int, labels: list[str]) -> None:
+    rows = gate_table(caption)
+    st.markdown("An LSTM carries a memory (the **cell state**) from word to word. At every word three gates, "
+                "each a number between 0 and 1 per memory cell, decide what happens to it:\n"
+                + "\n".join(f"- **{name}**: {text}" for name, text in GATE_HELP.items()))
+    st.info(describe_word(rows[step]))
+    bars = [{"word": labels[r.step], "step": r.step, "gate": g, "activation": getattr(r, g)}
+            for r in rows for g in GATES]
+    highlight = {"condition": {"test": f"datum.step == {step}", "value": 1.0}, "value": 0.35}
+    st.vega_lite_chart(bars, {
+        "title": "Mean gate activation per word (1 = fully open)", "mark": "bar", "height": 220,
+        "encoding": {"x": {"field": "word", "type": "nominal", "sort": None, "title": None},
+                     "xOffset": {"field": "gate"},
+                     "color": {"field": "gate", "type": "nominal",
+                               "scale": {"domain": list(GATES), "range": ["#1f77b4", "#2ca02c", "#ff7f0e"]}},
+                     "y": {"field": "activation", "type": "quantitative", "scale": {"domain": [0, 1]}},
+                     "opacity": highlight, "tooltip": [{"field": "word"}, {"field": "gate"},
+                                                       {"field": "activation", "format": ".3f"}]}})
+    st.dataframe([r.as_row() for r in rows], hide_index=True)
+    st.markdown(f"**Memory cells that changed most at word {labels[step]}**")
+    if step == 0:
+        st.caption("The memory before the first word is not reported, so these are the cells with the "
+                   "largest values after it.")
+    st.dataframe([c.as_row() for c in top_cells(caption, step)], hide_index=True)
+
+
+def main() -> None:
+    st.set_page_config(page_title="captioner", layout="wide")
+    st.title("captioner")
+    st.markdown("Upload photos to caption them, see where the model looked for each word, and watch how the "
+                "LSTM's gates decide what to keep, add and emit.")
+    loaded = load_ui()
+    if loaded is None:
+        return
+    cap, path = loaded
+    settings = sidebar_ui(cap)
+    model_info_ui(cap, path)
+    uploads = upload_ui()
+    if not uploads:
+        st.info("Upload one or more images to caption them.")
+        return
+    captions = caption_uploads(cap, uploads, settings, st.session_state.setdefault("captions", {}))
+    failed = sum(not c.ok for c in captions)
+    st.caption(f"{len(captions) - failed} of {len(captions)} images captioned"
+               + (f"; {failed} could not be read." if failed else "."))
+    downloads_ui(captions, settings)
+    for number, (upload, caption) in enumerate(zip(uploads, captions), 1):
+        caption_ui(number, upload, caption)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""The Streamlit app driven through AppTest (uploads, controls, bad files, gates), its exports, and the pure
+summaries in captioner.explain. A tiny random checkpoint with the real EfficientNet encoder; no browser."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+from streamlit.testing.v1 import AppTest
+
+from captioner import Caption, Captioner, explain
+from captioner.checkpoint import save_model
+from captioner.config import ModelConfig
+from captioner.vocab import Vocabulary
+from tests.conftest import WORDS, make_model, write_images
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+ENV = "CAPTIONER_CHECKPOINT"
+APP_N_BEST = 3  # the app's default number of alternatives
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """One checkpoint for the whole module, so the app's cached model loads once."""
+    vocab = Vocabulary.build([" ".join(WORDS)], min_count=1)
+    model = make_model(vocab, ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20,
+                                          dropout=0.0))
+    model.info = {"data": "unit-test pictures", "metrics": {"BLEU-4": 0.123, "CIDEr": 0.456}}
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def captioner(checkpoint) -> Captioner:
+    return Captioner.load(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[bytes]:
+    return [p.read_bytes() for p in write_images(tmp_path_factory.mktemp("photos"), 3, size=(96, 72))]
+
+
+@pytest.fixture
+def app(checkpoint, monkeypatch) -> AppTest:
+    monkeypatch.setenv(ENV, str(checkpoint))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    return at
+
+
+def upload(at: AppTest, files: list[tuple[str, bytes]]) -> AppTest:
+    at.file_uploader[0].set_value([(name, data, "application/octet-stream") for name, data in files])
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def shown_captions(at: AppTest) -> list[str]:
+    return [m.value.removeprefix("### ") for m in at.main.markdown if m.value.startswith("### ")]
+
+
+def tables(at: AppTest, column: str) -> list:
+    """The dataframes (as pandas) that have `column`."""
+    return [d.value for d in at.main.dataframe if column in d.value.columns]
+
+
+def sidebar_slider(at: AppTest, label: str):
+    return next(s for s in at.sidebar.slider if s.label == label)
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, says", [
+    ("missing", "checkpoint file not found"),
+    ("damaged", "damaged or not a safetensors file"),
+    ("shipped", "shipped model is not installed yet"),
+])
+def test_no_usable_model_is_a_clear_error_not_a_traceback(case, says, tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    if case == "shipped":  # no env var: the app asks Captioner.load() for the shipped model
+        monkeypatch.delenv(ENV, raising=False)
+        monkeypatch.setattr("captioner.api.default_model_path", lambda: path)
+    else:
+        if case == "damaged":
+            path.write_text("not a checkpoint")
+        monkeypatch.setenv(ENV, str(path))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert not at.exception
+    [error] = at.error
+    assert says in error.value and ENV in error.value
+    assert not at.file_uploader
+
+
+def test_start_page_has_checkpoint_defaults_and_model_info(app):
+    assert sidebar_slider(app, "Beam size").value == 3  # the checkpoint's decode defaults
+    assert sidebar_slider(app, "Maximum length (words)").value == 8
+    assert sidebar_slider(app, "Alternatives (n-best)").value == APP_N_BEST
+    assert "unit-test pictures" in [m.value for m in app.sidebar.markdown]
+    [metrics] = [d.value for d in app.sidebar.dataframe]
+    assert dict(zip(metrics[""], metrics["value"])) == {"BLEU-4": 0.123, "CIDEr": 0.456}
+    assert [i.value for i in app.info] == ["Upload one or more images to caption them."]
+    assert set(app.file_uploader[0].allowed_type) >= {".jpg", ".png", ".webp", ".gif", ".bmp"}
+
+
+def test_upload_shows_each_caption_with_its_alternatives(app, captioner, photos):
+    upload(app, [("a.jpg", photos[0]), ("b.png", photos[1])])
+    expected = captioner.caption(photos[:2], n_best=APP_N_BEST)
+    assert [s.value for s in app.main.subheader] == ["1. a.jpg", "2. b.png"]
+    assert shown_captions(app) == [c.text for c in expected]
+    alternatives = tables(app, "rank")
+    for table, caption in zip(alternatives, expected, strict=True):
+        assert list(table["caption"]) == [a.text for a in caption.alternatives]
+        np.testing.assert_allclose(table["score"], [a.score for a in caption.alternatives], atol=1e-3)
+    assert "2 of 2 images captioned." in [c.value for c in app.main.caption]
+    downloads = app.download_button
+    assert [b.label for b in downloads] == ["Download CSV", "Download JSON"]
+    assert downloads[0].proto.url.endswith(".csv") and downloads[1].proto.url.endswith(".json")
+    assert not app.error
+
+
+def test_sidebar_controls_reach_the_decoder(app, captioner, photos):
+    upload(app, [("a.jpg", photos[0])])
+    sidebar_slider(app, "Beam size").set_value(1).run()
+    greedy = captioner.caption(photos[0], beam_size=1)[0]
+    assert shown_captions(app) == [greedy.text]
+    assert "Alternatives (n-best)" not in [s.label for s in app.sidebar.slider]
+    assert len(tables(app, "rank")[0]) == 1
+
+    sidebar_slider(app, "Beam size").set_value(4).run()
+    sidebar_slider(app, "Alternatives (n-best)").set_value(4)
+    sidebar_slider(app, "Maximum length (words)").set_value(2)
+    sidebar_slider(app, "Length penalty").set_value(1.0)
+    app.run()
+    short = captioner.caption(photos[0], beam_size=4, n_best=4, max_length=2, length_penalty=1.0)[0]
+    assert len(short.tokens) <= 2
+    assert shown_captions(app) == [short.text]
+    [table] = tables(app, "rank")
+    assert list(table["caption"]) == [a.text for a in short.alternatives]
+    np.testing.assert_allclose(table["score"], [a.score for a in short.alternatives], atol=1e-3)
+
+
+def test_bad_files_are_named_and_the_others_still_captioned(app, captioner, photos):
+    noisy = io.BytesIO()
+    Image.effect_noise((128, 96), 60).convert("RGB").save(noisy, "JPEG")
+    app_module = importlib.import_module("app")
+    too_big = b"\xff" * (app_module.MAX_UPLOAD_MB * 2**20 + 1)
+    upload(app, [("notes.png", b"just some text"), ("good.jpg", photos[0]),
+                 ("cut.jpg", noisy.getvalue()[: len(noisy.getvalue()) // 2]), ("empty.gif", b""),
+                 ("huge.bmp", too_big)])
+    errors = [e.value for e in app.error]
+    expected = [("notes.png", "not a recognised image format"), ("cut.jpg", "truncated"), ("empty.gif", "empty"),
+                ("huge.bmp", f"file too large (20.0 MB; the limit is {app_module.MAX_UPLOAD_MB} MB)")]
+    assert len(errors) == len(expected)
+    for error, (name, reason) in zip(errors, expected):
+        assert error.startswith(f"Could not caption {name}: ") and reason in error, error
+    assert shown_captions(app) == [captioner.caption(photos[0], n_best=APP_N_BEST)[0].text]
+    assert [s.value for s in app.main.subheader][1] == "2. good.jpg"
+    assert "1 of 5 images captioned; 4 could not be read." in [c.value for c in app.main.caption]
+
+
+def test_gates_view_matches_the_api_and_follows_the_picked_word(app, captioner, photos):
+    upload(app, [("a.jpg", photos[2])])
+    expected = captioner.caption(photos[2], n_best=APP_N_BEST, return_attention=True, return_gates=True)[0]
+    rows = explain.gate_table(expected)
+    labels = explain.step_labels(expected)
+
+    explanation = next(m.value for m in app.main.markdown if "cell state" in m.value)
+    assert all(f"**{gate}**" in explanation for gate in ("forget", "input", "output", "cell change"))
+    [table] = tables(app, "cell change")
+    assert list(table["word"]) == explain.step_words(expected)
+    for gate in explain.GATES:
+        np.testing.assert_allclose(table[gate], [getattr(r, gate) for r in rows], atol=1e-4)
+    assert math.isnan(table["cell change"][0])
+    np.testing.assert_allclose(table["cell change"][1:], [r.cell_change for r in rows[1:]], atol=1e-4)
+    [chart] = app.main.get("vega_lite_chart")
+    bars = convert_arrow_bytes_to_pandas_df(chart.proto.data.data)
+    assert len(bars) == 3 * len(rows) and set(bars["gate"]) == set(explain.GATES)
+    expected_bars = [getattr(rows[t], g) for t, g in zip(bars["step"], bars["gate"])]
+    np.testing.assert_allclose(bars["activation"], expected_bars, atol=1e-5)
+    assert json.loads(chart.proto.spec)["encoding"]["x"]["sort"] is None  # words stay in caption order
+
+    picker = app.select_slider[0]
+    assert list(picker.options) == labels
+    picker.set_value(labels[2]).run()
+    assert not app.exception
+    assert [i.value for i in app.main.info] == [explain.describe_word(rows[2])]
+    [top] = tables(app, "change")
+    assert list(top["cell"]) == [c.cell for c in explain.top_cells(expected, 2)]
+    [_, overlay] = app.main.image
+    assert overlay.captions == [f"Attention for word {labels[2]}"]
+    assert explain.attention_summary(expected.attention[2]) in [c.value for c in app.main.caption]
+
+
+def test_a_model_without_attention_still_shows_its_gates(tmp_path, monkeypatch, photos):
+    vocab = Vocabulary.build([" ".join(WORDS)], min_count=1)
+    model = make_model(vocab, ModelConfig(decoder="show_tell", embed_dim=16, hidden_dim=24, attention_dim=12,
+                                          feature_dim=20, dropout=0.0))
+    save_model(model, tmp_path / "show_tell.safetensors")
+    monkeypatch.setenv(ENV, str(tmp_path / "show_tell.safetensors"))
+    at = upload(AppTest.from_file(str(APP), default_timeout=60).run(), [("a.jpg", photos[0])])
+    assert any("does not use attention" in i.value for i in at.main.info)
+    assert len(at.main.image) == 1  # the photo, no overlay
+    [table] = tables(at, "cell change")
+    assert len(table) == len(at.select_slider[0].options) > 0
+
+
+def test_only_new_files_are_decoded_in_one_batch_and_removed_files_forgotten(captioner, photos, monkeypatch):
+    app_module = importlib.import_module("app")
+    batches = []
+    real_caption = captioner.caption
+    monkeypatch.setattr(captioner, "caption", lambda images, **kw: batches.append(len(images)) or
+                        real_caption(images, **kw))
+    settings = app_module.Settings(beam_size=2, n_best=2, max_length=5, length_penalty=0.0)
+    a, b, c = (app_module.Upload(f"{k}.jpg", k, data) for k, data in zip("abc", photos))
+    huge = app_module.Upload("huge.jpg", "h", b"\0" * (app_module.MAX_UPLOAD_MB * 2**20 + 1))
+    memo: dict = {}
+    first = app_module.caption_uploads(captioner, [a, huge], settings, memo)
+    assert batches == [1] and first[0].source == "a.jpg" and first[0].ok and "too large" in first[1].error
+    again = app_module.caption_uploads(captioner, [a, b, c], settings, memo)  # a is known, huge was removed
+    assert batches == [1, 2] and again[0] is first[0]
+    assert [r.source for r in again] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert len(memo) == 3
+    app_module.caption_uploads(captioner, [c], app_module.Settings(1, 1, 5, 0.0), memo)  # new settings
+    assert batches == [1, 2, 1] and len(memo) == 1
+
+
+def test_exports_are_valid_csv_and_json(captioner, photos):
+    app_module = importlib.import_module("app")
+    good = captioner.caption(photos[0], n_best=2)[0]
+    good.source = "a.jpg"
+    bad = Caption(source="b.png", error="b.png: not a recognised image format")
+    settings = app_module.Settings(beam_size=3, n_best=2, max_length=8, length_penalty=0.5)
+
+    rows = list(csv.DictReader(io.StringIO(app_module.results_csv([good, bad]))))
+    assert [r["file"] for r in rows] == ["a.jpg", "b.png"]
+    assert rows[0]["caption"] == good.text and float(rows[0]["score"]) == pytest.approx(good.score)
+    assert rows[0]["alternatives"].split(" | ")[0].startswith(good.text) and rows[0]["error"] == ""
+    assert rows[1]["caption"] == rows[1]["score"] == "" and rows[1]["error"] == bad.error
+
+    def no_nan(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    doc = json.loads(app_module.results_json([good, bad], settings), parse_constant=no_nan)
+    assert doc["settings"] == {"beam_size": 3, "n_best": 2, "max_length": 8, "length_penalty": 0.5}
+    assert [r["source"] for r in doc["results"]] == ["a.jpg", "b.png"]
+    assert [a["text"] for a in doc["results"][0]["alternatives"]] == [a.text for a in good.alternatives]
+    assert doc["results"][1]["score"] is None and doc["results"][1]["error"] == bad.error
+
+
+# --- captioner.explain --------------------------------------------------------------------------------------
+
+
+def synthetic(tokens: list[str], steps: int, cell=None, hidden: int = 4) -> Caption:
+    rng = np.random.default_rng(0)
+    gates = {g: rng.uniform(size=(steps, hidden)).astype(np.float32) for g in ("input", "forget", "output")}
+    gates["cell"] = rng.normal(size=(steps, hidden)) if cell is None else np.asarray(cell, dtype=np.float32)
+    attention = rng.dirichlet(np.ones(49), size=steps).reshape(steps, 7, 7)
+    return Caption(source="x", text=" ".join(tokens), tokens=tokens, attention=attention, gates=gates)
+
+
+def test_step_words_add_end_only_when_that_step_was_recorded():
+    assert explain.step_words(synthetic(["a", "dog", "a"], 4)) == ["a", "dog", "a", "<end>"]
+    assert explain.step_words(synthetic(["a", "dog", "a"], 3)) == ["a", "dog", "a"]
+    assert explain.step_labels(synthetic(["a", "dog", "a"], 4)) == ["1 a", "2 dog", "3 a", "4 <end>"]
+    assert explain.step_words(Caption(source="x", text="a dog", tokens=["a", "dog"])) == []
+
+
+def test_gate_table_averages_cells_and_measures_the_memory_change():
+    caption = synthetic(["a", "dog", "runs"], 3, cell=[[0, 0], [3, 4], [3, 4]], hidden=2)
+    caption.gates["forget"] = np.array([[0.2, 0.4], [1.0, 0.0], [0.5, 0.5]], dtype=np.float32)
+    rows = explain.gate_table(caption)
+    assert [r.word for r in rows] == ["a", "dog", "runs"]
+    assert [r.forget for r in rows] == pytest.approx([0.3, 0.5, 0.5])
+    assert rows[1].input == pytest.approx(caption.gates["input"][1].mean())
+    assert math.isnan(rows[0].cell_change) and [r.cell_change for r in rows[1:]] == pytest.approx([5.0, 0.0])
+    assert rows[0].as_row()["cell change"] is None and rows[1].as_row()["#"] == 2
+    assert "30%" in explain.describe_word(rows[0]) and "moved by 5" in explain.describe_word(rows[1])
+    with pytest.raises(ValueError, match="return_gates"):
+        explain.gate_table(Caption(source="x", text="a", tokens=["a"]))
+
+
+def test_top_cells_are_ranked_by_absolute_change():
+    caption = synthetic(["a", "dog"], 2, cell=[[3.0, 0.0, 0.0], [3.0, -2.0, 0.5]], hidden=3)
+    [first, second, third] = explain.top_cells(caption, 1, k=3)
+    assert [first.cell, second.cell, third.cell] == [1, 2, 0]
+    assert (first.before, first.after, first.change) == pytest.approx((0.0, -2.0, -2.0))
+    assert first.forget == pytest.approx(caption.gates["forget"][1, 1])
+    start = explain.top_cells(caption, 0, k=1)  # no earlier state: ranked by size, change unknown
+    assert start[0].cell == 0 and math.isnan(start[0].change) and start[0].as_row()["before"] is None
+    with pytest.raises(IndexError):
+        explain.top_cells(caption, 2)
+
+
+def test_attention_overlay_is_hot_where_the_model_looked():
+    image = Image.new("RGB", (140, 70), (128, 128, 128))
+    weights = np.zeros((7, 7))
+    weights[0, 0] = 1.0
+    overlay = np.asarray(explain.attention_overlay(image, weights), dtype=int)
+    assert overlay.shape == (70, 140, 3)
+    red, _, blue = overlay[2, 2]
+    assert red > blue + 50  # top-left cell: hot end of the colour map
+    red, _, blue = overlay[-2, -2]
+    assert blue > red + 50  # far corner: cold
+    uniform = np.asarray(explain.attention_overlay(image, np.full((7, 7), 1 / 49)))
+    assert np.ptp(uniform.reshape(-1, 3), axis=0).max() == 0  # no attention preference, no hot spot
+    assert explain.attention_summary(weights) == ("Peak: row 1, column 1 of the 7x7 grid with 100.0% of the "
+                                                  "attention (uniform would be 2.0%).")
