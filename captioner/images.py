@@ -1,25 +1,36 @@
 """Turning whatever the user hands us (a path, bytes, a PIL image) into an RGB PIL image, or a clear error.
 
 Every failure is an `ImageLoadError` naming the source and the reason, so a batch can skip one bad file and
-keep the rest. Large JPEGs are decoded at reduced size with PIL's draft mode: the encoder only needs 224x224.
+keep the rest. Only the formats in `SUPPORTED_FORMATS` are decoded; the pixel count is checked from the header
+before any pixels are decoded (decompression-bomb guard); the image is fully decoded here, so a truncated file
+fails here and not later in preprocessing. Large JPEGs are decoded at reduced size with PIL's draft mode: the
+encoder only needs 224x224.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Union
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
-ImageInput = Union[str, os.PathLike, Image.Image, bytes]
+ImageInput = str | os.PathLike | Image.Image | bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+"""PIL formats we decode (JPEG includes the multi-picture MPO of some cameras); anything else is refused."""
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused before decoding (decompression-bomb guard)."""
+
+_ORIENTATION = 0x0112  # EXIF tag
+_T = Image.Transpose
+# EXIF orientation -> transposition, as in ImageOps.exif_transpose (which would cost an extra copy).
+_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
+              6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # older Pillow opens 16-bit gray PNGs as "I"
+_BOMB = "image too large, refused as a possible decompression bomb"
 
 
 class ImageLoadError(ValueError):
@@ -42,81 +53,132 @@ def describe(item: ImageInput, index: int | None = None) -> str:
     return f"<{kind} #{index}>" if index is not None else f"<{kind}>"
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Flatten any mode (palette, alpha, 16-bit, CMYK, grayscale) to 8-bit RGB; transparency over white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda v: v * (1 / 256)).convert("L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def open_image(item: ImageInput, target_size: int = 224, source: str | None = None) -> Image.Image:
-    """Decode `item` into an RGB image, upright as its EXIF orientation says.
+    """Decode `item` into a fully loaded 8-bit RGB image, upright as its EXIF orientation says.
+
+    Palette and alpha images are flattened over white, 16-bit images scaled to 8 bits, CMYK and grayscale
+    converted, and animated files give their first frame. The result holds no open file handle.
 
     Args:
-        item: a file path, the file's bytes, or a PIL image.
+        item: a file path, the file's bytes, or a PIL image. A PIL image is taken as it is (its current frame,
+            no reduced-size JPEG decoding) and is never modified, though a lazily opened one gets loaded.
         target_size: the size the caller will resize to; JPEGs much larger are decoded at reduced scale.
         source: name used in errors (defaults to the path).
 
     Raises:
-        ImageLoadError: missing, empty, truncated, not an image, unsupported, or too many pixels.
+        ImageLoadError: the only exception raised, for any input: missing, empty, truncated or corrupt, not an
+            image, a format outside `SUPPORTED_FORMATS`, or more than `MAX_PIXELS` pixels.
     """
     source = source or describe(item)
     if isinstance(item, Image.Image):
-        image = item
-    elif isinstance(item, (bytes, bytearray)):
-        if not item:
+        return _decode(item, target_size, source, owned=False)
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        if not len(item):
             raise ImageLoadError(source, "empty data (0 bytes)")
-        image = _open(io.BytesIO(item), source)
+        fp: io.BytesIO | Path = io.BytesIO(item)
     elif isinstance(item, (str, os.PathLike)):
-        path = Path(item)
-        if not path.exists():
-            raise ImageLoadError(source, "file not found")
-        if path.is_dir():
-            raise ImageLoadError(source, "is a directory, not an image")
-        if path.stat().st_size == 0:
-            raise ImageLoadError(source, "empty file (0 bytes)")
-        image = _open(path, source)
+        fp = Path(item)
+        try:
+            if not fp.exists():
+                raise ImageLoadError(source, "file not found")
+            if fp.is_dir():
+                raise ImageLoadError(source, "is a directory, not an image")
+            if fp.stat().st_size == 0:
+                raise ImageLoadError(source, "empty file (0 bytes)")
+        except OSError as exc:  # permission denied, name too long, ...
+            raise ImageLoadError(source, f"cannot read file ({exc})") from exc
     else:
         raise ImageLoadError(source, f"unsupported input type {type(item).__name__}")
+    with _open(fp, source) as image:
+        rgb = _decode(image, target_size, source, owned=True)
+        # Closing `image` invalidates its pixels, so never hand it out itself.
+        return image.copy() if rgb is image else rgb
+
+
+def _open(fp: io.BytesIO | Path, source: str) -> Image.Image:
+    """Parse the header only: format and size are known, no pixels are decoded yet."""
     try:
-        width, height = image.size
-        if width * height > MAX_PIXELS:
-            raise ImageLoadError(source, f"image too large ({width}x{height} pixels; limit {MAX_PIXELS})")
-        if image.format == "JPEG" and min(width, height) >= 2 * target_size:
+        image = Image.open(fp, formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(source, _unidentified_reason(fp)) from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own guard (Image.MAX_IMAGE_PIXELS); the warning is an exception only under -W error.
+        raise ImageLoadError(source, f"{_BOMB} ({exc})") from exc
+    except Exception as exc:  # PIL plugins raise many types on malformed headers
+        raise ImageLoadError(source, f"cannot read image header ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_size(image, source)
+    except ImageLoadError:
+        image.close()
+        raise
+    return image
+
+
+def _unidentified_reason(fp: io.BytesIO | Path) -> str:
+    """Why PIL could not open a file: a format we refuse (named), or not an image at all."""
+    supported = ", ".join(SUPPORTED_FORMATS)
+    try:
+        if isinstance(fp, io.BytesIO):
+            fp.seek(0)
+        with Image.open(fp) as other:  # header only; closed without decoding
+            name = other.format
+    except Exception:  # noqa: BLE001 - anything here just means "not an image"
+        name = None
+    if name:
+        return f"unsupported image format {name} (supported: {supported})"
+    return f"not a recognised image format (supported: {supported})"
+
+
+def _check_size(image: Image.Image, source: str) -> None:
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageLoadError(source, f"{_BOMB} ({width}x{height} pixels; limit {MAX_PIXELS})")
+    if width < 1 or height < 1:
+        raise ImageLoadError(source, f"image has no pixels ({width}x{height})")
+
+
+def _decode(image: Image.Image, target_size: int, source: str, owned: bool) -> Image.Image:
+    """Load the current frame, flatten it to RGB and apply the EXIF orientation.
+
+    A file we opened (`owned`) is on its first frame: later frames are never parsed, so a damaged one does not
+    matter. A caller's image is not moved to another frame or shrunk by draft mode.
+    """
+    try:
+        _check_size(image, source)
+        if owned and isinstance(image, JpegImagePlugin.JpegImageFile) and min(image.size) >= 2 * target_size:
             image.draft("RGB", (target_size, target_size))
-        if getattr(image, "is_animated", False):
-            image.seek(0)
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
+        image.load()  # the whole image is decoded here, so truncation fails here
+        orientation = _orientation(image)
+        rgb = _to_rgb(image)
+        if orientation in _TRANSPOSE:
+            rgb = rgb.transpose(_TRANSPOSE[orientation])
+        return rgb
     except ImageLoadError:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(source, f"cannot decode image ({exc})") from exc
+    except Exception as exc:  # decoders raise OSError, SyntaxError, struct.error, EOFError, ...
+        reason = f"{type(exc).__name__}: {exc}"
+        raise ImageLoadError(source, f"corrupt or truncated image data ({reason})") from exc
 
 
-def _open(fp, source: str) -> Image.Image:
+def _orientation(image: Image.Image) -> int:
+    """EXIF orientation 1..8; a damaged EXIF block is ignored rather than failing a decodable photo."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(fp)
-            width, height = image.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(source, f"image too large, refused as a possible decompression bomb ({exc})") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageLoadError(source, "not a recognised image format") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(source, f"cannot read image ({exc})") from exc
-    if width * height > MAX_PIXELS:
-        raise ImageLoadError(source, f"image too large ({width}x{height} pixels; limit {MAX_PIXELS})")
-    return image
+        value = image.getexif().get(_ORIENTATION, 1)
+        return value if isinstance(value, int) else 1
+    except Exception:  # noqa: BLE001 - getexif parses untrusted bytes
+        return 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Flatten any mode (palette, alpha, 16-bit, CMYK, grayscale) to 8-bit RGB; transparency over white."""
+    if image.mode in _SIXTEEN_BIT:
+        image = image.point(lambda v: v * (1 / 256)).convert("L")  # 0..65535 -> 0..255, not clipped at 255
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:  # alpha, or tRNS
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, (255, 255, 255))
+        flat.paste(rgba, mask=rgba)
+        return flat
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:

@@ -2,6 +2,8 @@
 
 The tokenizer is NLTK's `RegexpTokenizer`, which needs no downloaded data: lowercase words, digits and English
 clitics ("dog's" stays one token), punctuation dropped, the way the COCO evaluation's PTB tokenizer treats it.
+Word characters include combining accents ("cafe\u0301" stays one word). NLTK guards every match with a 5 s
+timeout; captions are far too short to reach it, and the pattern is linear anyway.
 """
 
 from __future__ import annotations
@@ -16,11 +18,18 @@ from nltk.tokenize import RegexpTokenizer
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 
-_TOKENIZER = RegexpTokenizer(r"[^\W_]+(?:'[^\W_]+)?")  # stateless, safe to share
+# Word characters (regex's \w includes combining marks, connectors and joiners), not starting with one of
+# those: a stray accent or the zero-width joiner of an emoji sequence is never a token on its own.
+_PART = r"(?![\p{M}\p{Pc}\p{Cf}])[^\W_]+"
+_TOKENIZER = RegexpTokenizer(_PART + "(?:'" + _PART + ")?")  # stateless, safe to share
 
 
 def tokenize(text: str) -> list[str]:
-    """Lowercase `text` and split it into word tokens; punctuation is dropped."""
+    """Lowercase `text` and split it into word tokens; punctuation is dropped.
+
+    Raises:
+        TypeError: `text` is not a str (the only exception raised).
+    """
     if not isinstance(text, str):
         raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
     return _TOKENIZER.tokenize(text.lower())
@@ -35,6 +44,13 @@ class Vocabulary:
             raise ValueError(f"a vocabulary must start with {SPECIALS}, got {words[:4]}")
         if len(set(words)) != len(words):
             raise ValueError("a vocabulary must not repeat words")
+        for word in words:
+            if not isinstance(word, str):
+                raise TypeError(f"vocabulary words must be strings, got {type(word).__name__}")
+            try:
+                word.encode("utf-8")  # else `save` could not write it
+            except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from the JSON escape \ud800
+                raise ValueError(f"vocabulary word {word!r} is not valid Unicode text") from exc
         self.itos: list[str] = words
         self.stoi: dict[str, int] = {w: i for i, w in enumerate(words)}
 
@@ -80,11 +96,17 @@ class Vocabulary:
 
     @classmethod
     def from_json(cls, text: str) -> Vocabulary:
-        """Inverse of `to_json`; raises ValueError on malformed input."""
+        """Inverse of `to_json`.
+
+        Raises:
+            ValueError: for any str that is not a valid vocabulary (the only exception raised for a str).
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"vocabulary JSON is malformed: {exc}") from exc
+        except RecursionError as exc:  # json's C scanner on deeply nested arrays/objects
+            raise ValueError("vocabulary JSON is nested too deeply") from exc
         if not isinstance(data, dict) or not isinstance(data.get("itos"), list):
             raise ValueError('vocabulary JSON must be an object with an "itos" list')
         if not all(isinstance(w, str) for w in data["itos"]):
