@@ -17,8 +17,14 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
 
     epochs = [row["epoch"] for row in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [row["loss"] for row in history], marker="o")
-    left.set(title="training loss", xlabel="epoch")
+    xe = [row for row in history if row.get("loss") is not None]
+    left.plot([row["epoch"] for row in xe], [row["loss"] for row in xe], marker="o", label="cross-entropy loss")
+    scst = [row for row in history if row.get("reward") is not None]
+    if scst:
+        left.plot([row["epoch"] for row in scst], [row["reward"] for row in scst], marker="s",
+                  label="self-critical reward (CIDEr-D)")
+    left.set(title="training", xlabel="epoch")
+    left.legend()
     for key in ("CIDEr", "Bleu_4", "ROUGE_L", "METEOR"):
         values = [row.get(key) for row in history]
         if any(v is not None for v in values):

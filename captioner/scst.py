@@ -9,11 +9,13 @@ lives here rather than in `captioner.decoding`.
 from __future__ import annotations
 
 import torch
+import torch.distributed as tdist
 
 from captioner.checkpoint import CaptionModel
 from captioner.cider import CiderD
 from captioner.config import Config
 from captioner.data.dataset import CaptionSet
+from captioner.distributed import Dist
 from captioner.run_state import Progress
 from captioner.vocab import tokenize
 
@@ -28,12 +30,13 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
     """
     decoder, vocab = model.decoder, model.vocab
     memory, state = decoder.init(features)
-    rows = torch.arange(features.size(0)).repeat_interleave(samples)
+    rows = torch.arange(features.size(0), device=features.device).repeat_interleave(samples)
     memory = {k: v.index_select(0, rows) for k, v in memory.items()}
     state = {k: v.index_select(0, rows) for k, v in state.items()}
-    tokens = torch.full((rows.numel(),), vocab.start_id, dtype=torch.long)
-    alive = torch.ones(rows.numel(), dtype=torch.bool)
-    banned = torch.tensor(vocab.banned_ids)
+    device = features.device
+    tokens = torch.full((rows.numel(),), vocab.start_id, dtype=torch.long, device=device)
+    alive = torch.ones(rows.numel(), dtype=torch.bool, device=device)
+    banned = torch.tensor(vocab.banned_ids, device=device)
     words, logps, masks = [], [], []
     for _ in range(max_length):
         out = decoder.step(tokens, memory, state)
@@ -50,27 +53,40 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
     return torch.stack(words, 1), torch.stack(logps, 1).sum(1), torch.stack(masks, 1)
 
 
+def average_gradients(module: torch.nn.Module, dist: Dist) -> None:
+    """All-reduce gradients by hand: sampling calls `init`/`step` directly, outside DDP's forward hooks."""
+    if not dist.enabled:
+        return
+    for param in module.parameters():
+        if param.grad is not None:
+            tdist.all_reduce(param.grad)
+            param.grad /= dist.world
+
+
 def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: CaptionSet, cfg: Config,
-                     progress: Progress, generator: torch.Generator, scorer: CiderD | None = None) -> float:
+                     progress: Progress, generator: torch.Generator, dist: Dist | None = None) -> float:
     """One self-critical pass over `data`; returns the mean sampled reward (CIDEr-D on training references)."""
-    scorer = scorer or CiderD([[tokenize(c) for c in caps] for caps in data.references])
+    dist = dist or Dist()
+    scorer = CiderD([[tokenize(c) for c in caps] for caps in data.references])
     model.decoder.train()
     for group in optimizer.param_groups:
         group["lr"] = cfg.train.scst_lr
     S = cfg.train.scst_samples
     order = torch.randperm(len(data), generator=generator).tolist()
+    order = order[: len(order) // dist.world * dist.world][dist.rank::dist.world]
     rewards_seen = []
-    for start in range(0, len(order), cfg.train.batch_size):
-        chosen = order[start:start + cfg.train.batch_size]
-        features = data.features[chosen].float()
+    for start in range(0, len(order), cfg.train.batch_size // dist.world):
+        chosen = order[start:start + cfg.train.batch_size // dist.world]
+        features = data.features[chosen].float().to(dist.device)
         tokens, logprob, _ = sample_captions(model, features, S, cfg.decode.max_length)
         words = [model.vocab.decode(row) for row in tokens.tolist()]
         reward = torch.tensor([scorer.score(chosen[i // S], w) for i, w in enumerate(words)]).view(-1, S)
         baseline = (reward.sum(1, keepdim=True) - reward) / max(1, S - 1)  # mean of the other samples
-        advantage = (reward - baseline).view(-1)
+        advantage = (reward - baseline).view(-1).to(logprob.device)
         loss = -(advantage * logprob).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model.decoder, dist)
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.train.grad_clip)
         optimizer.step()

@@ -35,10 +35,11 @@ class CaptionSet:
             return self
         return CaptionSet(self.images[:count], self.features[:count], self.references[:count])
 
-    def shard(self, rank: int, world: int) -> CaptionSet:
-        """Every world-th image starting at rank (for splitting work across processes)."""
-        idx = list(range(rank, len(self), world))
-        return CaptionSet([self.images[i] for i in idx], self.features[idx], [self.references[i] for i in idx])
+    def to(self, device: torch.device) -> CaptionSet:
+        """The same set with its features on `device`."""
+        if self.features.device == device:
+            return self
+        return CaptionSet(self.images, self.features.to(device), self.references)
 
 
 @dataclass
@@ -56,22 +57,24 @@ def encode_captions(data: CaptionSet, vocab: Vocabulary, max_length: int) -> lis
 
 
 def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size: int, captions_per_image: int,
-                    generator: torch.Generator, indices: list[int] | None = None) -> Iterator[Batch]:
+                    generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[Batch]:
     """Shuffled batches of `batch_size` images; each image brings `captions_per_image` captions.
 
-    The order depends only on `generator`, so a seeded run (and a resumed one) sees the same batches.
-    `indices` restricts the epoch to those images (distributed training gives each rank its own).
+    The order depends only on `generator`, so a seeded run (and a resumed one) sees the same batches. With
+    `world` > 1 every rank draws the same permutation and takes every world-th image from `rank` on (the
+    distributed sampler); the tail is dropped so that all ranks take the same number of steps.
     """
-    pool = torch.tensor(indices) if indices is not None else torch.arange(len(data))
-    order = pool[torch.randperm(len(pool), generator=generator)].tolist()
+    order = torch.randperm(len(data), generator=generator).tolist()
+    # Drawn for every image on every rank, so the generator advances identically everywhere.
+    picks = {i: torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
+             for i, caps in enumerate(encoded) if len(caps) > captions_per_image}
+    if world > 1:
+        order = order[: len(order) // world * world][rank::world]
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         seqs, owners = [], []
         for row, i in enumerate(chosen):
-            caps = encoded[i]
-            if len(caps) > captions_per_image:
-                pick = torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
-                caps = [caps[j] for j in pick]
+            caps = [encoded[i][j] for j in picks[i]] if i in picks else encoded[i]
             seqs += caps
             owners += [row] * len(caps)
         lengths = torch.tensor([len(s) for s in seqs])

@@ -1,0 +1,84 @@
+"""From a config to cached features: read the splits, check the images, run the encoder once per image.
+
+Under torchrun each rank encodes its share of the images into the shared cache; every rank then reads all of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from captioner.config import Config, ConfigError
+from captioner.data.dataset import CaptionSet
+from captioner.data.features import FeatureCache
+from captioner.data.readers import DatasetError, check_images, read_dataset
+from captioner.distributed import Dist, gather
+from captioner.encoder import build_encoder
+
+
+def log(message: str) -> None:
+    """Timestamped progress line on stdout."""
+    print(f"[captioner {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class Prepared:
+    train: CaptionSet
+    val: CaptionSet
+    encoder_dim: int
+
+
+def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: Dist) -> CaptionSet:
+    samples = read_dataset(cfg.data, split)
+    if limit:
+        samples = samples[:limit]
+    samples, missing = check_images(samples, cfg.data.on_missing, f"{split} split")
+    if missing and dist.is_main:
+        log(f"skipping {len(missing)} missing images of the {split} split (data.on_missing=skip)")
+    images = [s.image for s in samples]
+    # Each rank encodes its share of the images; afterwards every rank reads all of them from the cache.
+    mine = cache.extract(images[dist.rank::dist.world], num_workers=max(1, cfg.train.num_workers),
+                         progress=dist.is_main)
+    failures = [f for part in gather(mine, dist) for f in part]
+    if failures:
+        listed = "\n  ".join(f"{p}: {why}" for p, why in failures[:20])
+        if cfg.data.on_missing == "error":
+            raise DatasetError(f"{len(failures)} unreadable image(s) in the {split} split:\n  {listed}")
+        if dist.is_main:
+            log(f"skipping {len(failures)} unreadable images of the {split} split")
+        bad = {p for p, _ in failures}
+        samples = [s for s in samples if s.image not in bad]
+    if not samples:
+        raise DatasetError(f"the {split} split has no usable images")
+    return CaptionSet([s.image for s in samples], cache.load([s.image for s in samples]),
+                      [s.captions for s in samples])
+
+
+def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
+    """Read both splits, check images, and extract (or reuse) their encoder features."""
+    dist = dist or Dist()
+    encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights)
+    cache = FeatureCache(cfg.data.cache_dir, encoder)
+    train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist)
+    val = _load_split(cfg, cache, cfg.data.val_split, cfg.train.val_max_images, dist)
+    return Prepared(train, val, encoder.feature_dim)
+
+
+def validate_paths(cfg: Config) -> None:
+    """Fail before any work when the data the config names does not exist."""
+    problems = []
+    if cfg.data.format == "flickr8k":
+        if not Path(cfg.data.root).is_dir():
+            problems.append(f"data.root {cfg.data.root!r} is not a folder")
+    else:
+        if not Path(cfg.data.annotations).is_file():
+            problems.append(f"data.annotations {cfg.data.annotations!r} does not exist")
+        if cfg.data.val_annotations and not Path(cfg.data.val_annotations).is_file():
+            problems.append(f"data.val_annotations {cfg.data.val_annotations!r} does not exist")
+    if cfg.data.images and not Path(cfg.data.images).is_dir():
+        problems.append(f"data.images {cfg.data.images!r} is not a folder")
+    if cfg.model.encoder_weights and not Path(cfg.model.encoder_weights).is_file():
+        problems.append(f"model.encoder_weights {cfg.model.encoder_weights!r} does not exist")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
