@@ -39,18 +39,18 @@ def decode_set(model: CaptionModel, data: CaptionSet, decode: DecodeConfig, batc
 
 
 def evaluate_set(model: CaptionModel, data: CaptionSet, decode: DecodeConfig,
-                 metrics: tuple[str, ...] = ALL_METRICS) -> tuple[dict[str, float | None], list[str]]:
-    """Decode and score `data`: (scores, captions in data order)."""
+                 metrics: tuple[str, ...] = ALL_METRICS, use_java: bool | None = None
+                 ) -> tuple[dict[str, float | None], list[str]]:
+    """Decode and score `data`: (scores, captions in data order). See `score_captions` for `use_java`."""
     texts = decode_set(model, data, decode)
     ids = data.ids()
-    scores = score_captions(dict(zip(ids, texts)), dict(zip(ids, data.references)), metrics)
+    scores = score_captions(dict(zip(ids, texts)), dict(zip(ids, data.references)), metrics, use_java)
     return scores, texts
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """`captioner evaluate`: score a checkpoint on a dataset split, print JSON, write per-image captions."""
     from captioner.api import Captioner
-    from captioner.data.features import FeatureCache
     from captioner.data.readers import check_images, read_dataset
 
     cap = Captioner.load(args.checkpoint)

@@ -184,7 +184,8 @@ def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.op
     """Rank 0 decodes the validation split with beam search, scores it and checkpoints; all ranks agree after."""
     scores = None
     if dist.is_main:
-        scores, _ = evaluate_set(model, data.val.to(dist.device), cfg.decode, VAL_METRICS)
+        # The Python PTB tokenizer gives the Java one's tokens on captions and saves two JVM starts per epoch.
+        scores, _ = evaluate_set(model, data.val.to(dist.device), cfg.decode, VAL_METRICS, use_java=False)
     scores = broadcast(scores, dist)
     improved = scores["CIDEr"] > progress.best_score
     if improved:

@@ -75,3 +75,14 @@ def test_load_given_checkpoint(tiny_checkpoint, tmp_path):
 def test_load_missing_checkpoint_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         Captioner.load(tmp_path / "none.safetensors")
+
+
+def test_shipped_model_loads_and_captions(tmp_path):
+    cap = Captioner.load()
+    assert "Flickr8k" in cap.model.info["data"]
+    assert cap.model.decode_cfg.beam_size == 3
+    image = Image.new("RGB", (320, 240), (40, 120, 200))
+    result = cap.caption([image], n_best=3)[0]
+    assert result.ok and 2 <= len(result.tokens) <= cap.model.decode_cfg.max_length
+    assert all(word in cap.vocab.stoi for word in result.tokens)
+    assert len(result.alternatives) == 3

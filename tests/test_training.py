@@ -52,7 +52,7 @@ def test_training_learns_far_above_chance(trained):
 
 
 def test_evaluate_command(trained, shapes, tmp_path, capsys):
-    folder, csv_path = shapes
+    _, csv_path = shapes
     code = main(["evaluate", "--checkpoint", str(trained / "best.safetensors"), "--format", "csv",
                  "--data", str(csv_path), "--split", "dev", "--beam-size", "2", "--output", str(tmp_path / "ev")])
     assert code == 0
@@ -66,11 +66,11 @@ def test_evaluate_command(trained, shapes, tmp_path, capsys):
 
 
 def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch):
-    folder, csv_path = shapes
+    _, csv_path = shapes
     full = tiny_config(tmp_path, csv_path, out="full", epochs=4)
     assert main(["train", "--config", str(full)]) == 0
 
-    import captioner.training as training
+    from captioner import training
 
     real_checkpoint = training.checkpoint_epoch
 
