@@ -61,8 +61,13 @@ class Upload:
 
 @st.cache_resource(show_spinner="Loading the model...")
 def load_captioner(path: str | None) -> Captioner:
-    """The model, loaded once per checkpoint path and shared by all sessions (a Captioner is thread-safe)."""
-    return Captioner.load(path)
+    """The model, loaded once per checkpoint path and shared by all sessions (a Captioner is thread-safe).
+
+    Warmed up here so the first upload does not pay for building the fast inference paths.
+    """
+    cap = Captioner.load(path)
+    cap.warmup()
+    return cap
 
 
 @st.cache_data(max_entries=64, show_spinner=False)

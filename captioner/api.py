@@ -1,8 +1,12 @@
 """The public Python API: `Captioner.load()` and `Captioner.caption()`.
 
-A Captioner holds an encoder and a decoder in eval mode and no other mutable state, so one instance can serve
-several threads at once. Images are decoded and resized in a thread pool (PIL releases the GIL while decoding)
-while the previous batch runs through the network.
+A Captioner holds an encoder and a decoder in eval mode and no other mutable state (its fast paths are built
+once, under a lock), so one instance can serve several threads at once. Images are decoded and resized in a
+thread pool (PIL releases the GIL while decoding) while the previous batch runs through the network.
+
+By default the network runs on the fp32 CPU fast paths of `captioner.fast` (the encoder in ONNX Runtime, a fused
+decoder step), which give the captions of the training-time modules; `precision="reference"` runs those
+modules unchanged. `tests/test_speed_paths.py` states and checks how closely the paths agree.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from captioner.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.config import DecodeConfig
 from captioner.decoding import Hypothesis, beam_search
 from captioner.encoder import Encoder, build_encoder
+from captioner.fast import FastPaths, Precision, resolve_precision
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 
 DEFAULT_MODEL = "flickr8k.safetensors"
@@ -70,7 +75,16 @@ def default_model_path() -> Path:
 class Captioner:
     """Encoder + decoder + vocabulary, ready to caption images."""
 
-    def __init__(self, model: CaptionModel, encoder: Encoder, device: str | torch.device = "cpu"):
+    def __init__(self, model: CaptionModel, encoder: Encoder, device: str | torch.device = "cpu",
+                 precision: Precision = "auto"):
+        """Wrap a model and its encoder.
+
+        Args:
+            precision: "reference" runs the training-time fp32 modules unchanged; "fp32" (and "auto") the
+                CPU fast paths in fp32: same captions, features within 1e-3; "bf16" also runs the encoder in
+                bf16, faster on CPUs with AMX but it changes some captions (see tests/test_speed_paths.py).
+                Off the CPU the reference modules are always used.
+        """
         if encoder.feature_dim != model.encoder_dim:
             raise ValueError(f"encoder {encoder.name} gives {encoder.feature_dim}-d features, the decoder expects "
                              f"{model.encoder_dim}")
@@ -79,16 +93,19 @@ class Captioner:
         self.encoder = encoder.to(self.device).eval()
         self.decoder = model.decoder.to(self.device).eval()
         self.vocab = model.vocab
+        self.precision = resolve_precision(precision, self.device)
+        self._fast = None if self.precision == "reference" else FastPaths(self.encoder, self.decoder, self.precision)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, encoder_weights: str | None = None,
-             device: str | torch.device = "cpu") -> Captioner:
+             device: str | torch.device = "cpu", precision: Precision = "auto") -> Captioner:
         """Load a checkpoint, or the shipped Flickr8k model when `path` is None.
 
         Args:
             path: a `.safetensors` checkpoint written by captioner.
             encoder_weights: overrides the encoder weights file recorded in the checkpoint (resnet50).
             device: torch device to run on.
+            precision: "auto", "bf16", "fp32" or "reference" (see `Captioner.__init__`).
 
         Raises:
             CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.
@@ -100,16 +117,30 @@ class Captioner:
                     f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
         model = load_model(path)
         encoder = build_encoder(model.model_cfg.encoder, encoder_weights or model.model_cfg.encoder_weights)
-        return cls(model, encoder, device)
+        return cls(model, encoder, device, precision)
 
     @property
     def decode_defaults(self) -> DecodeConfig:
         return self.model.decode_cfg
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, N, D) grid features."""
+        """(B, 3, H, W) preprocessed images -> (B, N, D) float32 grid features, on the fast path if enabled."""
         with torch.inference_mode():
+            if self._fast is not None:
+                return self._fast.get()[0](pixels)
             return self.encoder(pixels.to(self.device))
+
+    @property
+    def step_decoder(self):
+        """What beam search drives: the fused decoder on the fast path, else the model's own decoder."""
+        return self._fast.get()[1] if self._fast is not None else self.decoder
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Build the fast paths and run one dummy batch, so the first real request pays no set-up cost."""
+        size = self.encoder.preprocess.size
+        features = self.encode(torch.zeros(batch_size, 3, size, size))
+        beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
+                    beam_size=self.model.decode_cfg.beam_size, max_length=2)
 
     def preprocess(self, item: ImageInput, source: str | None = None) -> torch.Tensor:
         """Open, orient, resize and normalise one image with the encoder's own preprocessing."""
@@ -128,6 +159,8 @@ class Captioner:
             ImageLoadError: an image cannot be read and `on_error="raise"`.
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(items) == 1:
+            num_workers = 0  # nothing to overlap with: a thread hand-off would only add latency
         return list(self.caption_iter(items, beam_size=beam_size, n_best=n_best, batch_size=batch_size,
                                          max_length=max_length, min_length=min_length,
                                          length_penalty=length_penalty, return_attention=return_attention,
@@ -140,19 +173,28 @@ class Captioner:
                      num_workers: int = 2) -> Iterator[Caption]:
         """Like `caption`, but lazily: yields Captions in input order as each batch finishes.
 
-        Only about two batches are in memory at a time, so this scales to any number of images.
+        `images` is consumed lazily too, and only about two batches are in memory at a time, so this scales to
+        any number of images. `num_workers` threads decode the next batch while the network runs the current
+        one; 0 decodes in the calling thread.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         d = self.model.decode_cfg
         search = dict(beam_size=beam_size or d.beam_size, n_best=n_best,
                       max_length=max_length or d.max_length,
                       min_length=d.min_length if min_length is None else min_length,
                       length_penalty=d.length_penalty if length_penalty is None else length_penalty,
                       return_attention=return_attention, return_gates=return_gates)
-        with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        if num_workers == 0:
+            for batch in _batches(enumerate(images), batch_size):
+                yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search)
+            return
+        pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="captioner-decode")
+        try:
             pending = None
             for batch in _batches(enumerate(images), batch_size):
                 # Submit the next batch's decoding before running the network on the current one.
@@ -162,12 +204,16 @@ class Captioner:
                 pending = futures
             if pending is not None:
                 yield from self._caption_batch([f.result() for f in pending], on_error, search)
+        finally:  # also when the consumer stops early: drop queued decoding instead of finishing it
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _safe_preprocess(self, indexed: tuple[int, ImageInput]) -> tuple[str, torch.Tensor | ImageLoadError]:
+        """Decode and resize one image to (H, W, 3) uint8; normalising waits for the whole batch."""
         index, item = indexed
         source = describe(item, index)
+        prep = self.encoder.preprocess
         try:
-            return source, self.preprocess(item, source)
+            return source, prep.to_uint8(open_image(item, prep.size, source))
         except ImageLoadError as exc:
             return source, exc
 
@@ -180,8 +226,9 @@ class Captioner:
         out: list[Caption] = [Caption(source=s, error=str(x)) if isinstance(x, Exception) else None
                               for s, x in loaded]  # type: ignore[misc]
         if good:
-            features = self.encode(torch.stack([x for _, x in good]))  # (B, N, D)
-            hyps = beam_search(self.decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
+            pixels = self.encoder.preprocess.normalize(torch.stack([x for _, x in good]))  # (B, 3, H, W)
+            features = self.encode(pixels)  # (B, N, D)
+            hyps = beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
                                banned_ids=self.vocab.banned_ids, **search)
             for (i, _), image_hyps in zip(good, hyps):
                 out[i] = self._to_caption(loaded[i][0], image_hyps)

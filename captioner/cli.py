@@ -15,6 +15,14 @@ from captioner.writers import open_writer
 
 
 def _caption(args: argparse.Namespace) -> int:
+    """Caption files as a stream: each batch's records are written (and flushed) as soon as it is finished.
+
+    Memory does not grow with the number of images (only the path list does). The first Ctrl-C stops at the
+    next record boundary, so the output holds only whole records; a second one stops at once.
+    """
+    import signal
+    import threading
+
     from tqdm import tqdm
 
     from captioner.api import Captioner
@@ -32,25 +40,51 @@ def _caption(args: argparse.Namespace) -> int:
     if not paths:
         print("captioner: no images found", file=sys.stderr)
         return 2
-    captioner = Captioner.load(args.checkpoint)
+    if args.num_workers < 0:
+        print("captioner: --num-workers must be >= 0", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    captioner = Captioner.load(args.checkpoint, precision=args.precision)
     failures = 0
     show_bar = len(paths) > args.batch_size and not args.quiet
-    with open_writer(args.output, args.format, args.n_best) as writer, \
-            tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr, dynamic_ncols=True) as bar:
-        try:
+    stop: list[int] = []
+
+    def on_sigint(signum, frame) -> None:
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        with open_writer(args.output, args.format, args.n_best) as writer, \
+                tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr, dynamic_ncols=True,
+                     smoothing=0.1) as bar:
             stream = captioner.caption_iter(paths, beam_size=args.beam_size, n_best=args.n_best,
                                             batch_size=args.batch_size, max_length=args.max_length,
                                             on_error="skip", num_workers=args.num_workers)
-            for caption in stream:
-                writer.write(caption)
-                if caption.error:
-                    failures += 1
-                    bar.write(f"captioner: failed: {caption.error}", file=sys.stderr)
-                bar.update(1)
-        except KeyboardInterrupt:
-            writer.flush()
-            print(f"\ncaptioner: interrupted; {writer.count} records written", file=sys.stderr)
-            return 130
+            try:
+                for caption in stream:
+                    writer.write(caption)
+                    if caption.error:
+                        failures += 1
+                        bar.write(f"captioner: failed: {caption.error}", file=sys.stderr)
+                    bar.update(1)
+                    if stop:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                stream.close()
+                writer.flush()
+                bar.close()
+                print(f"\ncaptioner: interrupted; {writer.count} of {len(paths)} records written",
+                      file=sys.stderr)
+                return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     if failures:
         print(f"captioner: {failures} of {len(paths)} images failed", file=sys.stderr)
         return 1
@@ -83,7 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-best", type=int, default=1, help="alternatives per image")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--num-workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--num-workers", type=int, default=1,
+                   help="image-decoding threads working ahead of the network (0: decode in the main thread)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "reference"], default="auto",
+                   help="auto/fp32: fast CPU path, same captions as reference (the training-time modules); "
+                        "bf16: faster encoder with AMX, changes some captions")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for the network (default: one per core); 1 is faster when other processes "
+                        "keep the cores busy")
     p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text")
     p.add_argument("--output", help="write here instead of stdout")
     p.add_argument("--shard", help="I/N: caption only the I-th of N deterministic shards (0-based)")

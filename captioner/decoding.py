@@ -3,13 +3,15 @@
 All B images x K beams advance together as (B*K)-row tensors; the only Python loop is over time steps. A beam
 that has emitted <end> stays in its slot with a frozen score (it can only be extended by <end> at no cost), so
 finished and unfinished hypotheses compete on the same length-normalised score and the search ends early when
-every beam has finished. If no beam ever ends, the best partial hypotheses are returned.
+every beam has finished. Once all K beams of an image have finished, nothing about it can change, so it leaves
+the batch (when at least an eighth of the batch is done) and later steps run on the remaining images only. If no
+beam ever ends, the best partial hypotheses are returned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -18,7 +20,11 @@ from captioner.decoder import StepOutput, Tensors
 
 
 class StepDecoder(Protocol):
-    """What beam search needs from a decoder (see `captioner.decoder`)."""
+    """What beam search needs from a decoder (see `captioner.decoder`).
+
+    A decoder may also set `memory_per_image = True`: its `step` then takes `memory` with one row per image and
+    broadcasts it over that image's beams (rows b*K ... b*K + K - 1), so the memory is never copied K times.
+    """
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]: ...
 
@@ -78,7 +84,10 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
     device = features.device
     memory, state = decoder.init(features)
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each row
-    memory, state = _select(memory, rows), _select(state, rows)  # per-image work is shared, not recomputed
+    state = _select(state, rows)  # per-image work is shared, not recomputed
+    per_image = getattr(decoder, "memory_per_image", False)
+    if not per_image:
+        memory = _select(memory, rows)
 
     tokens = torch.full((B * K,), start_id, dtype=torch.long, device=device)
     logprob = torch.zeros(B, K, device=device)
@@ -88,29 +97,32 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
     history = torch.empty(B * K, 0, dtype=torch.long, device=device)
     attn_hist: torch.Tensor | None = None
     gate_hist: Tensors | None = None
-    offsets = (torch.arange(B, device=device) * K).unsqueeze(1)  # (B, 1)
     banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
+    final = _Final(B, K, max_length, end_id, device)
+    active = torch.arange(B, device=device)  # (A,) original index of each image still being searched
 
     for t in range(max_length):
+        A = active.numel()
         out = decoder.step(tokens, memory, state, return_gates=return_gates)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (B*K, V)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # (A*K, V)
         V = logp.size(1)
         if banned_ids:
-            logp[:, banned] = float("-inf")
+            logp.index_fill_(1, banned, float("-inf"))
         if t < min_length:
             logp[:, end_id] = float("-inf")
         # Finished beams: the only continuation is <end> again, free and without growing the length.
-        logp = torch.where(finished.unsqueeze(1), torch.full_like(logp, float("-inf")), logp)
+        logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
         logp[:, end_id] = torch.where(finished, torch.zeros_like(logp[:, end_id]), logp[:, end_id])
-        new_len = (lengths + (~finished).float()).unsqueeze(1)  # (B*K, 1)
-        total = logprob.view(B * K, 1) + logp  # (B*K, V)
+        new_len = (lengths + (~finished).float()).unsqueeze(1)  # (A*K, 1)
+        total = logprob.view(A * K, 1) + logp  # (A*K, V)
         ranked = total / new_len.pow(length_penalty) if length_penalty else total
-        top_index = ranked.view(B, K * V).topk(K, dim=1).indices  # (B, K)
-        beam = torch.div(top_index, V, rounding_mode="floor")  # (B, K)
-        word = top_index % V  # (B, K)
-        source = (offsets + beam).view(-1)  # (B*K,) row each new beam extends
+        top_index = ranked.view(A, K * V).topk(K, dim=1).indices  # (A, K)
+        beam = torch.div(top_index, V, rounding_mode="floor")  # (A, K)
+        word = top_index % V  # (A, K)
+        offsets = torch.arange(0, A * K, K, device=device).unsqueeze(1)  # (A, 1)
+        source = (offsets + beam).view(-1)  # (A*K,) row each new beam extends
 
-        logprob = total.view(B, K * V).gather(1, top_index)  # (B, K)
+        logprob = total.view(A, K * V).gather(1, top_index)  # (A, K)
         lengths = new_len.view(-1).index_select(0, source)
         was_finished = finished.index_select(0, source)
         tokens = word.view(-1)
@@ -118,18 +130,76 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         history = torch.cat([history.index_select(0, source), tokens.unsqueeze(1)], dim=1)
         state = _select(out.state, source)
         if return_attention and out.attention is not None:
-            step_attn = out.attention.index_select(0, source).unsqueeze(1)  # (B*K, 1, N)
+            step_attn = out.attention.index_select(0, source).unsqueeze(1)  # (A*K, 1, N)
             attn_hist = step_attn if attn_hist is None else torch.cat([attn_hist.index_select(0, source), step_attn], 1)
         if return_gates and out.gates is not None:
             new = {k: v.index_select(0, source).unsqueeze(1) for k, v in out.gates.items()}
             gate_hist = new if gate_hist is None else {
                 k: torch.cat([gate_hist[k].index_select(0, source), new[k]], 1) for k in new}
-        if bool(finished.all()):
+        done = finished.view(A, K).all(1)  # (A,) images whose every beam has ended
+        n_done = int(done.sum())
+        if n_done == A or t == max_length - 1:
             break
+        if n_done and 8 * n_done >= A:
+            # Images whose beams have all ended can only repeat <end> at no cost: store them and drop their
+            # rows, so the remaining steps run on the unfinished images alone.
+            keep, keep_rows = _rows_of(~done, K)
+            gone, gone_rows = _rows_of(done, K)
+            final.store(active[gone], gone_rows, logprob, lengths, finished, history, attn_hist, gate_hist)
+            active = active[keep]
+            logprob, lengths, finished = logprob[keep], lengths[keep_rows], finished[keep_rows]
+            tokens, history, state = tokens[keep_rows], history[keep_rows], _select(state, keep_rows)
+            memory = _select(memory, keep if per_image else keep_rows)
+            attn_hist = attn_hist[keep_rows] if attn_hist is not None else None
+            gate_hist = {k: v[keep_rows] for k, v in gate_hist.items()} if gate_hist is not None else None
 
-    score = logprob.view(-1) / lengths.clamp(min=1).pow(length_penalty) if length_penalty else logprob.view(-1)
+    final.store(active, torch.arange(active.numel() * K, device=device), logprob, lengths, finished, history,
+                attn_hist, gate_hist)
+    logprob, lengths = final.logprob.view(-1), final.lengths
+    score = logprob / lengths.clamp(min=1).pow(length_penalty) if length_penalty else logprob
     order = score.view(B, K).argsort(dim=1, descending=True)  # (B, K)
-    return _collect(order, history, logprob.view(-1), score, lengths, finished, attn_hist, gate_hist, end_id, n_best)
+    return _collect(order, final.history, logprob, score, lengths, final.finished, final.attention, final.gates,
+                    end_id, n_best)
+
+
+def _rows_of(mask: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the images where `mask` (A,) is true, and of their K rows each."""
+    images = mask.nonzero().view(-1)
+    return images, (images.unsqueeze(1) * K + torch.arange(K, device=mask.device)).view(-1)
+
+
+class _Final:
+    """Final beam tensors of every image, filled in as images finish (histories padded with <end>)."""
+
+    def __init__(self, B: int, K: int, max_length: int, end_id: int, device: torch.device):
+        self.K = K
+        self.logprob = torch.empty(B, K, device=device)
+        self.lengths = torch.empty(B * K, device=device)
+        self.finished = torch.empty(B * K, dtype=torch.bool, device=device)
+        self.history = torch.full((B * K, max_length), end_id, dtype=torch.long, device=device)
+        self.attention: torch.Tensor | None = None
+        self.gates: Tensors | None = None
+
+    def store(self, images: torch.Tensor, rows: torch.Tensor, logprob: torch.Tensor, lengths: torch.Tensor,
+              finished: torch.Tensor, history: torch.Tensor, attention: torch.Tensor | None,
+              gates: Tensors | None) -> None:
+        """Copy the given active images (original ids `images`, active rows `rows`) into place."""
+        K = self.K
+        targets = (images.unsqueeze(1) * K + torch.arange(K, device=images.device)).view(-1)
+        self.logprob[images] = logprob.view(-1, K)[rows[::K] // K]
+        self.lengths[targets] = lengths[rows]
+        self.finished[targets] = finished[rows]
+        self.history[targets, : history.size(1)] = history[rows]
+        if attention is not None:
+            if self.attention is None:
+                self.attention = attention.new_zeros(self.history.size(0), self.history.size(1), attention.size(2))
+            self.attention[targets, : attention.size(1)] = attention[rows]
+        if gates is not None:
+            if self.gates is None:
+                self.gates = {k: v.new_zeros(self.history.size(0), self.history.size(1), v.size(2))
+                              for k, v in gates.items()}
+            for k, v in gates.items():
+                self.gates[k][targets, : v.size(1)] = v[rows]
 
 
 def _collect(order: torch.Tensor, history: torch.Tensor, logprob: torch.Tensor, score: torch.Tensor,

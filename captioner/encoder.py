@@ -47,6 +47,21 @@ class Preprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.to_tensor(self.resize(image))
 
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> resized (size, size, 3) uint8 tensor: a quarter of the float tensor's memory, and
+        normalised later for a whole batch at once by `normalize`."""
+        import numpy as np
+
+        return torch.from_numpy(np.array(self.resize(image), dtype=np.uint8))  # (H, W, 3)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, size, size, 3) uint8 -> (B, 3, size, size) float, channels-last in memory; the same arithmetic
+        as `to_tensor`, so the values are identical."""
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return x.sub_(mean).div_(std)
+
     def key(self) -> str:
         """Stable description used to key feature caches."""
         return f"size={self.size},mean={self.mean},std={self.std},resample={int(self.resample)}"
@@ -80,6 +95,15 @@ class Encoder(nn.Module):
     def cache_key(self) -> str:
         """Identity of the features this encoder produces (architecture, weights, preprocessing)."""
         return f"{self.name}|{self.weights_id}|{self.preprocess.key()}"
+
+    def optimized(self, precision: str = "auto"):
+        """A copy prepared for fast CPU inference (`captioner.fast.FastEncoder`), for captioning only.
+
+        `forward` is untouched and stays the exact fp32 path that training extracts its features with.
+        """
+        from captioner.fast import FastEncoder
+
+        return FastEncoder(self, precision)
 
 
 class _ForwardFeatures(nn.Module):

@@ -1,0 +1,241 @@
+"""Inference-only fast paths for the CPU, built from the reference modules and checked against them in tests.
+
+- `FastEncoder`: the frozen encoder trunk run by ONNX Runtime (fp32, the default), or with batch norm folded
+  into the convolutions, channels-last memory and TorchScript (fp32, or bf16 on request), in micro-batches
+  small enough to stay in cache.
+- `FusedAttentionDecoder`: the attention decoder's `init`/`step` with the matrix products regrouped: the three
+  linear maps of the hidden state are one product, and the embedding's share of the LSTM input is looked up
+  from a precomputed (V, 4H) table. Same weights, same fp32 arithmetic up to summation order.
+
+The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: training extracts its
+features with them in fp32, and `tests/test_speed_paths.py` checks each fast path against them. Weights are
+copied when a fast path is built, so later changes to the source modules are not seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import threading
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import fx, nn
+
+from captioner.decoder import AttentionDecoder, StepOutput, Tensors
+
+if TYPE_CHECKING:
+    from captioner.encoder import Encoder
+
+Precision = Literal["auto", "bf16", "fp32", "reference"]
+PRECISIONS = ("auto", "bf16", "fp32", "reference")
+ENCODER_CHUNK = 8
+"""Images per encoder call: larger batches spill the early, wide activations out of the L2 cache."""
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """"auto" -> "fp32" (the captions of the reference); off the CPU always "reference"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if torch.device(device).type != "cpu":
+        return "reference"
+    return "fp32" if precision == "auto" else precision
+
+
+class _ConvBNTracer(fx.Tracer):
+    """Keeps convolutions (timm's Conv2dSame included) and batch norms (timm's BatchNormAct2d) as single nodes."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every eval-mode batch norm that directly follows a convolution into that convolution, in place.
+
+    A timm `BatchNormAct2d` keeps its activation (and dropout) after folding. Returns the number folded.
+    """
+    graph = _ConvBNTracer().trace(model)
+    modules = dict(model.named_modules())
+    folded = 0
+    for node in graph.nodes:
+        bn = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_var is None:
+            continue
+        src = node.args[0]
+        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or len(src.users) != 1:
+            continue
+        scale = bn.running_var.add(bn.eps).rsqrt()
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+        after = [m for name in ("drop", "act") if isinstance(m := getattr(bn, name, None), nn.Module)]
+        parent, _, name = node.target.rpartition(".")
+        setattr(model.get_submodule(parent), name, nn.Sequential(*after) if after else nn.Identity())
+        folded += 1
+    return folded
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401  (the exporter needs it)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class FastEncoder:
+    """A frozen encoder prepared for CPU inference: (B, 3, H, W) -> (B, N, D) float32 grid features.
+
+    Backends:
+        onnxruntime: fp32 only. The trunk is exported to ONNX in memory (TorchScript-based exporter, well under
+            a second) and run by ONNX Runtime, whose blocked-layout kernels suit depthwise convolutions.
+        torchscript: batch norm folded in fp32, channels-last, fp32 or bf16, traced and frozen.
+        auto: onnxruntime for fp32 when it is installed, else torchscript.
+
+    Carries the same `preprocess`, `feature_dim`, `grid_size` and `name` as the encoder it was built from.
+    """
+
+    def __init__(self, encoder: Encoder, precision: str = "auto", *, backend: str = "auto",
+                 chunk_size: int = ENCODER_CHUNK, script: bool = True):
+        self.precision = resolve_precision(precision)
+        if self.precision == "reference":
+            raise ValueError("FastEncoder needs precision fp32 or bf16 (or auto)")
+        if backend == "auto":
+            backend = "onnxruntime" if self.precision == "fp32" and onnxruntime_available() else "torchscript"
+        if backend not in ("onnxruntime", "torchscript"):
+            raise ValueError(f"unknown backend {backend!r}; choose auto, onnxruntime or torchscript")
+        if backend == "onnxruntime" and self.precision != "fp32":
+            raise ValueError("the onnxruntime backend runs fp32 only")
+        self.name, self.preprocess = encoder.name, encoder.preprocess
+        self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
+        self.weights_id = encoder.weights_id
+        self.backend, self.chunk_size = backend, chunk_size
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        size = self.preprocess.size
+        trunk = copy.deepcopy(encoder.trunk).float().eval()
+        if backend == "onnxruntime":
+            self._run = _onnxruntime_runner(trunk, size)
+            return
+        self.folded = fold_batchnorm(trunk)  # in fp32, before any rounding to bf16
+        trunk = trunk.to(memory_format=torch.channels_last, dtype=self.dtype)
+        if script:
+            example = torch.zeros(1, 3, size, size, dtype=self.dtype).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                trunk = torch.jit.freeze(torch.jit.trace(trunk, example, check_trace=False))
+        self._trunk = trunk
+        self._run = lambda x: trunk(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+
+    def cache_key(self) -> str:
+        return f"{self.name}|{self.weights_id}|{self.preprocess.key()}|fast-{self.precision}"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.preprocess.size
+        if images.shape[1:] != (3, size, size):
+            raise ValueError(f"expected (B, 3, {size}, {size}) images, got {tuple(images.shape)}")
+        grids = [self._run(chunk).flatten(2).transpose(1, 2) for chunk in images.split(self.chunk_size)]
+        return torch.cat(grids).float()  # (B, N, D): (b, D, h, w) maps -> (b, h*w, D) grids
+
+
+def _onnxruntime_runner(trunk: nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Export `trunk` to ONNX in memory and return images (b, 3, H, W) -> feature maps (b, D, h, w)."""
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
+        torch.onnx.export(trunk, (torch.zeros(1, 3, size, size),), buffer, dynamo=False, input_names=["images"],
+                          output_names=["maps"], dynamic_axes={"images": {0: "b"}, "maps": {0: "b"}},
+                          opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # Idle ORT threads must not spin: the decoder runs right after the encoder on the same cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"images": x.float().contiguous().numpy()})[0])
+
+    return run
+
+
+class FusedAttentionDecoder:
+    """`AttentionDecoder.init`/`step` with fused weights, for inference (dropout off, no gradients).
+
+    Per step: one (H -> A + F + 4H) product for the attention query, the context gate and the LSTM's recurrent
+    term; the word's LSTM input term is a row of a precomputed (V, 4H) table, the context's is added in the same
+    `addmm`. The attention score's bias is dropped (softmax ignores a constant shift). The memory (projected
+    features and attention keys) stays at one row per image and is broadcast over the beams. All fp32: with bf16
+    products (AMX) it ran faster but changed about one caption in ten of a trained model, so it is not offered.
+    """
+
+    memory_per_image = True
+
+    def __init__(self, decoder: AttentionDecoder):
+        if not isinstance(decoder, AttentionDecoder):
+            raise TypeError(f"FusedAttentionDecoder needs an AttentionDecoder, got {type(decoder).__name__}")
+        d = decoder
+        with torch.no_grad():
+            E = d.embed.embedding_dim
+            w_ih = d.lstm.weight_ih.float()  # (4H, E + F)
+            self.word_gates = torch.addmm(d.lstm.bias_ih.float(), d.embed.weight.float(), w_ih[:, :E].t())  # (V, 4H)
+            self.context_w = w_ih[:, E:].t().contiguous()  # (F, 4H)
+            hidden = torch.cat([d.att_hidden.weight, d.gate.weight, d.lstm.weight_hh])  # (A + F + 4H, H)
+            self.hidden_w = hidden.t().contiguous().float()
+            self.hidden_b = torch.cat([d.att_hidden.bias, d.gate.bias, d.lstm.bias_hh]).float()
+            self.score_w = d.att_score.weight.float().view(-1, 1)  # (A, 1)
+            self.out_w = d.out.weight.t().contiguous().float()  # (H, V)
+            self.out_b = d.out.bias.float()
+        self.split = (d.att_hidden.out_features, d.gate.out_features, 4 * d.lstm.hidden_size)
+        self.reference = d
+
+    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
+        with torch.inference_mode():
+            return self.reference.init(features.float())
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+        keys, feats = memory["keys"], memory["feats"]  # (B, N, A), (B, N, F)
+        B, N, A = keys.shape
+        R = tokens.size(0)  # B * K rows, image-major
+        h, c = state["h"], state["c"]  # (R, H)
+        query, gate, recurrent = torch.addmm(self.hidden_b, h, self.hidden_w).split(self.split, dim=1)
+        energy = torch.tanh_(keys.unsqueeze(1) + query.view(B, R // B, 1, A))  # (B, K, N, A)
+        alpha = torch.softmax(torch.matmul(energy, self.score_w).view(B, R // B, N), dim=2)  # (B, K, N)
+        context = torch.bmm(alpha, feats).view(R, -1).mul_(torch.sigmoid_(gate))  # (R, F)
+        base = self.word_gates.index_select(0, tokens).add_(recurrent)  # (R, 4H)
+        z = torch.addmm(base, context, self.context_w)
+        i, f, g, o = z.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = torch.addcmul(f * c, i, g)
+        h_new = o * torch.tanh(c_new)
+        logits = torch.addmm(self.out_b, h_new, self.out_w)  # (R, V)
+        gates = {"input": i, "forget": f, "output": o, "cell": c_new} if return_gates else None
+        return StepOutput(logits, {"h": h_new, "c": c_new}, alpha.view(R, N), gates)
+
+
+class FastPaths:
+    """Lazily built, thread-safe holder of a Captioner's fast encoder and decoder (built on first use)."""
+
+    def __init__(self, encoder: Encoder, decoder: nn.Module, precision: str, backend: str = "auto"):
+        self.precision, self.backend = precision, backend
+        self._encoder, self._decoder = encoder, decoder
+        self._lock = threading.Lock()
+        self._built: tuple[FastEncoder, object] | None = None
+
+    def get(self) -> tuple[FastEncoder, object]:
+        if self._built is None:
+            with self._lock:
+                if self._built is None:
+                    decoder = (FusedAttentionDecoder(self._decoder) if isinstance(self._decoder, AttentionDecoder)
+                               else self._decoder)
+                    self._built = (FastEncoder(self._encoder, self.precision, backend=self.backend), decoder)
+        return self._built

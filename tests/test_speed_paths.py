@@ -1,0 +1,230 @@
+"""The CPU fast paths (`captioner.fast`) against the reference modules, with the real EfficientNet-Lite0 weights.
+
+Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours x 4 shapes):
+- fp32 fast path, the default (ONNX Runtime or TorchScript encoder, fused decoder step, finished images leaving
+  the batch): features within 1e-3 absolute (about 1e-5 relative), and every caption and score the same as the
+  reference.
+- bf16 encoder (opt-in): features within 8% relative L2 error, every image's feature cosine >= 0.99, and a
+  decoder trained on reference features gives the same caption on >= 15 of 16 unseen scenes from bf16 features.
+  (On a real trained model bf16 changes far more captions: see benchmarks/README_performance.md.)
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from captioner import Captioner
+from captioner.checkpoint import new_model
+from captioner.config import DecodeConfig, ModelConfig
+from captioner.decoding import beam_search
+from captioner.encoder import build_encoder
+from captioner.fast import FastEncoder, FusedAttentionDecoder, fold_batchnorm, resolve_precision
+from captioner.vocab import Vocabulary
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
+SHAPES = ("circle", "square", "stripes", "dots")
+SCENES = [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def scene(colour: str, shape: str, seed: int) -> Image.Image:
+    """A coloured shape on grey noise; the seed moves, resizes and re-textures it."""
+    rng = random.Random(f"{colour}-{shape}-{seed}")
+    background = Image.new("RGB", (224, 224), (rng.randrange(90, 170),) * 3)
+    image = Image.blend(Image.effect_noise((224, 224), 40).convert("RGB"), background, 0.6)
+    draw, fill = ImageDraw.Draw(image), COLOURS[colour]
+    x, y, r = rng.randrange(60, 164), rng.randrange(60, 164), rng.randrange(35, 55)
+    if shape == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    elif shape == "stripes":
+        for i in range(rng.randrange(0, 20), 224, 28):
+            draw.rectangle((i, 0, i + 12, 223), fill=fill)
+    else:
+        for i in range(14, 224, 40):
+            for j in range(14, 224, 40):
+                draw.ellipse((i - 8, j - 8, i + 8, j + 8), fill=fill)
+    return image
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these tests check numbers, not speed, and stay quick on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder("efficientnet_lite0")
+
+
+@pytest.fixture(scope="module")
+def pixels(encoder) -> dict[int, torch.Tensor]:
+    return {seed: torch.stack([encoder.preprocess(scene(c, s, seed)) for c, s in SCENES]) for seed in (0, 1)}
+
+
+@pytest.fixture(scope="module")
+def features(encoder, pixels) -> dict[str, dict[int, torch.Tensor]]:
+    """Reference, fp32-fast and bf16-fast grids of both scene sets (bf16 runs on any CPU, if slowly)."""
+    with torch.no_grad():
+        out = {"reference": {seed: encoder(x) for seed, x in pixels.items()}}
+    for name, fast in (("fp32", FastEncoder(encoder, "fp32")),
+                       ("fp32-torchscript", FastEncoder(encoder, "fp32", backend="torchscript")),
+                       ("bf16", FastEncoder(encoder, "bf16"))):
+        out[name] = {seed: fast(x).clone() for seed, x in pixels.items()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small decoder fitted to name each training scene: confident, like a trained captioner."""
+    vocab = Vocabulary.build([f"a {c} {s}" for c, s in SCENES], min_count=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=32, attention_dim=16, feature_dim=32, dropout=0.0)
+    return new_model(cfg, vocab, 1280, DecodeConfig(beam_size=3, max_length=6))
+
+
+def test_folding_batch_norm_keeps_the_function(encoder):
+    trunk = build_encoder("efficientnet_lite0").trunk
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        before = trunk(x)
+        assert fold_batchnorm(trunk) == 49  # every batch norm of EfficientNet-Lite0 follows a convolution
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
+        assert torch.allclose(trunk(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_building_a_fast_path_leaves_the_reference_untouched(encoder):
+    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+    FastEncoder(encoder, "fp32", script=False)
+    assert all(torch.equal(state[k], v) for k, v in encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("path", ["fp32", "fp32-torchscript"])
+def test_fp32_fast_encoder_matches_the_reference(features, path):
+    for seed in (0, 1):
+        ref, fast = features["reference"][seed], features[path][seed]
+        assert fast.shape == ref.shape == (16, 49, 1280) and fast.dtype == torch.float32
+        assert torch.allclose(fast, ref, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_chunking_does_not_change_features(encoder, pixels, backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    fast = FastEncoder(encoder, "fp32", chunk_size=3, backend=backend)
+    whole, alone = fast(pixels[0][:5]), torch.cat([fast(x.unsqueeze(0)) for x in pixels[0][:5]])
+    assert torch.allclose(whole, alone, atol=1e-4)
+    with pytest.raises(ValueError, match="224"):
+        fast(torch.zeros(1, 3, 200, 200))
+
+
+def test_bf16_features_within_tolerance(features):
+    for seed in (0, 1):
+        ref, fast = features["reference"][seed], features["bf16"][seed]
+        assert ((fast - ref).norm() / ref.norm()).item() <= 0.08
+        assert torch.nn.functional.cosine_similarity(fast.flatten(1), ref.flatten(1)).min().item() >= 0.99
+
+
+def _captions(decoder, feats, vocab, **kw) -> list[list]:
+    hyps = beam_search(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=3, max_length=6,
+                       banned_ids=vocab.banned_ids, **kw)
+    return [h[0] for h in hyps]
+
+
+def test_fused_decoder_gives_the_reference_captions_scores_attention_and_gates(features):
+    torch.manual_seed(1)  # a random decoder: near-ties everywhere, the hard case for equality
+    vocab = Vocabulary.build(["a b c d e f g h i j k l m n o p"], min_count=1)
+    decoder = new_model(ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0),
+                        vocab, 1280).decoder.eval()
+    feats = features["reference"][0]
+    ref = _captions(decoder, feats, vocab, return_attention=True, return_gates=True)
+    fused = _captions(FusedAttentionDecoder(decoder), feats, vocab, return_attention=True, return_gates=True)
+    assert [h.tokens for h in fused] == [h.tokens for h in ref]
+    assert [h.score for h in fused] == pytest.approx([h.score for h in ref], abs=1e-4)
+    for a, b in zip(ref, fused):
+        assert torch.allclose(a.attention, b.attention, atol=1e-5)
+        assert all(torch.allclose(a.gates[k], b.gates[k], atol=1e-5) for k in a.gates)
+
+
+def test_fp32_fast_captioner_matches_the_reference_captioner(encoder, pixels, tiny_model):
+    ref = Captioner(tiny_model, encoder, precision="reference")
+    fast = Captioner(tiny_model, encoder, precision="fp32")
+    images = [scene(c, s, 1) for c, s in SCENES]
+    a, b = ref.caption(images, beam_size=3, n_best=2), fast.caption(images, beam_size=3, n_best=2)
+    assert [r.text for r in b] == [r.text for r in a]
+    assert [r.score for r in b] == pytest.approx([r.score for r in a], abs=1e-4)
+    assert [r.alternatives[1].text for r in b] == [r.alternatives[1].text for r in a]
+
+
+def test_bf16_captions_within_tolerance(features, trained):
+    decoder, vocab = trained.decoder, trained.vocab
+    captions = torch.tensor([vocab.encode(f"a {c} {s}") for c, s in SCENES])  # (16, 5)
+    train_feats = features["reference"][0]
+    optimiser = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    decoder.train()
+    for _ in range(120):
+        logits, _ = decoder(train_feats, captions)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), captions[:, 1:].flatten())
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    decoder.eval()
+    unseen = {k: v[1] for k, v in features.items()}
+    ref = [" ".join(vocab.decode(h.tokens)) for h in _captions(decoder, unseen["reference"], vocab)]
+    assert sum(r == f"a {c} {s}" for r, (c, s) in zip(ref, SCENES)) >= 12  # it did learn the scenes
+    fused = FusedAttentionDecoder(decoder)
+    bf16 = [" ".join(vocab.decode(h.tokens)) for h in _captions(fused, unseen["bf16"], vocab)]
+    assert sum(a == b for a, b in zip(ref, bf16)) >= 15
+
+
+def test_precision_choice(tiny_model, encoder):
+    assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("fp32") == "fp32"
+    assert resolve_precision("auto", "cuda") == "reference"
+    with pytest.raises(ValueError, match="reference"):
+        resolve_precision("int8")
+    assert isinstance(encoder.optimized("fp32"), FastEncoder)
+    ref = Captioner(tiny_model, encoder, precision="reference")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(ref.encode(x), encoder(x))  # the reference path is the training-time module
+    assert ref.step_decoder is tiny_model.decoder
+
+
+def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, vocab):
+    torch.manual_seed(4)
+    decoder = new_model(tiny_cfg, vocab, 32).decoder.eval()
+    with torch.no_grad():  # make <end> depend strongly on the image: captions of 1 to 12 words
+        decoder.out.weight[vocab.end_id] *= 36
+        decoder.out.bias[vocab.end_id] = 1.0
+    fused = FusedAttentionDecoder(decoder)
+    rows_per_step = []
+    step = fused.step
+
+    def counting_step(tokens, memory, state, return_gates=False):
+        rows_per_step.append(tokens.numel())
+        return step(tokens, memory, state, return_gates)
+
+    fused.step = counting_step
+    torch.manual_seed(0)
+    features = torch.randn(12, 9, 32) * 3
+    kw = {"start_id": vocab.start_id, "end_id": vocab.end_id, "beam_size": 3, "n_best": 3, "max_length": 12,
+          "return_attention": True, "return_gates": True}
+    batched = beam_search(fused, features, **kw)
+    assert rows_per_step[0] == 36 and rows_per_step[-1] < 36  # finished images were dropped on the way
+    for i in range(12):
+        alone = beam_search(decoder, features[i:i + 1], **kw)[0]
+        assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
+        assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
+        for a, b in zip(alone, batched[i]):
+            assert torch.allclose(a.attention, b.attention, atol=1e-5)
+            assert torch.allclose(a.gates["cell"], b.gates["cell"], atol=1e-5)
+    assert len({len(h[0].tokens) for h in batched}) > 1
