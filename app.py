@@ -92,11 +92,9 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
                               max_length=settings.max_length,
                               min_length=min(cap.decode_defaults.min_length, settings.max_length),
                               length_penalty=settings.length_penalty, return_attention=True,
-                              return_gates=True, on_error="skip")
-        for (key, upload), result in zip(new, results):
-            # The API names byte inputs "<bytes #i>"; put the file name in its place.
-            error = None if result.ok else f"{upload.name}: {result.error.split(': ', 1)[-1]}"
-            memo[key] = dataclasses.replace(result, source=upload.name, error=error)
+                              return_gates=True, on_error="skip", names=[u.name for _, u in new])
+        for (key, _), result in zip(new, results):
+            memo[key] = result
     for key, upload in zip(keys, uploads):
         if key not in memo:
             reason = f"file too large ({len(upload.data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB)"

@@ -11,6 +11,7 @@ modules unchanged. `tests/test_speed_paths.py` states and checks how closely the
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -150,27 +151,32 @@ class Captioner:
     def caption(self, images: ImageInput | Sequence[ImageInput], beam_size: int | None = None, n_best: int = 1,
                 batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
                 length_penalty: float | None = None, return_attention: bool = False, return_gates: bool = False,
-                on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2) -> list[Caption]:
+                on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2,
+                names: Sequence[str] | None = None) -> list[Caption]:
         """Caption images given as paths, bytes, PIL images, or a mixed list; one Caption per input, in order.
 
-        Decoding defaults (beam size, lengths, length penalty) come from the checkpoint.
+        Decoding defaults (beam size, lengths, length penalty) come from the checkpoint. `names` (one per image)
+        replaces the default source names ("<bytes #i>" for bytes) in `Caption.source` and in errors.
 
         Raises:
             ImageLoadError: an image cannot be read and `on_error="raise"`.
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
+        if names is not None and len(names) != len(items):
+            raise ValueError(f"got {len(names)} names for {len(items)} images")
         if len(items) == 1:
             num_workers = 0  # nothing to overlap with: a thread hand-off would only add latency
         return list(self.caption_iter(items, beam_size=beam_size, n_best=n_best, batch_size=batch_size,
                                          max_length=max_length, min_length=min_length,
                                          length_penalty=length_penalty, return_attention=return_attention,
-                                         return_gates=return_gates, on_error=on_error, num_workers=num_workers))
+                                         return_gates=return_gates, on_error=on_error, num_workers=num_workers,
+                                         names=names))
 
     def caption_iter(self, images: Iterable[ImageInput], *, beam_size: int | None = None, n_best: int = 1,
                      batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
                      length_penalty: float | None = None, return_attention: bool = False,
                      return_gates: bool = False, on_error: Literal["raise", "skip"] = "raise",
-                     num_workers: int = 2) -> Iterator[Caption]:
+                     num_workers: int = 2, names: Iterable[str] | None = None) -> Iterator[Caption]:
         """Like `caption`, but lazily: yields Captions in input order as each batch finishes.
 
         `images` is consumed lazily too, and only about two batches are in memory at a time, so this scales to
@@ -189,14 +195,16 @@ class Captioner:
                       min_length=d.min_length if min_length is None else min_length,
                       length_penalty=d.length_penalty if length_penalty is None else length_penalty,
                       return_attention=return_attention, return_gates=return_gates)
+        labels = names if names is not None else itertools.repeat(None)
+        indexed = ((i, item, name) for i, (item, name) in enumerate(zip(images, labels)))
         if num_workers == 0:
-            for batch in _batches(enumerate(images), batch_size):
+            for batch in _batches(indexed, batch_size):
                 yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search)
             return
         pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="captioner-decode")
         try:
             pending = None
-            for batch in _batches(enumerate(images), batch_size):
+            for batch in _batches(indexed, batch_size):
                 # Submit the next batch's decoding before running the network on the current one.
                 futures = [pool.submit(self._safe_preprocess, item) for item in batch]
                 if pending is not None:
@@ -207,10 +215,11 @@ class Captioner:
         finally:  # also when the consumer stops early: drop queued decoding instead of finishing it
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _safe_preprocess(self, indexed: tuple[int, ImageInput]) -> tuple[str, torch.Tensor | ImageLoadError]:
+    def _safe_preprocess(self, indexed: tuple[int, ImageInput, str | None]
+                         ) -> tuple[str, torch.Tensor | ImageLoadError]:
         """Decode and resize one image to (H, W, 3) uint8; normalising waits for the whole batch."""
-        index, item = indexed
-        source = describe(item, index)
+        index, item, name = indexed
+        source = name or describe(item, index)
         prep = self.encoder.preprocess
         try:
             return source, prep.to_uint8(open_image(item, prep.size, source))

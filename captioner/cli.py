@@ -35,7 +35,11 @@ def _caption(args: argparse.Namespace) -> int:
         print(f"captioner: {exc}", file=sys.stderr)
         return 2
     if args.shard:
-        index, count = parse_shard(args.shard)
+        try:
+            index, count = parse_shard(args.shard)
+        except ValueError as exc:
+            print(f"captioner: {exc}", file=sys.stderr)
+            return 2
         paths = take_shard(paths, index, count)
     if not paths:
         print("captioner: no images found", file=sys.stderr)

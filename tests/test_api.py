@@ -86,3 +86,13 @@ def test_shipped_model_loads_and_captions(tmp_path):
     assert result.ok and 2 <= len(result.tokens) <= cap.model.decode_cfg.max_length
     assert all(word in cap.vocab.stoi for word in result.tokens)
     assert len(result.alternatives) == 3
+
+
+def test_names_label_byte_inputs(tmp_path, captioner):
+    [path] = write_images(tmp_path, 1)
+    results = captioner.caption([path.read_bytes(), b"not an image"], names=["beach.jpg", "notes.jpg"],
+                                on_error="skip")
+    assert [r.source for r in results] == ["beach.jpg", "notes.jpg"]
+    assert results[0].ok and results[1].error.startswith("notes.jpg: ")
+    with pytest.raises(ValueError, match="2 names for 1 images"):
+        captioner.caption([path], names=["a", "b"])

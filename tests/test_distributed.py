@@ -62,3 +62,4 @@ def test_cli_shards_concatenate_to_the_full_run(tmp_path, tiny_checkpoint):
                      "--output", str(out), "--shard", f"{i}/3", "--quiet"]) == 0
         pieces += out.read_text().splitlines()
     assert pieces == full.read_text().splitlines()
+    assert main(["caption", str(tmp_path / "many"), "--checkpoint", str(tiny_checkpoint), "--shard", "3/3"]) == 2
