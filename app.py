@@ -180,7 +180,9 @@ def model_info_ui(cap: Captioner, path: str | None) -> None:
     for key, value in (info.items() if isinstance(info, dict) else [("info", info)]):
         st.sidebar.markdown(f"**{key}**")
         if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
-            st.sidebar.dataframe([{"": k, "value": v} for k, v in value.items()], hide_index=True)
+            # One text column: mixed numbers and strings do not fit one Arrow column type.
+            rows = [{"": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in value.items()]
+            st.sidebar.dataframe(rows, hide_index=True)
         elif isinstance(value, (dict, list)):
             st.sidebar.json(value, expanded=False)
         else:

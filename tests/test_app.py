@@ -33,7 +33,8 @@ def checkpoint(tmp_path_factory) -> Path:
     vocab = Vocabulary.build([" ".join(WORDS)], min_count=1)
     model = make_model(vocab, ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20,
                                           dropout=0.0))
-    model.info = {"data": "unit-test pictures", "metrics": {"BLEU-4": 0.123, "CIDEr": 0.456}}
+    model.info = {"data": "unit-test pictures",
+                  "metrics": {"split": "dev", "beam_size": 3, "BLEU-4": 0.123, "CIDEr": 0.456}}
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(model, path)
     return path
@@ -107,9 +108,18 @@ def test_start_page_has_checkpoint_defaults_and_model_info(app):
     assert sidebar_slider(app, "Alternatives (n-best)").value == APP_N_BEST
     assert "unit-test pictures" in [m.value for m in app.sidebar.markdown]
     [metrics] = [d.value for d in app.sidebar.dataframe]
-    assert dict(zip(metrics[""], metrics["value"])) == {"BLEU-4": 0.123, "CIDEr": 0.456}
+    assert dict(zip(metrics[""], metrics["value"])) == {"split": "dev", "beam_size": "3", "BLEU-4": "0.1230",
+                                                        "CIDEr": "0.4560"}
     assert [i.value for i in app.info] == ["Upload one or more images to caption them."]
     assert set(app.file_uploader[0].allowed_type) >= {".jpg", ".png", ".webp", ".gif", ".bmp"}
+
+
+def test_starts_on_the_shipped_model_without_arguments(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert any("Flickr8k" in m.value for m in at.sidebar.markdown)
+    assert at.file_uploader
 
 
 def test_upload_shows_each_caption_with_its_alternatives(app, captioner, photos):
