@@ -37,6 +37,14 @@ def test_torchrun_two_processes_matches_one(tmp_path):
     assert max(r["CIDEr"] for r in two) > 1.0 and max(r["CIDEr"] for r in one) > 1.0
     assert abs(max(r["CIDEr"] for r in two) - max(r["CIDEr"] for r in one)) < 1.5
     assert (tmp_path / "double" / "best.safetensors").is_file()
+    # Resume works the same under torchrun: every rank restores the state rank 0 wrote.
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29534", "-m", "captioner", "train", "--config", str(double),
+                           "--resume", "--set", "train.epochs=9"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("resumed after epoch 8") == 1 and proc.stdout.count("epoch 9 xe") == 1
+    assert [r["epoch"] for r in read_rows(tmp_path / "double")] == list(range(1, 10))
 
 
 def test_shards_are_disjoint_and_concatenate_to_the_whole():
