@@ -14,7 +14,7 @@ import torch.distributed as tdist
 from captioner.checkpoint import CaptionModel
 from captioner.cider import CiderD
 from captioner.config import Config
-from captioner.data.dataset import CaptionSet
+from captioner.data.dataset import CaptionSet, rank_share
 from captioner.distributed import Dist
 from captioner.run_state import Progress
 from captioner.vocab import tokenize
@@ -73,7 +73,7 @@ def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data
         group["lr"] = cfg.train.scst_lr
     S = cfg.train.scst_samples
     order = torch.randperm(len(data), generator=generator).tolist()
-    order = order[: len(order) // dist.world * dist.world][dist.rank::dist.world]
+    order = rank_share(order, dist.rank, dist.world)
     rewards_seen = []
     for start in range(0, len(order), cfg.train.batch_size // dist.world):
         chosen = order[start:start + cfg.train.batch_size // dist.world]

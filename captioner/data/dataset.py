@@ -56,6 +56,12 @@ def encode_captions(data: CaptionSet, vocab: Vocabulary, max_length: int) -> lis
     return [[vocab.encode(c, max_length) for c in caps] for caps in data.references]
 
 
+def rank_share(order: list[int], rank: int, world: int) -> list[int]:
+    """This rank's every world-th item of a permutation all ranks share; the tail is dropped so that every rank
+    takes the same number of steps (the distributed sampler)."""
+    return order[: len(order) // world * world][rank::world] if world > 1 else order
+
+
 def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size: int, captions_per_image: int,
                     generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[Batch]:
     """Shuffled batches of `batch_size` images; each image brings `captions_per_image` captions.
@@ -68,8 +74,7 @@ def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size
     # Drawn for every image on every rank, so the generator advances identically everywhere.
     picks = {i: torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
              for i, caps in enumerate(encoded) if len(caps) > captions_per_image}
-    if world > 1:
-        order = order[: len(order) // world * world][rank::world]
+    order = rank_share(order, rank, world)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         seqs, owners = [], []
