@@ -6,7 +6,8 @@ Both expose one protocol that `captioner.decoding` drives:
   `memory`, which beam search expands to the beams once and never reorders; `state` (h, c) is reordered as beams
   are chosen.
 - `step(tokens, memory, state, return_gates) -> StepOutput`: one word for every row of the batch.
-- `forward(features, captions)`: teacher forcing for training, built on the same `step`.
+- `forward(features, captions)`: teacher forcing for training, built on the same `advance` (the recurrent part of
+  `step`) and output layer.
 
 Gate activations are computed on request from the `nn.LSTMCell`'s own weights, so the fused cell keeps the
 normal path fast and the explanation is of exactly the model that produced the caption.
@@ -99,8 +100,7 @@ class _LSTMDecoder(nn.Module):
         if lengths is not None:
             counts = (lengths.unsqueeze(0) > torch.arange(1, T, device=lengths.device).unsqueeze(1)).sum(1)
             active = counts.tolist()  # rows still inside their caption at each step (a prefix: sorted lengths)
-        logits = captions.new_zeros((B, steps, self.vocab_size), dtype=torch.float)
-        alphas = None
+        hidden, attention = [], []
         for t in range(steps):
             n = active[t]
             if n == 0:
@@ -108,20 +108,36 @@ class _LSTMDecoder(nn.Module):
             if n < state["h"].size(0):
                 state = {k: v[:n] for k, v in state.items()}
                 memory = {k: v[:n] for k, v in memory.items()}
-            out = self.step(captions[:n, t], memory, state)
-            state = out.state
-            logits[:n, t] = out.logits
-            if out.attention is not None:
-                if alphas is None:
-                    alphas = out.attention.new_zeros(B, steps, out.attention.size(1))
-                alphas[:n, t] = out.attention
+            state, alpha, _ = self.advance(captions[:n, t], memory, state)
+            hidden.append(state["h"])
+            if alpha is not None:
+                attention.append(alpha)
+        # The output layer runs once on every step's hidden states, and the results are placed with one
+        # out-of-place index_put: writing each step into a preallocated tensor would make backward copy the
+        # whole (B, T, V) gradient once per step.
+        device = captions.device
+        rows = torch.cat([torch.arange(h.size(0), device=device) for h in hidden])
+        cols = torch.cat([torch.full((h.size(0),), t, device=device) for t, h in enumerate(hidden)])
+        packed = self.out(self.dropout(torch.cat(hidden)))  # (sum of active rows, V)
+        logits = packed.new_zeros(B, steps, self.vocab_size).index_put((rows, cols), packed)
+        alphas = None
+        if attention:
+            packed_alpha = torch.cat(attention)
+            alphas = packed_alpha.new_zeros(B, steps, packed_alpha.size(1)).index_put((rows, cols), packed_alpha)
         return logits, alphas
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
         raise NotImplementedError
 
-    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+    def advance(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False
+                ) -> tuple[Tensors, torch.Tensor | None, Tensors | None]:
+        """The recurrent part of a step: (new state, attention weights or None, gates or None)."""
         raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+        """One word for every row: `advance`, then the output layer on the new hidden state."""
+        new_state, alpha, gates = self.advance(tokens, memory, state, return_gates)
+        return StepOutput(self.out(self.dropout(new_state["h"])), new_state, alpha, gates)
 
 
 class AttentionDecoder(_LSTMDecoder):
@@ -144,7 +160,8 @@ class AttentionDecoder(_LSTMDecoder):
         state = {"h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
         return {"feats": feats, "keys": keys}, state
 
-    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+    def advance(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False
+                ) -> tuple[Tensors, torch.Tensor | None, Tensors | None]:
         h = state["h"]  # (R, H)
         energy = self.att_score(torch.tanh(memory["keys"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)  # (R, N)
         alpha = torch.softmax(energy, dim=1)  # (R, N)
@@ -152,8 +169,7 @@ class AttentionDecoder(_LSTMDecoder):
         context = torch.sigmoid(self.gate(h)) * context
         x = torch.cat([self.embed(tokens), context], dim=1)  # (R, E + F)
         new_state, gates = self._recur(x, state, return_gates)
-        logits = self.out(self.dropout(new_state["h"]))  # (R, V)
-        return StepOutput(logits, new_state, alpha, gates)
+        return new_state, alpha, gates
 
 
 class ShowTellDecoder(_LSTMDecoder):
@@ -169,9 +185,10 @@ class ShowTellDecoder(_LSTMDecoder):
         state, _ = self._recur(self.image_embed(image), {"h": zeros, "c": zeros}, False)
         return {}, state
 
-    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+    def advance(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False
+                ) -> tuple[Tensors, torch.Tensor | None, Tensors | None]:
         new_state, gates = self._recur(self.embed(tokens), state, return_gates)
-        return StepOutput(self.out(self.dropout(new_state["h"])), new_state, None, gates)
+        return new_state, None, gates
 
 
 def build_decoder(cfg: ModelConfig, vocab_size: int, encoder_dim: int) -> _LSTMDecoder:

@@ -99,7 +99,8 @@ class Encoder(nn.Module):
     def optimized(self, precision: str = "auto"):
         """A copy prepared for fast CPU inference (`captioner.fast.FastEncoder`), for captioning only.
 
-        `forward` is untouched and stays the exact fp32 path that training extracts its features with.
+        `forward` is untouched: the exact fp32 reference. Feature extraction uses `optimized("fp32")`, the same
+        function to within rounding far below the fp16 the cache stores.
         """
         from captioner.fast import FastEncoder
 

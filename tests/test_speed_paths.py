@@ -6,12 +6,13 @@ Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours
   reference.
 - bf16 encoder (opt-in): features within 8% relative L2 error, every image's feature cosine >= 0.99, and a
   decoder trained on reference features gives the same caption on >= 15 of 16 unseen scenes from bf16 features.
-  (On a real trained model bf16 changes far more captions: see benchmarks/README_performance.md.)
+  (On a real trained model bf16 changes far more captions: see the README's Performance section.)
 """
 
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -228,3 +229,12 @@ def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, voca
             assert torch.allclose(a.attention, b.attention, atol=1e-5)
             assert torch.allclose(a.gates["cell"], b.gates["cell"], atol=1e-5)
     assert len({len(h[0].tokens) for h in batched}) > 1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_warns_when_the_cpu_would_emulate_it(encoder, monkeypatch, native):
+    monkeypatch.setattr("captioner.fast.cpu_has_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FastEncoder(encoder, "bf16", script=False)
+    assert any("no native bf16" in str(w.message) for w in caught) == (not native)

@@ -52,7 +52,9 @@ class FeatureCache:
         if not todo:
             return failures
         prep = self.encoder.preprocess
-        encoder = self.encoder.to(memory_format=torch.channels_last)
+        # The fp32 fast path computes the same function as `Encoder.forward` (ONNX Runtime or folded batch
+        # norm; differences far below the fp16 the cache stores) two to three times faster on a CPU.
+        encoder = self.encoder.optimized("fp32") if self._on_cpu() else self.encoder
 
         def load(path: Path) -> torch.Tensor | str:
             try:
@@ -68,13 +70,15 @@ class FeatureCache:
                 good = [(p, x) for p, x in zip(chunk, loaded) if isinstance(x, torch.Tensor)]
                 failures += [(p, x) for p, x in zip(chunk, loaded) if isinstance(x, str)]
                 if good:
-                    batch = torch.stack([x for _, x in good]).contiguous(memory_format=torch.channels_last)
-                    grids = encoder(batch).to(torch.float16).numpy()  # (b, N, D)
+                    grids = encoder(torch.stack([x for _, x in good])).to(torch.float16).numpy()  # (b, N, D)
                     for (path, _), grid in zip(good, grids):
                         self._store(path, grid)
                 bar.update(len(chunk))
         bar.close()
         return failures
+
+    def _on_cpu(self) -> bool:
+        return all(p.device.type == "cpu" for p in self.encoder.parameters())
 
     def _store(self, image: Path, grid: np.ndarray) -> None:
         target = self.path_for(image)
