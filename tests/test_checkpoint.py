@@ -1,5 +1,10 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from captioner.checkpoint import CheckpointError, load_model, save_model
 
@@ -67,3 +72,20 @@ def test_write_is_atomic(tmp_path, tiny_model, monkeypatch):
         save_model(tiny_model, path, half=True)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+
+
+def test_ship_script_writes_fp16_weights_and_the_model_card(tiny_model, tmp_path):
+    tiny_model.info = {"data": "csv", "train_images": 7, "val_images": 2, "epoch": 3,
+                       "metrics": {"split": "dev", "CIDEr": 1.5}, "recipe": {"train": {"epochs": 3}}}
+    best, shipped = tmp_path / "best.safetensors", tmp_path / "shipped.safetensors"
+    save_model(tiny_model, best)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+    subprocess.run([sys.executable, str(script), str(best), str(shipped)], check=True, capture_output=True)
+    model = load_model(shipped)
+    assert "Flickr8k" in model.info["name"] and "Hodosh" in model.info["data"] and model.info["license"]
+    assert model.info["selection"] == {"metric": "CIDEr-D", "split": "dev", "CIDEr": 1.5}
+    assert model.info["epoch"] == 3 and model.info["recipe"] == {"train": {"epochs": 3}}
+    with safe_open(shipped, "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys() if fh.get_tensor(k).is_floating_point()} == {torch.float16}
+    for name, weight in model.decoder.state_dict().items():
+        assert torch.allclose(weight.float(), tiny_model.decoder.state_dict()[name], atol=1e-3)
