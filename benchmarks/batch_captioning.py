@@ -206,7 +206,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     beam = args.beam_size
 
     # Without native bf16 (AVX512-BF16 or AMX) bf16 is emulated, over ten times slower than fp32: not worth a row.
-    precisions = ("reference", "fp32", "bf16") if cpu_has_bf16() else ("reference", "fp32")
+    native_bf16 = cpu_has_bf16()
+    precisions = ("reference", "fp32", "bf16") if native_bf16 else ("reference", "fp32")
     caps = {p: Captioner.load(args.checkpoint, precision=p) for p in precisions}
     caps["fp32-torchscript"] = Captioner.load(args.checkpoint, precision="fp32")
     ts = caps["fp32-torchscript"]
@@ -256,7 +257,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
         caps["reference"].encoder(pixels[:1])
     gflop = flops.get_total_flops() / 1e9
     peak = {torch.float32: matmul_gflops(torch.float32)}
-    if cpu_has_bf16():
+    if native_bf16:
         peak[torch.bfloat16] = matmul_gflops(torch.bfloat16)
     load_end = os.getloadavg()
     other_share = other.share()

@@ -8,6 +8,7 @@ API also show a human name, the data's citation and the licence, which only the 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,12 +35,13 @@ def ship(best: Path, target: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) not in (1, 2):
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
-        return 2
-    target = Path(argv[1]) if len(argv) == 2 else Path(__file__).resolve().parents[1] / "captioner/weights/flickr8k.safetensors"
-    ship(Path(argv[0]), target)
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("best", type=Path, help="a training run's best.safetensors")
+    parser.add_argument("target", type=Path, nargs="?",
+                        default=Path(__file__).resolve().parents[1] / "captioner/weights/flickr8k.safetensors")
+    args = parser.parse_args(argv)
+    ship(args.best, args.target)
+    print(f"wrote {args.target} ({args.target.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
