@@ -7,7 +7,7 @@ Both expose one protocol that `captioner.decoding` drives:
   are chosen.
 - `step(tokens, memory, state, return_gates) -> StepOutput`: one word for every row of the batch.
 - `forward(features, captions)`: teacher forcing for training, built on the same `advance` (the recurrent part of
-  `step`) and output layer.
+  `step`) and output layer; it returns `TeacherForced` (packed logits, their targets and places).
 
 Gate activations are computed on request from the `nn.LSTMCell`'s own weights, so the fused cell keeps the
 normal path fast and the explanation is of exactly the model that produced the caption.
@@ -50,6 +50,23 @@ def lstm_cell_with_gates(cell: nn.LSTMCell, x: torch.Tensor, h: torch.Tensor, c:
     return h_new, c_new, {"input": i, "forget": f, "output": o, "cell": c_new}
 
 
+@dataclass
+class TeacherForced:
+    """Teacher-forced predictions of a caption batch: P positions computed, packed step after step."""
+
+    logits: torch.Tensor  # (P, V)
+    targets: torch.Tensor  # (P,) the token each row predicts
+    rows: torch.Tensor  # (P,) caption of each row
+    steps: torch.Tensor  # (P,) position of each row: it predicts token steps + 1
+    shape: tuple[int, int]  # (B, T - 1)
+    attention: torch.Tensor | None  # (B, T - 1, N), zero where skipped; None without attention
+
+    def padded(self) -> torch.Tensor:
+        """Logits as (B, T - 1, V), zero at the positions past a caption's end that were skipped."""
+        B, steps = self.shape
+        return self.logits.new_zeros(B, steps, self.logits.size(1)).index_put((self.rows, self.steps), self.logits)
+
+
 class _LSTMDecoder(nn.Module):
     """Shared parts: embeddings, the output layer, the recurrent step and teacher forcing."""
 
@@ -75,7 +92,7 @@ class _LSTMDecoder(nn.Module):
         return {"h": h, "c": c}, None
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, image_index: torch.Tensor | None = None,
-                lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                lengths: torch.Tensor | None = None) -> TeacherForced:
         """Teacher forcing.
 
         Args:
@@ -87,8 +104,8 @@ class _LSTMDecoder(nn.Module):
                 a caption's end are then skipped instead of computed on padding.
 
         Returns:
-            logits (B, T - 1, V) and attention weights (B, T - 1, N) (None without attention); rows past a
-            caption's length are zero when `lengths` is given.
+            The logits of the positions computed, packed (padding positions cost neither the output layer nor
+            the loss), with their targets and places; see `TeacherForced`.
         """
         memory, state = self.init(features)
         if image_index is not None:
@@ -112,19 +129,16 @@ class _LSTMDecoder(nn.Module):
             hidden.append(state["h"])
             if alpha is not None:
                 attention.append(alpha)
-        # The output layer runs once on every step's hidden states, and the results are placed with one
-        # out-of-place index_put: writing each step into a preallocated tensor would make backward copy the
-        # whole (B, T, V) gradient once per step.
+        # The output layer runs once on every step's hidden states, packed step after step.
         device = captions.device
         rows = torch.cat([torch.arange(h.size(0), device=device) for h in hidden])
         cols = torch.cat([torch.full((h.size(0),), t, device=device) for t, h in enumerate(hidden)])
-        packed = self.out(self.dropout(torch.cat(hidden)))  # (sum of active rows, V)
-        logits = packed.new_zeros(B, steps, self.vocab_size).index_put((rows, cols), packed)
+        logits = self.out(self.dropout(torch.cat(hidden)))  # (P, V)
         alphas = None
-        if attention:
+        if attention:  # one out-of-place index_put: per-step writes would make backward copy the whole tensor
             packed_alpha = torch.cat(attention)
             alphas = packed_alpha.new_zeros(B, steps, packed_alpha.size(1)).index_put((rows, cols), packed_alpha)
-        return logits, alphas
+        return TeacherForced(logits, captions[rows, cols + 1], rows, cols, (B, steps), alphas)
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
         raise NotImplementedError

@@ -41,12 +41,11 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
 
 def caption_loss(decoder: torch.nn.Module, batch: Batch, pad_id: int, cfg: Config) -> torch.Tensor:
     """Cross-entropy (optionally label-smoothed) plus the doubly stochastic attention penalty."""
-    logits, alphas = decoder(batch.features, batch.captions, batch.image_index, batch.lengths)
-    targets = batch.captions[:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=pad_id,
-                           label_smoothing=cfg.train.label_smoothing)
-    if alphas is not None and cfg.train.attention_reg:
-        loss = loss + cfg.train.attention_reg * ((1.0 - alphas.sum(1)) ** 2).mean()
+    out = decoder(batch.features, batch.captions, batch.image_index, batch.lengths)
+    # Packed logits: only positions inside a caption reach the softmax (ignore_index covers unsorted batches).
+    loss = F.cross_entropy(out.logits, out.targets, ignore_index=pad_id, label_smoothing=cfg.train.label_smoothing)
+    if out.attention is not None and cfg.train.attention_reg:
+        loss = loss + cfg.train.attention_reg * ((1.0 - out.attention.sum(1)) ** 2).mean()
     return loss
 
 

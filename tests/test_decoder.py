@@ -12,8 +12,10 @@ def test_teacher_forcing_shapes_and_gradients(kind, feature_dim):
     decoder = build_decoder(cfg, vocab_size=30, encoder_dim=16)
     features = torch.randn(4, 9, 16)
     captions = torch.randint(0, 30, (4, 7))
-    logits, alphas = decoder(features, captions)
+    out = decoder(features, captions)
+    logits, alphas = out.padded(), out.attention
     assert logits.shape == (4, 6, 30)
+    assert out.logits.shape == (24, 30) and torch.equal(out.targets, captions[out.rows, out.steps + 1])
     if kind == "attention":
         assert alphas.shape == (4, 6, 9)
         assert torch.allclose(alphas.sum(-1), torch.ones(4, 6), atol=1e-5)
@@ -29,7 +31,7 @@ def test_step_matches_teacher_forcing():
     cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
     decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
     features, captions = torch.randn(2, 9, 16), torch.randint(0, 20, (2, 5))
-    logits, _ = decoder(features, captions)
+    logits = decoder(features, captions).padded()
     memory, state = decoder.init(features)
     for t in range(4):
         out = decoder.step(captions[:, t], memory, state)
@@ -56,8 +58,12 @@ def test_length_sorted_forward_skips_padding_without_changing_results():
     lengths = torch.tensor([7, 5, 3])
     captions = torch.randint(4, 20, (3, 7))
     image_index = torch.tensor([1, 0, 1])
-    full, full_alpha = decoder(features.index_select(0, image_index), captions)
-    fast, fast_alpha = decoder(features, captions, image_index=image_index, lengths=lengths)
+    full = decoder(features.index_select(0, image_index), captions)
+    full, full_alpha = full.padded(), full.attention
+    fast = decoder(features, captions, image_index=image_index, lengths=lengths)
+    assert fast.logits.shape[0] == int((lengths - 1).sum())  # only positions inside a caption are computed
+    assert torch.equal(fast.targets, captions[fast.rows, fast.steps + 1])
+    fast, fast_alpha = fast.padded(), fast.attention
     for row, n in enumerate(lengths.tolist()):
         assert torch.allclose(fast[row, : n - 1], full[row, : n - 1], atol=1e-5)
         assert torch.all(fast[row, n - 1:] == 0)
