@@ -82,7 +82,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(9)
+    # A safetensors file starts with its JSON header's length (u64, little-endian), then "{". Its first byte
+    # can be 0x80 like a pickle's, so a plausible safetensors start is recognised before the pickle magic.
+    if len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8:
+        return
     if head[:2] == b"PK" or head[:1] == b"\x80":
         raise CheckpointError(
             f"{path}: this is a pickle-based PyTorch file (torch.save). captioner never unpickles checkpoints "

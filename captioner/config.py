@@ -39,7 +39,9 @@ class ModelConfig:
     feature_dim: int = 512
     """Grid features are projected to this size once per image before attention (0 keeps the encoder's)."""
     dropout: float = 0.5
-    """Dropout on features and on the LSTM output."""
+    """Dropout on the LSTM output, before the output layer."""
+    feature_dropout: float = 0.5
+    """Dropout on the projected grid features (what attention reads and the initial state is made from)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,8 +52,9 @@ class ModelConfig:
                 problems.append(f"model.{name} must be positive")
         if self.feature_dim < 0:
             problems.append("model.feature_dim must be >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append("model.dropout must be in [0, 1)")
+        for name in ("dropout", "feature_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"model.{name} must be in [0, 1)")
         _raise(problems)
 
 

@@ -82,6 +82,7 @@ class _LSTMDecoder(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim)
         self.lstm = nn.LSTMCell(lstm_input, cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.feature_dropout = nn.Dropout(cfg.feature_dropout)
         self.out = nn.Linear(cfg.hidden_dim, vocab_size)
 
     def _recur(self, x: torch.Tensor, state: Tensors, return_gates: bool) -> tuple[Tensors, Tensors | None]:
@@ -168,7 +169,7 @@ class AttentionDecoder(_LSTMDecoder):
         self.init_c = nn.Linear(feat, cfg.hidden_dim)
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
-        feats = self.dropout(self.project(features))  # (B, N, F)
+        feats = self.feature_dropout(self.project(features))  # (B, N, F)
         keys = self.att_feat(feats)  # (B, N, A): the attention projection, computed once per image
         mean = feats.mean(1)  # (B, F)
         state = {"h": torch.tanh(self.init_h(mean)), "c": torch.tanh(self.init_c(mean))}
@@ -194,7 +195,7 @@ class ShowTellDecoder(_LSTMDecoder):
         self.image_embed = nn.Linear(cfg.feature_dim or encoder_dim, cfg.embed_dim)
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
-        image = self.dropout(self.project(features)).mean(1)  # (B, F)
+        image = self.feature_dropout(self.project(features)).mean(1)  # (B, F)
         zeros = image.new_zeros(image.size(0), self.cfg.hidden_dim)
         state, _ = self._recur(self.image_embed(image), {"h": zeros, "c": zeros}, False)
         return {}, state

@@ -22,7 +22,8 @@ def vocab() -> Vocabulary:
 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
-    return ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0)
+    return ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0,
+                       feature_dropout=0.0)
 
 
 def make_model(vocab: Vocabulary, cfg: ModelConfig, encoder_dim: int = 1280, seed: int = 0) -> CaptionModel:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from captioner.checkpoint import CheckpointError, load_model, save_model
+from captioner.checkpoint import CheckpointError, load_model, load_tensors, save_model, save_tensors
 
 
 def test_round_trip_is_exact(tmp_path, tiny_model):
@@ -31,11 +31,26 @@ def test_half_precision_save_is_close(tmp_path, tiny_model):
         assert torch.allclose(tensor, tiny_model.decoder.state_dict()[name], atol=1e-2), name
 
 
-def test_pickle_checkpoint_is_refused(tmp_path, tiny_model):
+@pytest.mark.parametrize("zipped", [True, False])
+def test_pickle_checkpoint_is_refused(tmp_path, tiny_model, zipped):
     path = tmp_path / "model.pt"
-    torch.save(tiny_model.decoder.state_dict(), path)
+    torch.save(tiny_model.decoder.state_dict(), path, _use_new_zipfile_serialization=zipped)
     with pytest.raises(CheckpointError, match="pickle"):
         load_model(path)
+
+
+def test_safetensors_whose_first_byte_looks_like_pickle_loads(tmp_path):
+    # The file starts with the header length; when its low byte is 0x80 the file opens like a pickle does.
+    tensors = {"w": torch.arange(6.0).view(2, 3)}
+    for pad in range(256):
+        path = tmp_path / f"padded{pad}.safetensors"
+        save_tensors(path, tensors, {"format": "captioner", "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length ending in 0x80")
+    loaded, metadata = load_tensors(path)
+    assert torch.equal(loaded["w"], tensors["w"]) and metadata["pad"] == "x" * pad
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage that is not safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"])

@@ -27,8 +27,9 @@ def test_teacher_forcing_shapes_and_gradients(kind, feature_dim):
     assert missing == []
 
 
-def test_step_matches_teacher_forcing():
-    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_step_matches_teacher_forcing(kind):
+    cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
     decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
     features, captions = torch.randn(2, 9, 16), torch.randint(0, 20, (2, 5))
     logits = decoder(features, captions).padded()
@@ -68,3 +69,17 @@ def test_length_sorted_forward_skips_padding_without_changing_results():
         assert torch.allclose(fast[row, : n - 1], full[row, : n - 1], atol=1e-5)
         assert torch.all(fast[row, n - 1:] == 0)
         assert torch.allclose(fast_alpha[row, : n - 1], full_alpha[row, : n - 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+def test_feature_dropout_is_its_own_knob(kind):
+    features, captions = torch.randn(2, 9, 16), torch.randint(0, 20, (2, 5))
+
+    def two_training_passes(**dropouts):
+        cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, **dropouts)
+        decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).train()
+        return decoder(features, captions).logits, decoder(features, captions).logits
+
+    assert torch.equal(*two_training_passes(dropout=0.0, feature_dropout=0.0))
+    assert not torch.equal(*two_training_passes(dropout=0.0, feature_dropout=0.5))
+    assert not torch.equal(*two_training_passes(dropout=0.5, feature_dropout=0.0))

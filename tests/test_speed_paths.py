@@ -88,7 +88,8 @@ def trained():
     """A small decoder fitted to name each training scene: confident, like a trained captioner."""
     vocab = Vocabulary.build([f"a {c} {s}" for c, s in SCENES], min_count=1)
     torch.manual_seed(0)
-    cfg = ModelConfig(embed_dim=16, hidden_dim=32, attention_dim=16, feature_dim=32, dropout=0.0)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=32, attention_dim=16, feature_dim=32, dropout=0.0,
+                      feature_dropout=0.0)
     return new_model(cfg, vocab, 1280, DecodeConfig(beam_size=3, max_length=6))
 
 

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def tiny_config(tmp_path, csv_path, out="run", **train):
     cfg = {
-        "model": {"embed_dim": 32, "hidden_dim": 96, "attention_dim": 32, "feature_dim": 64, "dropout": 0.1},
+        "model": {"embed_dim": 32, "hidden_dim": 96, "attention_dim": 32, "feature_dim": 64, "dropout": 0.1,
+                  "feature_dropout": 0.1},
         "data": {"format": "csv", "annotations": str(csv_path), "min_word_count": 1, "val_fraction": 0.25,
                  "cache_dir": str(tmp_path / "cache")},
         "train": {"out_dir": str(tmp_path / out), "epochs": 12, "batch_size": 8, "lr": 0.005, "warmup_steps": 5,
