@@ -3,11 +3,12 @@
     .venv/bin/python benchmarks/training_step.py [--config configs/flickr8k.yaml] [--steps 20] [--repeats 3]
         [--set train.lr=3e-3 ...]
 
-Extracts (or reuses) the recipe's feature cache, builds the model and optimizer exactly as `fit` does, and times
-`--steps` full steps (forward, loss, backward, clipping, AdamW) after 3 warm-up steps, `--repeats` times on fresh
-batches. Prints the median step time with [min-max], captions per second, and the implied time of one epoch of
-teacher forcing (validation not included). Compare two versions of the code by running it on each in turn on an
-otherwise idle machine; figures from different machines or busy ones do not compare.
+Extracts (or reuses) the recipe's feature cache, builds the model and optimizer as `fit` does, and times
+`--steps` calls of `captioner.training.train_step` (forward, loss, backward, clipping, AdamW) after 3 warm-up
+steps, `--repeats` times on fresh batches. Prints the median step time with [min-max], captions per second, and
+the implied time of one epoch of teacher forcing (validation not included). Compare two versions of the code by
+running it on each in turn on an otherwise idle machine; figures from different machines or busy ones do not
+compare.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from captioner.checkpoint import new_model
 from captioner.config import load_config
 from captioner.data.dataset import encode_captions, iterate_batches
 from captioner.data.prepare import prepare_data
-from captioner.training import caption_loss
+from captioner.training import train_step
 from captioner.vocab import Vocabulary
 
 
@@ -58,11 +59,7 @@ def main() -> None:
 
     def step() -> int:
         batch = next(stream)
-        loss = caption_loss(decoder, batch, vocab.pad_id, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), cfg.train.grad_clip or float("inf"))
-        optimizer.step()
+        train_step(model, decoder, optimizer, batch, cfg)
         return batch.captions.size(0)
 
     for _ in range(3):

@@ -65,16 +65,22 @@ def train_one_epoch(model: CaptionModel, trainer: torch.nn.Module, optimizer: to
     for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, progress.step, total_steps)
-        with torch.autocast("cuda", enabled=dist.device.type == "cuda", dtype=torch.bfloat16):
-            loss = caption_loss(trainer, _to(batch, dist.device), model.vocab.pad_id, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        losses.append(train_step(model, trainer, optimizer, _to(batch, dist.device), cfg))
         progress.step += 1
-        losses.append(loss.item())
     return sum(losses) / max(1, len(losses))
+
+
+def train_step(model: CaptionModel, trainer: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
+               cfg: Config) -> float:
+    """One teacher-forcing update on a batch already on the decoder's device; returns its loss."""
+    with torch.autocast("cuda", enabled=batch.captions.device.type == "cuda", dtype=torch.bfloat16):
+        loss = caption_loss(trainer, batch, model.vocab.pad_id, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    return loss.item()
 
 
 def checkpoint_epoch(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
