@@ -60,7 +60,8 @@ def naive(cap: Captioner, paths: list[Path], beam: int) -> tuple[list[str], list
             pixels = enc.preprocess(open_image(path, enc.preprocess.size)).unsqueeze(0)  # (1, 3, H, W)
             [hyps] = beam_search(dec, enc(pixels), start_id=vocab.start_id, end_id=vocab.end_id, beam_size=beam,
                                  max_length=d.max_length, min_length=d.min_length,
-                                 length_penalty=d.length_penalty, banned_ids=vocab.banned_ids)
+                                 length_penalty=d.length_penalty, banned_ids=vocab.banned_ids,
+                                 no_repeat_ngram=d.no_repeat_ngram)
             texts.append(" ".join(vocab.decode(hyps[0].tokens)))
             seconds.append(time.perf_counter() - t)
     return texts, seconds
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     d = fast.decode_defaults
     search = {"start_id": fast.vocab.start_id, "end_id": fast.vocab.end_id, "beam_size": beam,
               "max_length": d.max_length, "min_length": d.min_length, "length_penalty": d.length_penalty,
-              "banned_ids": fast.vocab.banned_ids}
+              "banned_ids": fast.vocab.banned_ids, "no_repeat_ngram": d.no_repeat_ngram}
     ref = caps["reference"]
     features = fast.encode(pixels)
     naive_seconds: list[float] = []

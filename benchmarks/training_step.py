@@ -53,7 +53,7 @@ def main() -> None:
     def batches():
         while True:
             yield from iterate_batches(data.train, encoded, cfg.train.batch_size, cfg.train.captions_per_image,
-                                       generator)
+                                       generator, mirror_ids=vocab.mirror_ids())
 
     stream = batches()
 

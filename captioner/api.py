@@ -152,10 +152,10 @@ class Captioner:
                 batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
                 length_penalty: float | None = None, return_attention: bool = False, return_gates: bool = False,
                 on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2,
-                names: Sequence[str] | None = None) -> list[Caption]:
+                names: Sequence[str] | None = None, no_repeat_ngram: int | None = None) -> list[Caption]:
         """Caption images given as paths, bytes, PIL images, or a mixed list; one Caption per input, in order.
 
-        Decoding defaults (beam size, lengths, length penalty) come from the checkpoint. `names` (one per image)
+        Decoding defaults (beam size, lengths, length penalty, the no-repeat n-gram rule) come from the checkpoint. `names` (one per image)
         replaces the default source names ("<bytes #i>" for bytes) in `Caption.source` and in errors.
 
         Raises:
@@ -170,13 +170,14 @@ class Captioner:
                                          max_length=max_length, min_length=min_length,
                                          length_penalty=length_penalty, return_attention=return_attention,
                                          return_gates=return_gates, on_error=on_error, num_workers=num_workers,
-                                         names=names))
+                                         names=names, no_repeat_ngram=no_repeat_ngram))
 
     def caption_iter(self, images: Iterable[ImageInput], *, beam_size: int | None = None, n_best: int = 1,
                      batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
                      length_penalty: float | None = None, return_attention: bool = False,
                      return_gates: bool = False, on_error: Literal["raise", "skip"] = "raise",
-                     num_workers: int = 2, names: Iterable[str] | None = None) -> Iterator[Caption]:
+                     num_workers: int = 2, names: Iterable[str] | None = None,
+                     no_repeat_ngram: int | None = None) -> Iterator[Caption]:
         """Like `caption`, but lazily: yields Captions in input order as each batch finishes.
 
         `images` is consumed lazily too, and only about two batches are in memory at a time, so this scales to
@@ -194,6 +195,7 @@ class Captioner:
                       max_length=max_length or d.max_length,
                       min_length=d.min_length if min_length is None else min_length,
                       length_penalty=d.length_penalty if length_penalty is None else length_penalty,
+                      no_repeat_ngram=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
                       return_attention=return_attention, return_gates=return_gates)
         labels = names if names is not None else itertools.repeat(None)
         indexed = ((i, item, name) for i, (item, name) in enumerate(zip(images, labels)))

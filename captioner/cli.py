@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="forbid repeating an n-gram within a caption (default: the checkpoint's setting; 0 = off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--output", help="folder for scores.json and captions.jsonl (default: print only)")

@@ -70,6 +70,8 @@ class DecodeConfig:
     """The end token is forbidden before this many words."""
     length_penalty: float = 0.0
     """Exponent a in score = log p / length**a; 0 ranks by total log-probability."""
+    no_repeat_ngram: int = 0
+    """n > 0 forbids a word that would repeat an n-gram already in the caption (0 = no such rule)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -79,6 +81,8 @@ class DecodeConfig:
             problems.append("decode.max_length must be >= 1")
         if not 0 <= self.min_length <= self.max_length:
             problems.append("decode.min_length must be in [0, max_length]")
+        if self.no_repeat_ngram < 0:
+            problems.append("decode.no_repeat_ngram must be >= 0")
         _raise(problems)
 
 
@@ -112,6 +116,9 @@ class DataConfig:
     """What a missing or unreadable image does: `error` stops with the list, `skip` drops them and counts."""
     max_images: int = 0
     """Use only the first N training images (0 = all); handy for quick experiments."""
+    mirror: bool = False
+    """Also extract the training images mirrored left-right; each epoch then shows every image either way round,
+    at random, with 'left' and 'right' swapped in the captions of a mirrored one."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -158,12 +165,18 @@ class TrainConfig:
     """Stop after this many epochs without a better validation CIDEr (0 disables early stopping)."""
     val_max_images: int = 0
     """Decode at most this many validation images per epoch (0 = all)."""
+    ema_decay: float = 0.0
+    """Decay of the moving average of the weights that is validated and kept as the model (0 = no average); the
+    decay after n steps is min(ema_decay, (1 + n) / (10 + n)), so short runs are not dominated by the start."""
     scst_epochs: int = 0
     """Self-critical sequence training epochs with a CIDEr-D reward after cross-entropy (0 = none)."""
     scst_lr: float = 2e-5
     """Learning rate during self-critical training."""
     scst_samples: int = 5
     """Sampled captions per image in self-critical training (their mean reward is the baseline)."""
+    scst_candidates: str = "sample"
+    """Where self-critical candidates come from: `sample` (sampled from the model) or `beam` (the n-best list of
+    a beam search of width scst_samples)."""
     num_workers: int = 0
     """Image-decoding worker processes while extracting features."""
     skip_cache_check: bool = False
@@ -178,6 +191,10 @@ class TrainConfig:
             problems.append("train.lr must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append("train.label_smoothing must be in [0, 1)")
+        if self.scst_candidates not in ("sample", "beam"):
+            problems.append(f"train.scst_candidates must be 'sample' or 'beam', got {self.scst_candidates!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append("train.ema_decay must be in [0, 1)")
         _raise(problems)
 
 

@@ -31,7 +31,7 @@ def decode_set(model: CaptionModel, data: CaptionSet, decode: DecodeConfig, batc
             hyps = beam_search(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id,
                                beam_size=decode.beam_size, max_length=decode.max_length,
                                min_length=decode.min_length, length_penalty=decode.length_penalty,
-                               banned_ids=vocab.banned_ids)
+                               banned_ids=vocab.banned_ids, no_repeat_ngram=decode.no_repeat_ngram)
             texts += [" ".join(vocab.decode(h[0].tokens)) for h in hyps]
     finally:
         decoder.train(was_training)
@@ -67,7 +67,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         samples = samples[: args.max_images]
     # Evaluation reads each image once: decode straight from the files through the public API.
     results = cap.caption([s.image for s in samples], beam_size=args.beam_size, batch_size=args.batch_size,
-                          length_penalty=args.length_penalty, on_error="skip")
+                          length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, on_error="skip")
     ids = [str(s.image) for s in samples]
     good = [i for i, r in enumerate(results) if r.ok]
     scores = score_captions({ids[i]: results[i].text for i in good},

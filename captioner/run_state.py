@@ -32,9 +32,10 @@ class Progress:
 
 
 def save_state(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
-               vocab: list[str], generator: torch.Generator) -> None:
-    """Atomically write the whole run state."""
+               vocab: list[str], generator: torch.Generator, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Atomically write the whole run state; `extra` holds other tensors of the run (the weight average)."""
     tensors = {f"model.{k}": v for k, v in decoder.state_dict().items()}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     optim = optimizer.state_dict()
     for index, slots in optim["state"].items():
         for name, value in slots.items():
@@ -47,8 +48,11 @@ def save_state(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Opti
 
 
 def load_state(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               generator: torch.Generator) -> tuple[Progress, list[str]]:
-    """Restore a run state written by `save_state` into the given objects; returns (progress, vocabulary).
+               generator: torch.Generator) -> tuple[Progress, list[str], dict[str, torch.Tensor]]:
+    """Restore a run state written by `save_state` into the given objects.
+
+    Returns:
+        The progress, the vocabulary and the `extra` tensors saved with the state.
 
     Raises:
         CheckpointError: damaged file, other format, or weights that do not fit the model.
@@ -70,4 +74,5 @@ def load_state(path: Path, decoder: torch.nn.Module, optimizer: torch.optim.Opti
     torch.set_rng_state(tensors["rng.torch"])
     generator.set_state(tensors["rng.generator"])
     progress = Progress(**meta["progress"])
-    return progress, meta["vocab"]
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return progress, meta["vocab"], extra

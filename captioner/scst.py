@@ -1,9 +1,12 @@
 """Self-critical sequence training (Rennie et al. 2017) with a CIDEr-D reward, on cached features.
 
-For each image, `scst_samples` captions are sampled from the model; each one's advantage is its CIDEr-D minus
-the mean CIDEr-D of the image's other samples (the baseline of Luo 2020, which needs no extra greedy decode).
-The loss is the advantage-weighted negative log-likelihood of the sampled words. Sampling is not search, so it
-lives here rather than in `captioner.decoding`.
+For each image, `scst_samples` candidate captions are drawn and each one's advantage is its CIDEr-D minus the
+mean CIDEr-D of the image's other candidates (the baseline of Luo 2020, which needs no extra greedy decode). The
+loss is the advantage-weighted negative log-likelihood of the candidates' words. The candidates are either
+sampled from the model (`scst_candidates: sample`, Rennie et al.) or the n-best list of the beam search the
+model is decoded with (`beam`, as in Cornia et al. 2020), which trains exactly the captions beam search
+returns and never wastes a step on the implausible samples of a label-smoothed model. Sampling is not search,
+so it lives here rather than in `captioner.decoding`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from captioner.checkpoint import CaptionModel
 from captioner.cider import CiderD
 from captioner.config import Config
 from captioner.data.dataset import CaptionSet, rank_share
+from captioner.decoding import beam_search
 from captioner.distributed import Dist
+from captioner.ema import WeightAverage
 from captioner.run_state import Progress
 from captioner.vocab import tokenize
 
@@ -53,6 +58,41 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
     return torch.stack(words, 1), torch.stack(logps, 1).sum(1), torch.stack(masks, 1)
 
 
+def beam_candidates(model: CaptionModel, features: torch.Tensor, cfg: Config) -> list[list[list[int]]]:
+    """The `scst_samples` best hypotheses of each image's beam search (beam = scst_samples), without <end>.
+
+    The search runs with dropout off, as at test time, and without gradients; `sequence_logprobs` then scores
+    the chosen words with gradients."""
+    decoder, vocab, k = model.decoder, model.vocab, cfg.train.scst_samples
+    decoder.eval()
+    try:
+        hyps = beam_search(decoder, features, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=k, n_best=k,
+                           max_length=cfg.decode.max_length, min_length=cfg.decode.min_length,
+                           length_penalty=cfg.decode.length_penalty, banned_ids=vocab.banned_ids,
+                           no_repeat_ngram=cfg.decode.no_repeat_ngram)
+    finally:
+        decoder.train()
+    return [[h.tokens + ([vocab.end_id] if h.finished else []) for h in image] for image in hyps]
+
+
+def sequence_logprobs(model: CaptionModel, features: torch.Tensor, sequences: list[list[int]], owners: list[int]
+                      ) -> torch.Tensor:
+    """Summed log-probability of each token sequence (generated ids, <end> included when present) given its
+    image `features[owners[i]]`, with gradients: one teacher-forced pass over all of them."""
+    vocab = model.vocab
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    lengths = torch.tensor([len(sequences[i]) + 1 for i in order])  # with <start>
+    captions = torch.full((len(order), int(lengths[0])), vocab.pad_id, dtype=torch.long)
+    for row, i in enumerate(order):
+        captions[row, :lengths[row]] = torch.tensor([vocab.start_id, *sequences[i]])
+    device = features.device
+    out = model.decoder(features, captions.to(device), torch.tensor([owners[i] for i in order], device=device),
+                        lengths.to(device))
+    token = torch.log_softmax(out.logits, dim=-1).gather(1, out.targets.unsqueeze(1)).squeeze(1)
+    summed = token.new_zeros(len(order)).index_add(0, out.rows, token)
+    return summed.new_empty(len(order)).index_copy(0, torch.tensor(order, device=device), summed)
+
+
 def average_gradients(module: torch.nn.Module, dist: Dist) -> None:
     """All-reduce gradients by hand: sampling calls `init`/`step` directly, outside DDP's forward hooks."""
     if not dist.enabled:
@@ -64,32 +104,49 @@ def average_gradients(module: torch.nn.Module, dist: Dist) -> None:
 
 
 def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: CaptionSet, cfg: Config,
-                     progress: Progress, generator: torch.Generator, dist: Dist | None = None) -> float:
+                     progress: Progress, generator: torch.Generator, dist: Dist | None = None,
+                     ema: WeightAverage | None = None) -> float:
     """One self-critical pass over `data`; returns the mean sampled reward (CIDEr-D on training references)."""
     dist = dist or Dist()
     scorer = CiderD([[tokenize(c) for c in caps] for caps in data.references])
     model.decoder.train()
     for group in optimizer.param_groups:
         group["lr"] = cfg.train.scst_lr
-    S = cfg.train.scst_samples
     order = torch.randperm(len(data), generator=generator).tolist()
     order = rank_share(order, dist.rank, dist.world)
     rewards_seen = []
     for start in range(0, len(order), cfg.train.batch_size // dist.world):
         chosen = order[start:start + cfg.train.batch_size // dist.world]
         features = data.features[chosen].float().to(dist.device)
-        tokens, logprob, _ = sample_captions(model, features, S, cfg.decode.max_length)
-        words = [model.vocab.decode(row) for row in tokens.tolist()]
-        reward = torch.tensor([scorer.score(chosen[i // S], w) for i, w in enumerate(words)]).view(-1, S)
-        baseline = (reward.sum(1, keepdim=True) - reward) / max(1, S - 1)  # mean of the other samples
-        advantage = (reward - baseline).view(-1).to(logprob.device)
-        loss = -(advantage * logprob).mean()
+        if cfg.train.scst_candidates == "beam":
+            per_image = beam_candidates(model, features, cfg)
+            owners = [row for row, cands in enumerate(per_image) for _ in cands]
+            sequences = [seq for cands in per_image for seq in cands]
+            logprob = sequence_logprobs(model, features, sequences, owners)
+        else:
+            tokens, logprob, _ = sample_captions(model, features, cfg.train.scst_samples, cfg.decode.max_length)
+            owners = [i // cfg.train.scst_samples for i in range(tokens.size(0))]
+            sequences = tokens.tolist()
+        reward = torch.tensor([scorer.score(chosen[o], model.vocab.decode(seq)) for o, seq in zip(owners, sequences)])
+        advantage = reward - _baseline(reward, torch.tensor(owners))
+        loss = -(advantage.to(logprob.device) * logprob).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(model.decoder, dist)
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.decoder.parameters(), cfg.train.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update(model.decoder)
         progress.step += 1
         rewards_seen.append(reward.mean().item())
     return sum(rewards_seen) / max(1, len(rewards_seen))
+
+
+def _baseline(reward: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
+    """For each candidate, the mean reward of the other candidates of its image (its own reward when alone, so a
+    lone candidate teaches nothing)."""
+    images = int(owners.max()) + 1
+    total = torch.zeros(images).index_add(0, owners, reward)
+    count = torch.zeros(images).index_add(0, owners, torch.ones_like(reward))[owners]
+    return torch.where(count > 1, (total[owners] - reward) / (count - 1).clamp(min=1), reward)

@@ -22,6 +22,7 @@ from captioner.config import Config, ConfigError, config_to_dict, save_config
 from captioner.data.dataset import Batch, CaptionSet, encode_captions, iterate_batches
 from captioner.data.prepare import Prepared, log, prepare_data, validate_paths
 from captioner.distributed import Dist, barrier, broadcast, setup, teardown
+from captioner.ema import WeightAverage, averaged
 from captioner.evaluation import evaluate_set
 from captioner.plots import plot_history
 from captioner.run_state import Progress, load_state, save_state
@@ -56,16 +57,19 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 def train_one_epoch(model: CaptionModel, trainer: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     data: CaptionSet, encoded: list[list[list[int]]], cfg: Config, progress: Progress,
-                    total_steps: int, generator: torch.Generator, dist: Dist) -> float:
+                    total_steps: int, generator: torch.Generator, dist: Dist, ema: WeightAverage | None = None
+                    ) -> float:
     """One pass of teacher forcing; `trainer` is the decoder or its DDP wrapper. Returns the mean loss."""
     trainer.train()
     losses = []
     batches = iterate_batches(data, encoded, cfg.train.batch_size // dist.world, cfg.train.captions_per_image,
-                              generator, rank=dist.rank, world=dist.world)
+                              generator, rank=dist.rank, world=dist.world, mirror_ids=model.vocab.mirror_ids())
     for batch in batches:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, progress.step, total_steps)
         losses.append(train_step(model, trainer, optimizer, _to(batch, dist.device), cfg))
+        if ema is not None:
+            ema.update(model.decoder)
         progress.step += 1
     return sum(losses) / max(1, len(losses))
 
@@ -84,21 +88,28 @@ def train_step(model: CaptionModel, trainer: torch.nn.Module, optimizer: torch.o
 
 
 def checkpoint_epoch(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
-                     generator: torch.Generator, improved: bool) -> None:
-    """Save the best model (when improved), then the resumable state, then the log and curves."""
+                     generator: torch.Generator, improved: bool, ema: WeightAverage | None = None) -> None:
+    """Save the best model (when improved; the averaged weights if averaging), then the resumable state (the
+    live weights and the average), then the log and curves."""
     if improved:
-        save_model(model, run / "best.safetensors")
-    save_state(run / "train_state.safetensors", model.decoder, optimizer, progress, model.vocab.itos, generator)
+        with averaged(ema, model.decoder):
+            save_model(model, run / "best.safetensors")
+    save_state(run / "train_state.safetensors", model.decoder, optimizer, progress, model.vocab.itos, generator,
+               extra=ema.state() if ema is not None else None)
     with (run / "metrics.jsonl").open("w") as fh:
         for row in progress.history:
             fh.write(json.dumps(row) + "\n")
     plot_history(progress.history, run / "curves.png")
 
 
-def start_from_best(model: CaptionModel, optimizer: torch.optim.Optimizer, run: Path) -> None:
-    """Load the best checkpoint's weights and forget the optimizer's moments (a new phase, a new objective)."""
+def start_from_best(model: CaptionModel, optimizer: torch.optim.Optimizer, run: Path,
+                    ema: WeightAverage | None = None) -> None:
+    """Load the best checkpoint's weights and forget the optimizer's moments (a new phase, a new objective);
+    the weight average restarts from there."""
     model.decoder.load_state_dict(load_model(run / "best.safetensors").decoder.state_dict())
     optimizer.state.clear()
+    if ema is not None:
+        ema.reset(model.decoder)
 
 
 def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
@@ -136,10 +147,15 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
     model.decoder.to(dist.device)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ema = WeightAverage(model.decoder, cfg.train.ema_decay) if cfg.train.ema_decay else None
     progress = Progress()
     state_file = run / "train_state.safetensors"
     if resume and state_file.exists():
-        progress, itos = load_state(state_file, model.decoder, optimizer, generator)
+        progress, itos, extra = load_state(state_file, model.decoder, optimizer, generator)
+        if ema is not None and extra:
+            ema.load(extra)
+        elif ema is not None:  # a run started without averaging starts its average here
+            ema.reset(model.decoder)
         if dist.enabled:  # the saved RNG state is rank 0's; give each rank its own dropout stream again
             torch.manual_seed(cfg.train.seed + dist.rank + 1000 * progress.epoch)
         if itos != vocab.itos:
@@ -154,28 +170,31 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     model.info = {"data": cfg.data.format, "train_images": len(data.train), "val_images": len(data.val),
                   "recipe": config_to_dict(cfg)}
 
-    while progress.epoch < cfg.train.epochs + cfg.train.scst_epochs:
+    while True:
+        # Checked before each epoch rather than after it, so a run resumed after its early stop goes straight on.
+        if (progress.epoch < cfg.train.epochs and cfg.train.patience
+                and progress.bad_epochs >= cfg.train.patience):
+            if dist.is_main:
+                log(f"early stop: no better CIDEr for {progress.bad_epochs} epochs")
+            progress.epoch = cfg.train.epochs  # go on to self-critical training, if configured
+            progress.bad_epochs = 0
+        if progress.epoch >= cfg.train.epochs + cfg.train.scst_epochs:
+            break
         epoch_start = time.time()
         if progress.epoch < cfg.train.epochs:
             phase = "xe"
             loss = train_one_epoch(model, trainer, optimizer, data.train, encoded, cfg, progress, total_steps,
-                                   generator, dist)
+                                   generator, dist, ema)
         else:
             from captioner.scst import train_scst_epoch
 
             phase = "scst"
             if progress.epoch == cfg.train.epochs:  # self-critical training starts from the best XE model
-                start_from_best(model, optimizer, run)
-            loss = train_scst_epoch(model, optimizer, data.train, cfg, progress, generator, dist)
+                start_from_best(model, optimizer, run, ema)
+            loss = train_scst_epoch(model, optimizer, data.train, cfg, progress, generator, dist, ema)
         progress.epoch += 1
         _validate_and_checkpoint(run, model, optimizer, progress, generator, data, cfg, dist, phase, loss,
-                                 time.time() - epoch_start)
-        if (phase == "xe" and cfg.train.patience and progress.bad_epochs >= cfg.train.patience
-                and progress.epoch < cfg.train.epochs):
-            if dist.is_main:
-                log(f"early stop: no better CIDEr for {progress.bad_epochs} epochs")
-            progress.epoch = cfg.train.epochs  # go on to self-critical training, if configured
-            progress.bad_epochs = 0
+                                 time.time() - epoch_start, ema)
     barrier(dist)
     best = load_model(run / "best.safetensors")
     if dist.is_main:
@@ -185,12 +204,15 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
 
 def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
                              generator: torch.Generator, data: Prepared, cfg: Config, dist: Dist, phase: str, loss: float,
-                             seconds: float) -> None:
-    """Rank 0 decodes the validation split with beam search, scores it and checkpoints; all ranks agree after."""
+                             seconds: float, ema: WeightAverage | None = None) -> None:
+    """Rank 0 decodes the validation split with beam search, scores it and checkpoints; all ranks agree after.
+
+    With weight averaging on, the averaged weights are the ones validated and kept as the best model."""
     scores = None
     if dist.is_main:
         # The Python PTB tokenizer gives the Java one's tokens on captions and saves two JVM starts per epoch.
-        scores, _ = evaluate_set(model, data.val.to(dist.device), cfg.decode, VAL_METRICS, use_java=False)
+        with averaged(ema, model.decoder):
+            scores, _ = evaluate_set(model, data.val.to(dist.device), cfg.decode, VAL_METRICS, use_java=False)
     scores = broadcast(scores, dist)
     improved = scores["CIDEr"] > progress.best_score
     if improved:
@@ -205,7 +227,7 @@ def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.op
     progress.history.append({"epoch": progress.epoch, "phase": phase, **value, "seconds": seconds,
                              "lr": optimizer.param_groups[0]["lr"], **scores})
     if dist.is_main:
-        checkpoint_epoch(run, model, optimizer, progress, generator, improved)
+        checkpoint_epoch(run, model, optimizer, progress, generator, improved, ema)
         log(f"epoch {progress.epoch} {phase} {what} {loss:.3f} | " +
             " ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" | {seconds:.0f}s" + (" *" if improved else ""))
     barrier(dist)

@@ -17,6 +17,7 @@ from nltk.tokenize import RegexpTokenizer
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+MIRRORED_WORDS = (("left", "right"), ("lefthand", "righthand"), ("leftmost", "rightmost"))
 
 # Word characters (regex's \w includes combining marks, connectors and joiners), not starting with one of
 # those: a stray accent or the zero-width joiner of an emoji sequence is never a token on its own.
@@ -89,6 +90,15 @@ class Vocabulary:
                 continue
             words.append(self.itos[i])
         return words
+
+    def mirror_ids(self) -> list[int]:
+        """Map from each token id to the id of the word that describes the image mirrored left-right:
+        'left' and 'right' (and their '-hand'/'most' forms) trade places, every other word maps to itself."""
+        ids = list(range(len(self)))
+        for a, b in MIRRORED_WORDS:
+            if a in self.stoi and b in self.stoi:
+                ids[self.stoi[a]], ids[self.stoi[b]] = self.stoi[b], self.stoi[a]
+        return ids
 
     def to_json(self) -> str:
         """JSON text: {"itos": [...]} (the format `from_json` reads)."""

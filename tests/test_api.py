@@ -1,3 +1,4 @@
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -96,3 +97,16 @@ def test_names_label_byte_inputs(tmp_path, captioner):
     assert results[0].ok and results[1].error.startswith("notes.jpg: ")
     with pytest.raises(ValueError, match="2 names for 1 images"):
         captioner.caption([path], names=["a", "b"])
+
+
+def test_no_repeat_ngram_defaults_to_the_checkpoint_and_can_be_overridden(tmp_path, tiny_model):
+    def repeats(words, n=3):
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        return len(grams) != len(set(grams))
+
+    paths = write_images(tmp_path, 6)
+    tiny_model.decode_cfg = dataclasses.replace(tiny_model.decode_cfg, max_length=16, no_repeat_ngram=3)
+    cap = Captioner(tiny_model, build_encoder("efficientnet_lite0", pretrained=False))
+    free = cap.caption(paths, no_repeat_ngram=0)
+    assert any(repeats(r.tokens) for r in free)  # the untrained model loops
+    assert not any(repeats(r.tokens) for r in cap.caption(paths))

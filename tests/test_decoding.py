@@ -148,3 +148,28 @@ def test_unfused_cell_equals_lstm_cell():
     assert torch.allclose(h1, h2, atol=1e-6) and torch.allclose(c1, c2, atol=1e-6)
     assert torch.allclose(gates["cell"], c1, atol=1e-6)
     assert torch.allclose(h1, gates["output"] * torch.tanh(c1), atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "expected"), [(0, [4, 5] * 5), (2, [4, 5, 4]), (3, [4, 5, 4, 5]), (4, [4, 5, 4, 5, 4])])
+def test_no_repeat_ngram_cuts_a_loop_where_the_ngram_would_repeat(n, expected):
+    # 4 -> 5 -> 4 -> 5 ... with a small chance of <end> after each: greedy loops to max_length unless the
+    # rule forbids the word that would repeat an n-gram, and then <end> is the likeliest word left.
+    decoder = TableDecoder({START: {4: 1.0}, 4: {5: 0.9, END: 0.1}, 5: {4: 0.9, END: 0.1}}, vocab_size=8)
+    [[best]] = beam_search(decoder, torch.zeros(1, 2), start_id=START, end_id=END, beam_size=1, max_length=10,
+                           no_repeat_ngram=n)
+    assert best.tokens == expected and best.finished == (n > 0)
+
+
+def test_no_repeat_ngram_holds_for_every_hypothesis_of_a_real_decoder(tiny_cfg, vocab):
+    decoder = random_decoder(tiny_cfg, vocab, seed=3)
+    features = torch.randn(6, 5, 32)
+
+    def repeats(tokens, n=3):
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        return len(grams) != len(set(grams))
+
+    free = beam_search(decoder, features, start_id=START, end_id=END, beam_size=3, n_best=3, max_length=16)
+    ruled = beam_search(decoder, features, start_id=START, end_id=END, beam_size=3, n_best=3, max_length=16,
+                        no_repeat_ngram=3)
+    assert any(repeats(h.tokens) for image in free for h in image)  # an untrained decoder loops
+    assert not any(repeats(h.tokens) for image in ruled for h in image)

@@ -67,3 +67,18 @@ def test_unreadable_images_are_reported_and_the_rest_stored(encoder, tmp_path):
     failures = cache.extract([good[0], bad, good[1]], progress=False)
     assert [p for p, _ in failures] == [bad] and failures[0][1]
     assert cache.load(good).shape == (2, 49, 1280)
+
+
+def test_mirrored_features_are_the_encoders_on_the_flipped_image_and_live_apart(encoder, tmp_path):
+    paths = write_images(tmp_path / "images", 2)
+    plain, mirrored = FeatureCache(tmp_path / "cache", encoder), FeatureCache(tmp_path / "cache", encoder, mirrored=True)
+    assert mirrored.folder != plain.folder
+    plain.extract(paths, progress=False)
+    assert not mirrored.path_for(paths[0]).is_file()  # the plain entries never stand in for the mirrored ones
+    mirrored.extract(paths, progress=False)
+    prep = encoder.preprocess
+    with torch.inference_mode():
+        reference = encoder(torch.stack([prep(open_image(p, prep.size).transpose(Image.FLIP_LEFT_RIGHT))
+                                         for p in paths]))
+    assert torch.allclose(mirrored.load(paths).float(), reference, atol=2e-2, rtol=1e-2)
+    assert not torch.allclose(plain.load(paths).float(), reference, atol=2e-2, rtol=1e-2)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import yaml
 
 from captioner.cli import main
@@ -11,12 +12,12 @@ from tests.synthetic import make_shapes_dataset
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def tiny_config(tmp_path, csv_path, out="run", **train):
+def tiny_config(tmp_path, csv_path, out="run", data=None, **train):
     cfg = {
         "model": {"embed_dim": 32, "hidden_dim": 96, "attention_dim": 32, "feature_dim": 64, "dropout": 0.1,
                   "feature_dropout": 0.1},
         "data": {"format": "csv", "annotations": str(csv_path), "min_word_count": 1, "val_fraction": 0.25,
-                 "cache_dir": str(tmp_path / "cache")},
+                 "cache_dir": str(tmp_path / "cache"), **(data or {})},
         "train": {"out_dir": str(tmp_path / out), "epochs": 12, "batch_size": 8, "lr": 0.005, "warmup_steps": 5,
                   "patience": 0, "seed": 1, **train},
         "decode": {"beam_size": 2, "max_length": 10},
@@ -35,7 +36,9 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(shapes):
     folder, csv_path = shapes
-    config = tiny_config(folder, csv_path, epochs=10, scst_epochs=2, scst_lr=0.0005)
+    # The full-featured path: mirrored training images, beam candidates for self-critical training.
+    config = tiny_config(folder, csv_path, data={"mirror": True}, epochs=10, scst_epochs=2, scst_lr=0.0005,
+                         scst_candidates="beam")
     assert main(["train", "--config", str(config)]) == 0
     return folder / "run"
 
@@ -44,7 +47,7 @@ def test_training_learns_far_above_chance(trained):
     rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [row["phase"] for row in rows] == ["xe"] * 10 + ["scst"] * 2
     assert rows[9]["loss"] < rows[0]["loss"] / 2
-    assert all(row["reward"] > 0 for row in rows[10:])  # mean CIDEr-D of the sampled captions
+    assert all(row["reward"] > 0 for row in rows[10:])  # mean CIDEr-D of the candidates
     best = max(row["CIDEr"] for row in rows)
     assert best > 2.0  # a constant or random caption scores near 0 here
     assert (trained / "best.safetensors").is_file() and (trained / "curves.png").stat().st_size > 0
@@ -66,9 +69,11 @@ def test_evaluate_command(trained, shapes, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["scores"] == report["scores"]
 
 
-def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_decay):
+    """With weight averaging, the average is part of the saved state: a resume that lost it would score differently."""
     _, csv_path = shapes
-    full = tiny_config(tmp_path, csv_path, out="full", epochs=4)
+    full = tiny_config(tmp_path, csv_path, out="full", epochs=4, ema_decay=ema_decay)
     assert main(["train", "--config", str(full)]) == 0
 
     from captioner import training
@@ -80,7 +85,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch):
         if progress.epoch == 2:
             raise KeyboardInterrupt("simulated kill")
 
-    part = tiny_config(tmp_path, csv_path, out="part", epochs=4)
+    part = tiny_config(tmp_path, csv_path, out="part", epochs=4, ema_decay=ema_decay)
     monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--config", str(part)])
@@ -93,3 +98,39 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch):
     for a, b in zip(full_rows, part_rows):  # same seed: the resumed run ends where the uninterrupted one does
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-6)
+    if ema_decay:  # the state keeps the live weights and, apart, their average
+        from captioner.checkpoint import load_tensors
+
+        tensors, _ = load_tensors(tmp_path / "part" / "train_state.safetensors")
+        averaged = [k for k in tensors if k.startswith("extra.ema.")]
+        assert averaged and any(not torch.equal(tensors[k], tensors["model." + k[len("extra.ema."):]])
+                                for k in averaged)
+
+
+def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, monkeypatch):
+    """The early stop is decided from the saved progress, so resuming does not train one more XE epoch."""
+    _, csv_path = shapes
+    from captioner import training
+
+    calls = []
+
+    def declining_scores(*args, **kwargs):  # the first epoch is the best; patience 1 stops after the second
+        calls.append(1)
+        return {"Bleu_1": 0.5, "Bleu_4": 0.1, "ROUGE_L": 0.3, "CIDEr": 1.0 / len(calls)}, None
+
+    real_checkpoint = training.checkpoint_epoch
+
+    def killed_after_epoch_two(run, model, optimizer, progress, *args):
+        real_checkpoint(run, model, optimizer, progress, *args)
+        if progress.epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(training, "evaluate_set", declining_scores)
+    monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_two)
+    config = tiny_config(tmp_path, csv_path, epochs=6, patience=1, scst_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(config)])
+    monkeypatch.setattr(training, "checkpoint_epoch", real_checkpoint)
+    assert main(["train", "--config", str(config), "--resume"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"]) for r in rows] == [(1, "xe"), (2, "xe"), (7, "scst")]

@@ -6,7 +6,7 @@ Features stay fp16 in memory (7,000 Flickr8k grids are under 1 GB); a batch hold
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ class CaptionSet:
     images: list[Path]
     features: torch.Tensor  # (I, N, D) fp16
     references: list[list[str]]  # raw reference captions per image
+    mirrored: torch.Tensor | None = None  # (I, N, D) fp16 features of the images flipped left-right, if extracted
 
     def __len__(self) -> int:
         return len(self.images)
@@ -33,13 +34,15 @@ class CaptionSet:
         """The first `count` images (all when count is 0)."""
         if not count or count >= len(self):
             return self
-        return CaptionSet(self.images[:count], self.features[:count], self.references[:count])
+        return CaptionSet(self.images[:count], self.features[:count], self.references[:count],
+                          None if self.mirrored is None else self.mirrored[:count])
 
     def to(self, device: torch.device) -> CaptionSet:
         """The same set with its features on `device`."""
         if self.features.device == device:
             return self
-        return CaptionSet(self.images, self.features.to(device), self.references)
+        return CaptionSet(self.images, self.features.to(device), self.references,
+                          None if self.mirrored is None else self.mirrored.to(device))
 
 
 @dataclass
@@ -63,23 +66,32 @@ def rank_share(order: list[int], rank: int, world: int) -> list[int]:
 
 
 def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size: int, captions_per_image: int,
-                    generator: torch.Generator, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+                    generator: torch.Generator, rank: int = 0, world: int = 1,
+                    mirror_ids: Sequence[int] | None = None) -> Iterator[Batch]:
     """Shuffled batches of `batch_size` images; each image brings `captions_per_image` captions.
 
     The order depends only on `generator`, so a seeded run (and a resumed one) sees the same batches. With
     `world` > 1 every rank draws the same permutation and takes every world-th image from `rank` on (the
     distributed sampler); the tail is dropped so that all ranks take the same number of steps.
+    When `data` has mirrored features, each image is shown mirrored with probability 1/2, its captions mapped
+    through `mirror_ids` (token id -> id of the mirrored word, see `Vocabulary.mirror_ids`).
     """
+    if data.mirrored is not None and mirror_ids is None:
+        raise ValueError("mirrored features need mirror_ids to mirror their captions")
     order = torch.randperm(len(data), generator=generator).tolist()
     # Drawn for every image on every rank, so the generator advances identically everywhere.
     picks = {i: torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
              for i, caps in enumerate(encoded) if len(caps) > captions_per_image}
+    flipped = (torch.rand(len(data), generator=generator) < 0.5 if data.mirrored is not None
+               else torch.zeros(len(data), dtype=torch.bool))
     order = rank_share(order, rank, world)
     for start in range(0, len(order), batch_size):
         chosen = order[start:start + batch_size]
         seqs, owners = [], []
         for row, i in enumerate(chosen):
             caps = [encoded[i][j] for j in picks[i]] if i in picks else encoded[i]
+            if flipped[i]:
+                caps = [[mirror_ids[t] for t in c] for c in caps]
             seqs += caps
             owners += [row] * len(caps)
         lengths = torch.tensor([len(s) for s in seqs])
@@ -87,5 +99,8 @@ def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size
         captions = torch.zeros(len(seqs), int(lengths[0]), dtype=torch.long)
         for r, j in enumerate(sort.tolist()):
             captions[r, : len(seqs[j])] = torch.tensor(seqs[j])
-        yield Batch(features=data.features[chosen].float(), captions=captions, lengths=lengths,
+        features = data.features[chosen]
+        if data.mirrored is not None:
+            features = torch.where(flipped[chosen, None, None], data.mirrored[chosen], features)
+        yield Batch(features=features.float(), captions=captions, lengths=lengths,
                     image_index=torch.tensor(owners)[sort], images=torch.tensor(chosen))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageOps
 from tqdm import tqdm
 
 from captioner.encoder import Encoder
@@ -30,11 +31,14 @@ def _digest(text: str) -> str:
 class FeatureCache:
     """Encoder features per image file, computed once and memory-mapped afterwards."""
 
-    def __init__(self, cache_dir: str | Path, encoder: Encoder):
+    def __init__(self, cache_dir: str | Path, encoder: Encoder, mirrored: bool = False):
+        """`mirrored` caches the features of the images flipped left-right (training augmentation), apart."""
         self.encoder = encoder
-        self.folder = Path(cache_dir) / _digest(encoder.cache_key())
+        self.mirrored = mirrored
+        key = encoder.cache_key() + ("|mirrored left-right" if mirrored else "")
+        self.folder = Path(cache_dir) / _digest(key)
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / "ENCODER.txt").write_text(encoder.cache_key() + "\n")
+        (self.folder / "ENCODER.txt").write_text(key + "\n")
 
     def path_for(self, image: Path) -> Path:
         image = Path(image).resolve()
@@ -52,11 +56,12 @@ class FeatureCache:
         failures: list[tuple[Path, str]] = []
         if not todo:
             return failures
-        prep, encoder = self.encoder.preprocess, self._compute
+        prep, encoder, mirrored = self.encoder.preprocess, self._compute, self.mirrored
 
         def load(path: Path) -> torch.Tensor | str:
             try:
-                return prep(open_image(path, prep.size))
+                image = open_image(path, prep.size)
+                return prep(ImageOps.mirror(image) if mirrored else image)
             except ImageLoadError as exc:
                 return exc.reason
 

@@ -13,7 +13,7 @@ from captioner.config import Config, ConfigError
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, check_images, read_dataset
-from captioner.distributed import Dist, gather
+from captioner.distributed import Dist, barrier, gather
 from captioner.encoder import build_encoder
 
 
@@ -29,7 +29,8 @@ class Prepared:
     encoder_dim: int
 
 
-def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: Dist) -> CaptionSet:
+def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: Dist,
+                mirrored: FeatureCache | None = None) -> CaptionSet:
     samples = read_dataset(cfg.data, split)
     if limit:
         samples = samples[:limit]
@@ -51,8 +52,13 @@ def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: 
         samples = [s for s in samples if s.image not in bad]
     if not samples:
         raise DatasetError(f"the {split} split has no usable images")
-    return CaptionSet([s.image for s in samples], cache.load([s.image for s in samples]),
-                      [s.captions for s in samples])
+    images = [s.image for s in samples]
+    if mirrored is not None:  # the readable images, mirrored left-right
+        mirrored.extract(images[dist.rank::dist.world], num_workers=max(1, cfg.train.num_workers),
+                         progress=dist.is_main)
+        barrier(dist)  # every rank's share is in the cache before anyone reads all of it
+    return CaptionSet(images, cache.load(images), [s.captions for s in samples],
+                      mirrored.load(images) if mirrored is not None else None)
 
 
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
@@ -60,7 +66,8 @@ def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
     dist = dist or Dist()
     encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights)
     cache = FeatureCache(cfg.data.cache_dir, encoder)
-    train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist)
+    mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
+    train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist, mirrored)
     val = _load_split(cfg, cache, cfg.data.val_split, cfg.train.val_max_images, dist)
     return Prepared(train, val, encoder.feature_dim)
 
