@@ -117,8 +117,8 @@ class DataConfig:
     max_images: int = 0
     """Use only the first N training images (0 = all); handy for quick experiments."""
     mirror: bool = False
-    """Also extract the training images mirrored left-right; each epoch then shows every image either way round,
-    at random, with 'left' and 'right' swapped in the captions of a mirrored one."""
+    """Also extract the training images mirrored left-right; each cross-entropy epoch then shows every image either
+    way round, at random, with 'left' and 'right' swapped in the captions of a mirrored one."""
 
     def __post_init__(self) -> None:
         problems = []

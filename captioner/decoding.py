@@ -82,6 +82,8 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size=} {n_best=}")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
     B, K = features.size(0), beam_size
     device = features.device
     memory, state = decoder.init(features)

@@ -47,6 +47,8 @@ class WeightAverage:
     def applied(self, module: torch.nn.Module) -> Iterator[None]:
         """Inside the block the module holds the averaged weights; its own are restored afterwards."""
         live = {k: v.detach().clone() for k, v in module.state_dict().items() if k in self.shadow}
+        if len(live) != len(self.shadow):  # another module (a DDP wrapper's names): load_state_dict would skip it all
+            raise ValueError("the module's weights are not the ones this average was made from")
         module.load_state_dict(self.shadow, strict=False)
         try:
             yield

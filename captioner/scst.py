@@ -3,9 +3,9 @@
 For each image, `scst_samples` candidate captions are drawn and each one's advantage is its CIDEr-D minus the
 mean CIDEr-D of the image's other candidates (the baseline of Luo 2020, which needs no extra greedy decode). The
 loss is the advantage-weighted negative log-likelihood of the candidates' words. The candidates are either
-sampled from the model (`scst_candidates: sample`, Rennie et al.) or the n-best list of the beam search the
-model is decoded with (`beam`, as in Cornia et al. 2020), which trains exactly the captions beam search
-returns and never wastes a step on the implausible samples of a label-smoothed model. Sampling is not search,
+sampled from the model (`scst_candidates: sample`, Rennie et al.) or the n-best list of a beam search of
+width `scst_samples` with the recipe's other decoding settings (`beam`, as in Cornia et al. 2020), which trains
+the kind of captions beam search returns and never wastes a step on the implausible samples of a label-smoothed model. Sampling is not search,
 so it lives here rather than in `captioner.decoding`.
 """
 
@@ -59,7 +59,8 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
 
 
 def beam_candidates(model: CaptionModel, features: torch.Tensor, cfg: Config) -> list[list[list[int]]]:
-    """The `scst_samples` best hypotheses of each image's beam search (beam = scst_samples), without <end>.
+    """The `scst_samples` best hypotheses of each image's beam search (beam = scst_samples), ending with <end>
+    when finished.
 
     The search runs with dropout off, as at test time, and without gradients; `sequence_logprobs` then scores
     the chosen words with gradients."""
@@ -106,7 +107,7 @@ def average_gradients(module: torch.nn.Module, dist: Dist) -> None:
 def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data: CaptionSet, cfg: Config,
                      progress: Progress, generator: torch.Generator, dist: Dist | None = None,
                      ema: WeightAverage | None = None) -> float:
-    """One self-critical pass over `data`; returns the mean sampled reward (CIDEr-D on training references)."""
+    """One self-critical pass over `data`; returns the candidates' mean reward (CIDEr-D on training references)."""
     dist = dist or Dist()
     scorer = CiderD([[tokenize(c) for c in caps] for caps in data.references])
     model.decoder.train()

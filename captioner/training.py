@@ -147,15 +147,11 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
     model.decoder.to(dist.device)
     optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    ema = WeightAverage(model.decoder, cfg.train.ema_decay) if cfg.train.ema_decay else None
     progress = Progress()
+    extra: dict[str, torch.Tensor] = {}
     state_file = run / "train_state.safetensors"
     if resume and state_file.exists():
         progress, itos, extra = load_state(state_file, model.decoder, optimizer, generator)
-        if ema is not None and extra:
-            ema.load(extra)
-        elif ema is not None:  # a run started without averaging starts its average here
-            ema.reset(model.decoder)
         if dist.enabled:  # the saved RNG state is rank 0's; give each rank its own dropout stream again
             torch.manual_seed(cfg.train.seed + dist.rank + 1000 * progress.epoch)
         if itos != vocab.itos:
@@ -165,6 +161,10 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
             log(f"resumed after epoch {progress.epoch} (best CIDEr {progress.best_score:.4f})")
     trainer = (DistributedDataParallel(model.decoder, device_ids=[dist.device.index] if dist.device.index is not None
                                        else None) if dist.enabled else model.decoder)
+    # Made after DDP has given every rank rank 0's weights; a resumed run without a saved average starts one here.
+    ema = WeightAverage(model.decoder, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    if ema is not None and extra:
+        ema.load(extra)
     encoded = encode_captions(data.train, vocab, cfg.data.max_caption_length)
     total_steps = math.ceil(len(data.train) / cfg.train.batch_size) * cfg.train.epochs
     model.info = {"data": cfg.data.format, "train_images": len(data.train), "val_images": len(data.val),

@@ -62,3 +62,33 @@ def test_state_round_trip_and_reset():
     assert ema.updates == 0 and torch.equal(ema.shadow["0.weight"], module[0].weight)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(module, decay=1.0)
+
+
+def test_the_best_checkpoint_holds_the_average_and_the_run_state_both(tmp_path, tiny_model):
+    from captioner import training
+    from captioner.checkpoint import load_model, load_tensors
+    from captioner.run_state import Progress
+
+    decoder = tiny_model.decoder
+    ema = WeightAverage(decoder, decay=0.5)
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(1.0)
+    ema.update(decoder)
+    live = {k: v.clone() for k, v in decoder.state_dict().items()}
+    optimizer = torch.optim.AdamW(decoder.parameters())
+    training.checkpoint_epoch(tmp_path, tiny_model, optimizer, Progress(), torch.Generator(), True, ema)
+    best = load_model(tmp_path / "best.safetensors").decoder.state_dict()
+    tensors, _ = load_tensors(tmp_path / "train_state.safetensors")
+    for name, average in ema.shadow.items():
+        assert torch.allclose(best[name].float(), average, atol=1e-3)  # the average, not the live weights
+        assert not torch.allclose(best[name].float(), live[name], atol=1e-3) or torch.equal(average, live[name])
+        assert torch.equal(tensors[f"model.{name}"], live[name]) and torch.equal(tensors[f"extra.ema.{name}"], average)
+    assert all(torch.equal(v, live[k]) for k, v in decoder.state_dict().items())  # live weights back in place
+
+
+def test_applied_refuses_a_module_with_other_names():
+    module, ema = _averaged_once(1.0, 3.0)
+    wrapper = torch.nn.Sequential(module)  # names gain a "0." prefix, as under a DDP wrapper's "module."
+    with pytest.raises(ValueError, match="not the ones"), ema.applied(wrapper):
+        pass

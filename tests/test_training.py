@@ -134,3 +134,23 @@ def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, m
     assert main(["train", "--config", str(config), "--resume"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["phase"]) for r in rows] == [(1, "xe"), (2, "xe"), (7, "scst")]
+
+
+def test_an_image_lost_between_the_plain_and_the_mirrored_pass_is_named(shapes, tmp_path, monkeypatch):
+    from captioner.config import load_config
+    from captioner.data import prepare
+    from captioner.data.readers import DatasetError
+
+    _, csv_path = shapes
+    real_extract = prepare.FeatureCache.extract
+
+    def mirrored_pass_fails(cache, images, **kwargs):
+        if cache.mirrored:
+            return [(images[0], "cannot identify image file")]
+        return real_extract(cache, images, **kwargs)
+
+    monkeypatch.setattr(prepare.FeatureCache, "extract", mirrored_pass_fails)
+    cfg = load_config(tiny_config(tmp_path, csv_path, data={"mirror": True}))
+    with pytest.raises(DatasetError, match="became unreadable") as info:
+        prepare.prepare_data(cfg)
+    assert "cannot identify image file" in str(info.value)

@@ -13,7 +13,7 @@ from captioner.config import Config, ConfigError
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, check_images, read_dataset
-from captioner.distributed import Dist, barrier, gather
+from captioner.distributed import Dist, gather
 from captioner.encoder import build_encoder
 
 
@@ -54,9 +54,12 @@ def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: 
         raise DatasetError(f"the {split} split has no usable images")
     images = [s.image for s in samples]
     if mirrored is not None:  # the readable images, mirrored left-right
-        mirrored.extract(images[dist.rank::dist.world], num_workers=max(1, cfg.train.num_workers),
-                         progress=dist.is_main)
-        barrier(dist)  # every rank's share is in the cache before anyone reads all of it
+        mine = mirrored.extract(images[dist.rank::dist.world], num_workers=max(1, cfg.train.num_workers),
+                                progress=dist.is_main)
+        lost = [f for part in gather(mine, dist) for f in part]  # also every rank's share done before reading
+        if lost:  # read a moment ago: the files changed under the run
+            listed = "\n  ".join(f"{p}: {why}" for p, why in lost[:20])
+            raise DatasetError(f"{len(lost)} image(s) of the {split} split became unreadable:\n  {listed}")
     return CaptionSet(images, cache.load(images), [s.captions for s in samples],
                       mirrored.load(images) if mirrored is not None else None)
 
