@@ -155,8 +155,9 @@ class Captioner:
                 names: Sequence[str] | None = None, no_repeat_ngram: int | None = None) -> list[Caption]:
         """Caption images given as paths, bytes, PIL images, or a mixed list; one Caption per input, in order.
 
-        Decoding defaults (beam size, lengths, length penalty, the no-repeat n-gram rule) come from the checkpoint. `names` (one per image)
-        replaces the default source names ("<bytes #i>" for bytes) in `Caption.source` and in errors.
+        Decoding defaults (beam size, lengths, length penalty, the no-repeat n-gram rule) come from the checkpoint.
+        `names` (one per image) replaces the default source names ("<bytes #i>" for bytes) in `Caption.source` and
+        in errors.
 
         Raises:
             ImageLoadError: an image cannot be read and `on_error="raise"`.

@@ -40,8 +40,9 @@ class WeightAverage:
     def reset(self, module: torch.nn.Module) -> None:
         """Start averaging afresh from the module's current weights (a new training phase)."""
         self.updates = 0
+        live = module.state_dict()
         for name, value in self.shadow.items():
-            value.copy_(module.state_dict()[name])
+            value.copy_(live[name])
 
     @contextmanager
     def applied(self, module: torch.nn.Module) -> Iterator[None]:

@@ -5,8 +5,8 @@ mean CIDEr-D of the image's other candidates (the baseline of Luo 2020, which ne
 loss is the advantage-weighted negative log-likelihood of the candidates' words. The candidates are either
 sampled from the model (`scst_candidates: sample`, Rennie et al.) or the n-best list of a beam search of
 width `scst_samples` with the recipe's other decoding settings (`beam`, as in Cornia et al. 2020), which trains
-the kind of captions beam search returns and never wastes a step on the implausible samples of a label-smoothed model. Sampling is not search,
-so it lives here rather than in `captioner.decoding`.
+the kind of captions beam search returns and never wastes a step on the implausible samples of a label-smoothed
+model. Sampling is not search, so it lives here rather than in `captioner.decoding`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from captioner.vocab import tokenize
 
 
 def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `samples` captions per image with gradients.
 
     Returns:
-        tokens (B*S, L), summed log-probabilities (B*S,), and a mask (B*S, L) of the generated positions
-        (words and the <end> token).
+        tokens (B*S, L), <pad> after each <end>, and their summed log-probabilities (B*S,), <end> included.
     """
     decoder, vocab = model.decoder, model.vocab
     memory, state = decoder.init(features)
@@ -42,7 +41,7 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
     tokens = torch.full((rows.numel(),), vocab.start_id, dtype=torch.long, device=device)
     alive = torch.ones(rows.numel(), dtype=torch.bool, device=device)
     banned = torch.tensor(vocab.banned_ids, device=device)
-    words, logps, masks = [], [], []
+    words, logps = [], []
     for _ in range(max_length):
         out = decoder.step(tokens, memory, state)
         state = out.state
@@ -51,11 +50,10 @@ def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, m
         tokens = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
         words.append(torch.where(alive, tokens, torch.full_like(tokens, vocab.pad_id)))
         logps.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1) * alive)
-        masks.append(alive)
         alive = alive & (tokens != vocab.end_id)
         if not alive.any():
             break
-    return torch.stack(words, 1), torch.stack(logps, 1).sum(1), torch.stack(masks, 1)
+    return torch.stack(words, 1), torch.stack(logps, 1).sum(1)
 
 
 def beam_candidates(model: CaptionModel, features: torch.Tensor, cfg: Config) -> list[list[list[int]]]:
@@ -125,7 +123,7 @@ def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data
             sequences = [seq for cands in per_image for seq in cands]
             logprob = sequence_logprobs(model, features, sequences, owners)
         else:
-            tokens, logprob, _ = sample_captions(model, features, cfg.train.scst_samples, cfg.decode.max_length)
+            tokens, logprob = sample_captions(model, features, cfg.train.scst_samples, cfg.decode.max_length)
             owners = [i // cfg.train.scst_samples for i in range(tokens.size(0))]
             sequences = tokens.tolist()
         reward = torch.tensor([scorer.score(chosen[o], model.vocab.decode(seq)) for o, seq in zip(owners, sequences)])

@@ -43,9 +43,8 @@ def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: 
                          progress=dist.is_main)
     failures = [f for part in gather(mine, dist) for f in part]
     if failures:
-        listed = "\n  ".join(f"{p}: {why}" for p, why in failures[:20])
         if cfg.data.on_missing == "error":
-            raise DatasetError(f"{len(failures)} unreadable image(s) in the {split} split:\n  {listed}")
+            raise DatasetError(f"{len(failures)} unreadable image(s) in the {split} split:{_listed(failures)}")
         if dist.is_main:
             log(f"skipping {len(failures)} unreadable images of the {split} split")
         bad = {p for p, _ in failures}
@@ -58,10 +57,14 @@ def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: 
                                 progress=dist.is_main)
         lost = [f for part in gather(mine, dist) for f in part]  # also every rank's share done before reading
         if lost:  # read a moment ago: the files changed under the run
-            listed = "\n  ".join(f"{p}: {why}" for p, why in lost[:20])
-            raise DatasetError(f"{len(lost)} image(s) of the {split} split became unreadable:\n  {listed}")
+            raise DatasetError(f"{len(lost)} image(s) of the {split} split became unreadable:{_listed(lost)}")
     return CaptionSet(images, cache.load(images), [s.captions for s in samples],
                       mirrored.load(images) if mirrored is not None else None)
+
+
+def _listed(failures: list[tuple[Path, str]]) -> str:
+    """The first 20 failures, one "path: reason" per indented line."""
+    return "".join(f"\n  {p}: {why}" for p, why in failures[:20])
 
 
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
