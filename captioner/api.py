@@ -117,7 +117,8 @@ class Captioner:
                 raise CheckpointError(
                     f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
         model = load_model(path)
-        encoder = build_encoder(model.model_cfg.encoder, encoder_weights or model.model_cfg.encoder_weights)
+        cfg = model.model_cfg
+        encoder = build_encoder(cfg.encoder, encoder_weights or cfg.encoder_weights, image_size=cfg.image_size)
         return cls(model, encoder, device, precision)
 
     @property

@@ -28,6 +28,9 @@ class ModelConfig:
     """Registered encoder name (see `captioner.encoder.available_encoders()`)."""
     encoder_weights: str | None = None
     """Local weights file for encoders that do not ship their own (e.g. resnet50)."""
+    image_size: int = 0
+    """Side of the square the encoder sees (0: the size its weights were trained at). A larger size gives a
+    finer grid, one cell per 32 pixels, and objects the size the ImageNet training crops showed them at."""
     decoder: str = "attention"
     """`attention` (Show, Attend and Tell) or `show_tell` (no attention, image vector conditions the LSTM)."""
     embed_dim: int = 256
@@ -52,6 +55,8 @@ class ModelConfig:
                 problems.append(f"model.{name} must be positive")
         if self.feature_dim < 0:
             problems.append("model.feature_dim must be >= 0")
+        if self.image_size and not 32 <= self.image_size <= 1024:
+            problems.append(f"model.image_size must be 0 (the encoder's own) or 32..1024, got {self.image_size}")
         for name in ("dropout", "feature_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"model.{name} must be in [0, 1)")
@@ -155,6 +160,8 @@ class TrainConfig:
     """The cosine schedule decays to lr * min_lr_ratio."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    word_dropout: float = 0.0
+    """Probability that a teacher-forced input word is shown as <unk> (the word to predict is unchanged)."""
     attention_reg: float = 1.0
     """Weight of the doubly stochastic attention penalty (Show, Attend and Tell eq. 14)."""
     grad_clip: float = 5.0
@@ -191,6 +198,8 @@ class TrainConfig:
             problems.append("train.lr must be > 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append("train.label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.word_dropout < 1.0:
+            problems.append("train.word_dropout must be in [0, 1)")
         if self.scst_candidates not in ("sample", "beam"):
             problems.append(f"train.scst_candidates must be 'sample' or 'beam', got {self.scst_candidates!r}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -165,7 +165,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _efficientnet_lite0(weights: str | Path | None, pretrained: bool) -> Encoder:
+def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, image_size: int) -> Encoder:
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -176,11 +176,13 @@ def _efficientnet_lite0(weights: str | Path | None, pretrained: bool) -> Encoder
             raise EncoderError(f"efficientnet_lite0 weights file {path} does not exist")
         load_by_order(model, _read_state_dict(path), f"efficientnet_lite0 weights {path}")
         weights_id = f"{path.name}:{path.stat().st_size}"
-    preprocess = Preprocess(size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 1280, 7, weights_id)
+    size = image_size or 224
+    preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    # TF "same" padding: every stride-2 stage rounds up, so the grid is ceil(size / 32).
+    return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 1280, -(-size // 32), weights_id)
 
 
-def _resnet50(weights: str | Path | None, pretrained: bool) -> Encoder:
+def _resnet50(weights: str | Path | None, pretrained: bool, image_size: int) -> Encoder:
     import torchvision
 
     model = torchvision.models.resnet50(weights=None)
@@ -200,11 +202,16 @@ def _resnet50(weights: str | Path | None, pretrained: bool) -> Encoder:
             raise EncoderError(f"{path}: not resnet50 weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
         weights_id = f"{path.name}:{path.stat().st_size}"
     trunk = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc
-    preprocess = Preprocess(size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-    return Encoder("resnet50", trunk, preprocess, 2048, 7, weights_id)
+    size = image_size or 224
+    preprocess = Preprocess(size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    # Symmetric padding: each of the five stride-2 steps maps n to (n - 1) // 2 + 1.
+    grid = size
+    for _ in range(5):
+        grid = (grid - 1) // 2 + 1
+    return Encoder("resnet50", trunk, preprocess, 2048, grid, weights_id)
 
 
-_REGISTRY: dict[str, Callable[[str | Path | None, bool], Encoder]] = {
+_REGISTRY: dict[str, Callable[[str | Path | None, bool, int], Encoder]] = {
     "efficientnet_lite0": _efficientnet_lite0,
     "resnet50": _resnet50,
 }
@@ -216,17 +223,18 @@ def available_encoders() -> list[str]:
 
 
 def build_encoder(name: str = "efficientnet_lite0", weights: str | Path | None = None,
-                  pretrained: bool = True) -> Encoder:
+                  pretrained: bool = True, image_size: int = 0) -> Encoder:
     """Build a frozen encoder by name.
 
     Args:
         name: one of `available_encoders()`.
         weights: local weights file (required for resnet50; efficientnet_lite0 defaults to the packaged file).
         pretrained: False gives random weights (tests, or when a checkpoint carries the weights).
+        image_size: side of the square input; 0 is the size the weights were trained at (224 for both).
 
     Raises:
         EncoderError: unknown name (the message lists the valid ones), missing or mismatching weights.
     """
     if name not in _REGISTRY:
         raise EncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
-    return _REGISTRY[name](weights, pretrained)
+    return _REGISTRY[name](weights, pretrained, image_size)

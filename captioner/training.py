@@ -40,14 +40,29 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def caption_loss(decoder: torch.nn.Module, batch: Batch, pad_id: int, cfg: Config) -> torch.Tensor:
+def caption_loss(decoder: torch.nn.Module, batch: Batch, vocab: Vocabulary, cfg: Config) -> torch.Tensor:
     """Cross-entropy (optionally label-smoothed) plus the doubly stochastic attention penalty."""
-    out = decoder(batch.features, batch.captions, batch.image_index, batch.lengths)
+    inputs = batch.captions
+    if decoder.training and cfg.train.word_dropout:
+        inputs = drop_words(inputs, cfg.train.word_dropout, vocab)
+    out = decoder(batch.features, inputs, batch.image_index, batch.lengths)
+    targets = batch.captions[out.rows, out.steps + 1]  # the true next words, whatever the inputs were
     # Packed logits: only positions inside a caption reach the softmax (ignore_index covers unsorted batches).
-    loss = F.cross_entropy(out.logits, out.targets, ignore_index=pad_id, label_smoothing=cfg.train.label_smoothing)
+    loss = F.cross_entropy(out.logits, targets, ignore_index=vocab.pad_id, label_smoothing=cfg.train.label_smoothing)
     if out.attention is not None and cfg.train.attention_reg:
         loss = loss + cfg.train.attention_reg * ((1.0 - out.attention.sum(1)) ** 2).mean()
     return loss
+
+
+def drop_words(captions: torch.Tensor, p: float, vocab: Vocabulary) -> torch.Tensor:
+    """A copy of `captions` with each word replaced by <unk> with probability p; <start>, <end> and padding stay.
+
+    Teacher forcing always shows the true previous word, so a decoder can caption from the words alone; blanking
+    some of them makes it look at the image (word dropout, Bowman et al. 2016).
+    """
+    words = captions > vocab.unk_id  # special tokens have the lowest ids
+    drop = words & (torch.rand(captions.shape, device=captions.device) < p)
+    return captions.masked_fill(drop, vocab.unk_id)
 
 
 def _to(batch: Batch, device: torch.device) -> Batch:
@@ -78,7 +93,7 @@ def train_step(model: CaptionModel, trainer: torch.nn.Module, optimizer: torch.o
                cfg: Config) -> float:
     """One teacher-forcing update on a batch already on the decoder's device; returns its loss."""
     with torch.autocast("cuda", enabled=batch.captions.device.type == "cuda", dtype=torch.bfloat16):
-        loss = caption_loss(trainer, batch, model.vocab.pad_id, cfg)
+        loss = caption_loss(trainer, batch, model.vocab, cfg)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip:

@@ -5,8 +5,9 @@ import pytest
 from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError, ImageLoadError
+from captioner.checkpoint import save_model
 from captioner.encoder import build_encoder
-from tests.conftest import write_images
+from tests.conftest import make_model, write_images
 
 
 @pytest.fixture
@@ -71,6 +72,17 @@ def test_load_given_checkpoint(tiny_checkpoint, tmp_path):
     cap = Captioner.load(tiny_checkpoint)
     [path] = write_images(tmp_path, 1)
     assert cap.caption([path])[0].ok
+
+
+def test_checkpoint_image_size_reaches_the_encoder(tmp_path, vocab, tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, image_size=256)
+    path = tmp_path / "big.safetensors"
+    save_model(make_model(vocab, cfg), path)
+    cap = Captioner.load(path)
+    assert cap.encoder.preprocess.size == 256 and cap.encoder.grid_size == 8
+    [path] = write_images(tmp_path, 1)
+    [result] = cap.caption([path], return_attention=True)
+    assert result.ok and result.attention.shape[1:] == (8, 8)
 
 
 def test_load_missing_checkpoint_is_clear(tmp_path):

@@ -28,6 +28,7 @@ def test_overrides_are_typed(tmp_path):
     ("train: [1, 2]\n", "expected a mapping"),
     ("model:\n  dropout: true\n", "model.dropout"),
     ("model:\n  feature_dropout: 1.0\n", "model.feature_dropout must be in"),
+    ("model:\n  image_size: 16\n", "model.image_size must be 0"),
 ])
 def test_bad_configs_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

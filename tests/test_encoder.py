@@ -24,6 +24,19 @@ def test_grid_shape_and_frozen():
     assert grid.shape == (2, 49, 1280)
 
 
+@pytest.mark.parametrize("name, size, grid", [("efficientnet_lite0", 256, 8), ("efficientnet_lite0", 288, 9),
+                                              ("efficientnet_lite0", 300, 10), ("resnet50", 250, 8)])
+def test_image_size_sets_the_input_and_the_grid(name, size, grid):
+    encoder = build_encoder(name, pretrained=False, image_size=size)
+    assert encoder.preprocess.size == size
+    assert encoder.grid_size == grid
+    with torch.no_grad():
+        out = encoder(torch.randn(1, 3, size, size))
+    assert out.shape == (1, grid * grid, encoder.feature_dim)
+    assert encoder.preprocess(Image.new("RGB", (50, 70))).shape == (3, size, size)
+    assert encoder.cache_key() != build_encoder(name, pretrained=False).cache_key()
+
+
 def test_preprocessing_squashes_without_cropping_and_normalises():
     encoder = build_encoder("efficientnet_lite0", pretrained=False)
     image = Image.new("RGB", (400, 100), (255, 0, 128))

@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from captioner.api import Captioner
 from captioner.cli import main
 from tests.synthetic import make_shapes_dataset
 
@@ -36,9 +38,13 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(shapes):
     folder, csv_path = shapes
-    # The full-featured path: mirrored training images, beam candidates for self-critical training.
+    # The full-featured path: mirrored training images, word dropout, beam candidates for self-critical training,
+    # and an encoder input other than 224 (a 5x5 grid).
     config = tiny_config(folder, csv_path, data={"mirror": True}, epochs=10, scst_epochs=2, scst_lr=0.0005,
-                         scst_candidates="beam")
+                         scst_candidates="beam", word_dropout=0.1)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["image_size"] = 160
+    config.write_text(yaml.safe_dump(raw))
     assert main(["train", "--config", str(config)]) == 0
     return folder / "run"
 
@@ -53,6 +59,10 @@ def test_training_learns_far_above_chance(trained):
     assert (trained / "best.safetensors").is_file() and (trained / "curves.png").stat().st_size > 0
     saved = yaml.safe_load((trained / "config.yaml").read_text())
     assert saved["train"]["epochs"] == 10 and saved["model"]["hidden_dim"] == 96
+    assert saved["model"]["image_size"] == 160
+    grid = np.load(next((trained.parent / "cache").rglob("*.npy")), allow_pickle=False)
+    assert grid.shape == (25, 1280)  # 160 / 32 = 5 cells a side
+    assert Captioner.load(trained / "best.safetensors").encoder.preprocess.size == 160
 
 
 def test_evaluate_command(trained, shapes, tmp_path, capsys):

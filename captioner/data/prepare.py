@@ -70,7 +70,7 @@ def _listed(failures: list[tuple[Path, str]]) -> str:
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
     """Read both splits, check images, and extract (or reuse) their encoder features."""
     dist = dist or Dist()
-    encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights)
+    encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights, image_size=cfg.model.image_size)
     cache = FeatureCache(cfg.data.cache_dir, encoder)
     mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
     train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist, mirrored)
