@@ -1,6 +1,7 @@
 """Turn a Flickr8k training run's best checkpoint into the shipped model: fp16 weights plus the model card fields.
 
     .venv/bin/python scripts/ship_model.py runs/flickr8k/best.safetensors [captioner/weights/flickr8k.safetensors]
+        [--length-penalty 0.7]
 
 Training records what it knows (data format, image counts, epoch, dev scores, the resolved recipe); the app and the
 API also show a human name, the data's citation and the licence, which only the person shipping can state.
@@ -9,6 +10,7 @@ API also show a human name, the data's citation and the licence, which only the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,9 +24,12 @@ CARD = {
 }
 
 
-def ship(best: Path, target: Path) -> None:
-    """Write `best` to `target` with fp16 weights and the model card fields."""
+def ship(best: Path, target: Path, length_penalty: float | None = None) -> None:
+    """Write `best` to `target` with fp16 weights and the model card fields; `length_penalty` replaces the
+    decoding default the run validated with (a choice made afterwards on dev, like the epoch)."""
     model = load_model(best)
+    if length_penalty is not None:
+        model.decode_cfg = dataclasses.replace(model.decode_cfg, length_penalty=length_penalty)
     info = model.info
     metrics = info.get("metrics")
     model.info = {"name": CARD["name"], "data": CARD["data"],
@@ -39,8 +44,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("best", type=Path, help="a training run's best.safetensors")
     parser.add_argument("target", type=Path, nargs="?",
                         default=Path(__file__).resolve().parents[1] / "captioner/weights/flickr8k.safetensors")
+    parser.add_argument("--length-penalty", type=float, help="decoding default to ship instead of the run's")
     args = parser.parse_args(argv)
-    ship(args.best, args.target)
+    ship(args.best, args.target, args.length_penalty)
     print(f"wrote {args.target} ({args.target.stat().st_size / 1e6:.1f} MB)")
     return 0
 
