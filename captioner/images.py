@@ -4,7 +4,7 @@ Every failure is an `ImageLoadError` naming the source and the reason, so a batc
 keep the rest. Only the formats in `SUPPORTED_FORMATS` are decoded; the pixel count is checked from the header
 before any pixels are decoded (decompression-bomb guard); the image is fully decoded here, so a truncated file
 fails here and not later in preprocessing. Large JPEGs are decoded at reduced size with PIL's draft mode: the
-encoder only needs 224x224.
+encoder only needs its input size (288x288 for the shipped model).
 """
 
 from __future__ import annotations
