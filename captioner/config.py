@@ -88,6 +88,8 @@ class DecodeConfig:
             problems.append("decode.min_length must be in [0, max_length]")
         if self.no_repeat_ngram < 0:
             problems.append("decode.no_repeat_ngram must be >= 0")
+        if not 0.0 <= self.length_penalty <= 2.0:  # also refuses nan; the app's slider spans 0-2
+            problems.append(f"decode.length_penalty must be in [0, 2], got {self.length_penalty}")
         _raise(problems)
 
 

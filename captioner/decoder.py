@@ -55,7 +55,7 @@ class TeacherForced:
     """Teacher-forced predictions of a caption batch: P positions computed, packed step after step."""
 
     logits: torch.Tensor  # (P, V)
-    targets: torch.Tensor  # (P,) the token each row predicts
+    targets: torch.Tensor  # (P,) the next token of the captions given (<unk> where word dropout blanked it)
     rows: torch.Tensor  # (P,) caption of each row
     steps: torch.Tensor  # (P,) position of each row: it predicts token steps + 1
     shape: tuple[int, int]  # (B, T - 1)

@@ -28,10 +28,12 @@ def ship(best: Path, target: Path, length_penalty: float | None = None) -> None:
     """Write `best` to `target` with fp16 weights and the model card fields; `length_penalty` replaces the
     decoding default the run validated with (a choice made afterwards on dev, like the epoch)."""
     model = load_model(best)
-    if length_penalty is not None:
-        model.decode_cfg = dataclasses.replace(model.decode_cfg, length_penalty=length_penalty)
     info = model.info
     metrics = info.get("metrics")
+    if length_penalty is not None:
+        if metrics:  # the selection scores were measured with the run's own default: say which
+            metrics = {**metrics, "length_penalty": model.decode_cfg.length_penalty}
+        model.decode_cfg = dataclasses.replace(model.decode_cfg, length_penalty=length_penalty)
     model.info = {"name": CARD["name"], "data": CARD["data"],
                   **{k: info[k] for k in ("train_images", "val_images", "epoch") if k in info},
                   **({"selection": {"metric": "CIDEr-D", **metrics}} if metrics else {}),

@@ -104,3 +104,18 @@ def test_ship_script_writes_fp16_weights_and_the_model_card(tiny_model, tmp_path
         assert {fh.get_tensor(k).dtype for k in fh.keys() if fh.get_tensor(k).is_floating_point()} == {torch.float16}
     for name, weight in model.decoder.state_dict().items():
         assert torch.allclose(weight.float(), tiny_model.decoder.state_dict()[name], atol=1e-3)
+
+
+def test_ship_script_can_set_the_length_penalty(tiny_model, tmp_path):
+    tiny_model.info = {"metrics": {"split": "dev", "CIDEr": 1.5}}
+    best, shipped = tmp_path / "best.safetensors", tmp_path / "shipped.safetensors"
+    save_model(tiny_model, best)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ship_model.py"
+    run = [sys.executable, str(script), str(best), str(shipped), "--length-penalty"]
+    subprocess.run([*run, "0.7"], check=True, capture_output=True)
+    model = load_model(shipped)
+    assert model.decode_cfg.length_penalty == 0.7
+    # the selection scores keep the penalty they were measured with
+    assert model.info["selection"]["length_penalty"] == tiny_model.decode_cfg.length_penalty
+    failed = subprocess.run([*run, "-1"], capture_output=True, text=True)
+    assert failed.returncode != 0 and "decode.length_penalty must be in [0, 2]" in failed.stderr
