@@ -165,7 +165,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, image_size: int) -> Encoder:
+def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int) -> Encoder:
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -176,13 +176,12 @@ def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, image_size
             raise EncoderError(f"efficientnet_lite0 weights file {path} does not exist")
         load_by_order(model, _read_state_dict(path), f"efficientnet_lite0 weights {path}")
         weights_id = f"{path.name}:{path.stat().st_size}"
-    size = image_size or 224
     preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     # TF "same" padding: every stride-2 stage rounds up, so the grid is ceil(size / 32).
     return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 1280, -(-size // 32), weights_id)
 
 
-def _resnet50(weights: str | Path | None, pretrained: bool, image_size: int) -> Encoder:
+def _resnet50(weights: str | Path | None, pretrained: bool, size: int) -> Encoder:
     import torchvision
 
     model = torchvision.models.resnet50(weights=None)
@@ -202,7 +201,6 @@ def _resnet50(weights: str | Path | None, pretrained: bool, image_size: int) -> 
             raise EncoderError(f"{path}: not resnet50 weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
         weights_id = f"{path.name}:{path.stat().st_size}"
     trunk = nn.Sequential(*list(model.children())[:-2])  # drop avgpool and fc
-    size = image_size or 224
     preprocess = Preprocess(size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
     # Symmetric padding: each of the five stride-2 steps maps n to (n - 1) // 2 + 1.
     grid = size
@@ -237,4 +235,4 @@ def build_encoder(name: str = "efficientnet_lite0", weights: str | Path | None =
     """
     if name not in _REGISTRY:
         raise EncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
-    return _REGISTRY[name](weights, pretrained, image_size)
+    return _REGISTRY[name](weights, pretrained, image_size or 224)  # both were trained at 224
