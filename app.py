@@ -172,7 +172,7 @@ def model_info_ui(cap: Captioner, path: str | None) -> None:
     cfg = cap.model.model_cfg
     st.sidebar.markdown(f"- checkpoint: `{os.path.basename(path) if path else 'shipped model'}`\n"
                         f"- encoder: `{cap.encoder.name}`\n- decoder: `{cfg.decoder}`, {cfg.hidden_dim} LSTM "
-                        f"cells\n- vocabulary: {len(cap.vocab)} words")
+                        f"cells{', deep output' if cfg.deep_output else ''}\n- vocabulary: {len(cap.vocab)} words")
     info = cap.model.info
     if not info:
         st.sidebar.caption("This checkpoint records no training data or scores.")

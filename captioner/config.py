@@ -42,14 +42,19 @@ class ModelConfig:
     feature_dim: int = 512
     """Grid features are projected to this size once per image before attention (0 keeps the encoder's)."""
     dropout: float = 0.5
-    """Dropout on the LSTM output, before the output layer."""
+    """Dropout on what the output layer reads: the LSTM's hidden state, or the deep output."""
     feature_dropout: float = 0.5
     """Dropout on the projected grid features (what attention reads and the initial state is made from)."""
+    deep_output: bool = False
+    """Attention decoder only: predict each word from tanh(L_h h + L_z context + E word) (Show, Attend and Tell's
+    deep output) instead of from the hidden state alone."""
 
     def __post_init__(self) -> None:
         problems = []
         if self.decoder not in ("attention", "show_tell"):
             problems.append(f"model.decoder must be 'attention' or 'show_tell', got {self.decoder!r}")
+        if self.deep_output and self.decoder != "attention":
+            problems.append("model.deep_output needs model.decoder: attention (it reads the attention context)")
         for name in ("embed_dim", "hidden_dim", "attention_dim"):
             if getattr(self, name) <= 0:
                 problems.append(f"model.{name} must be positive")

@@ -9,6 +9,11 @@ Both expose one protocol that `captioner.decoding` drives:
 - `forward(features, captions)`: teacher forcing for training, built on the same `advance` (the recurrent part of
   `step`) and output layer; it returns `TeacherForced` (packed logits, their targets and places).
 
+The output layer reads the new hidden state, or with `model.deep_output` the "deep output" of Show, Attend and
+Tell: tanh(L_h h + L_z context + E word), so the context and the word just read reach the prediction directly
+instead of only through the LSTM's memory. Dropout (`model.dropout`) acts on whichever of the two the output layer
+reads.
+
 Gate activations are computed on request from the `nn.LSTMCell`'s own weights, so the fused cell keeps the
 normal path fast and the explanation is of exactly the model that produced the caption.
 """
@@ -51,6 +56,17 @@ def lstm_cell_with_gates(cell: nn.LSTMCell, x: torch.Tensor, h: torch.Tensor, c:
 
 
 @dataclass
+class Recurrence:
+    """The recurrent part of one step for R rows: what `forward` (teacher forcing) and `step` (decoding) share,
+    so both feed the output layer the same readout."""
+
+    state: Tensors  # h, c: (R, H)
+    readout: torch.Tensor  # (R, H), or (R, E) with the deep output: what the output layer reads
+    attention: torch.Tensor | None = None  # (R, N)
+    gates: Tensors | None = None
+
+
+@dataclass
 class TeacherForced:
     """Teacher-forced predictions of a caption batch: P positions computed, packed step after step."""
 
@@ -83,7 +99,7 @@ class _LSTMDecoder(nn.Module):
         self.lstm = nn.LSTMCell(lstm_input, cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)
-        self.out = nn.Linear(cfg.hidden_dim, vocab_size)
+        self.out = nn.Linear(cfg.embed_dim if cfg.deep_output else cfg.hidden_dim, vocab_size)
 
     def _recur(self, x: torch.Tensor, state: Tensors, return_gates: bool) -> tuple[Tensors, Tensors | None]:
         if return_gates:
@@ -118,7 +134,7 @@ class _LSTMDecoder(nn.Module):
         if lengths is not None:
             counts = (lengths.unsqueeze(0) > torch.arange(1, T, device=lengths.device).unsqueeze(1)).sum(1)
             active = counts.tolist()  # rows still inside their caption at each step (a prefix: sorted lengths)
-        hidden, attention = [], []
+        readouts, attention = [], []
         for t in range(steps):
             n = active[t]
             if n == 0:
@@ -126,15 +142,16 @@ class _LSTMDecoder(nn.Module):
             if n < state["h"].size(0):
                 state = {k: v[:n] for k, v in state.items()}
                 memory = {k: v[:n] for k, v in memory.items()}
-            state, alpha, _ = self.advance(captions[:n, t], memory, state)
-            hidden.append(state["h"])
-            if alpha is not None:
-                attention.append(alpha)
-        # The output layer runs once on every step's hidden states, packed step after step.
+            rec = self.advance(captions[:n, t], memory, state)
+            state = rec.state
+            readouts.append(rec.readout)
+            if rec.attention is not None:
+                attention.append(rec.attention)
+        # The output layer runs once on every step's readout, packed step after step.
         device = captions.device
-        rows = torch.cat([torch.arange(h.size(0), device=device) for h in hidden])
-        cols = torch.cat([torch.full((h.size(0),), t, device=device) for t, h in enumerate(hidden)])
-        logits = self.out(self.dropout(torch.cat(hidden)))  # (P, V)
+        rows = torch.cat([torch.arange(h.size(0), device=device) for h in readouts])
+        cols = torch.cat([torch.full((h.size(0),), t, device=device) for t, h in enumerate(readouts)])
+        logits = self.out(self.dropout(torch.cat(readouts)))  # (P, V)
         alphas = None
         if attention:  # one out-of-place index_put: per-step writes would make backward copy the whole tensor
             packed_alpha = torch.cat(attention)
@@ -145,14 +162,14 @@ class _LSTMDecoder(nn.Module):
         raise NotImplementedError
 
     def advance(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False
-                ) -> tuple[Tensors, torch.Tensor | None, Tensors | None]:
-        """The recurrent part of a step: (new state, attention weights or None, gates or None)."""
+                ) -> Recurrence:
+        """The recurrent part of a step: the new state and what the output layer reads."""
         raise NotImplementedError
 
     def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
-        """One word for every row: `advance`, then the output layer on the new hidden state."""
-        new_state, alpha, gates = self.advance(tokens, memory, state, return_gates)
-        return StepOutput(self.out(self.dropout(new_state["h"])), new_state, alpha, gates)
+        """One word for every row: `advance`, then the output layer on its readout."""
+        rec = self.advance(tokens, memory, state, return_gates)
+        return StepOutput(self.out(self.dropout(rec.readout)), rec.state, rec.attention, rec.gates)
 
 
 class AttentionDecoder(_LSTMDecoder):
@@ -167,6 +184,9 @@ class AttentionDecoder(_LSTMDecoder):
         self.gate = nn.Linear(cfg.hidden_dim, feat)  # beta in the paper
         self.init_h = nn.Linear(feat, cfg.hidden_dim)
         self.init_c = nn.Linear(feat, cfg.hidden_dim)
+        if cfg.deep_output:  # L_h and L_z of the paper; E is the input embedding
+            self.readout_hidden = nn.Linear(cfg.hidden_dim, cfg.embed_dim)
+            self.readout_context = nn.Linear(feat, cfg.embed_dim, bias=False)
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
         feats = self.feature_dropout(self.project(features))  # (B, N, F)
@@ -176,15 +196,18 @@ class AttentionDecoder(_LSTMDecoder):
         return {"feats": feats, "keys": keys}, state
 
     def advance(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False
-                ) -> tuple[Tensors, torch.Tensor | None, Tensors | None]:
+                ) -> Recurrence:
         h = state["h"]  # (R, H)
         energy = self.att_score(torch.tanh(memory["keys"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)  # (R, N)
         alpha = torch.softmax(energy, dim=1)  # (R, N)
         context = torch.bmm(alpha.unsqueeze(1), memory["feats"]).squeeze(1)  # (R, F)
         context = torch.sigmoid(self.gate(h)) * context
-        x = torch.cat([self.embed(tokens), context], dim=1)  # (R, E + F)
-        new_state, gates = self._recur(x, state, return_gates)
-        return new_state, alpha, gates
+        words = self.embed(tokens)  # (R, E)
+        new_state, gates = self._recur(torch.cat([words, context], dim=1), state, return_gates)
+        readout = new_state["h"]
+        if self.cfg.deep_output:
+            readout = torch.tanh(self.readout_hidden(readout) + self.readout_context(context) + words)  # (R, E)
+        return Recurrence(new_state, readout, alpha, gates)
 
 
 class ShowTellDecoder(_LSTMDecoder):
@@ -201,9 +224,9 @@ class ShowTellDecoder(_LSTMDecoder):
         return {}, state
 
     def advance(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False
-                ) -> tuple[Tensors, torch.Tensor | None, Tensors | None]:
+                ) -> Recurrence:
         new_state, gates = self._recur(self.embed(tokens), state, return_gates)
-        return new_state, None, gates
+        return Recurrence(new_state, new_state["h"], None, gates)
 
 
 def build_decoder(cfg: ModelConfig, vocab_size: int, encoder_dim: int) -> _LSTMDecoder:

@@ -189,8 +189,10 @@ class FusedAttentionDecoder:
     Per step: one (H -> A + F + 4H) product for the attention query, the context gate and the LSTM's recurrent
     term; the word's LSTM input term is a row of a precomputed (V, 4H) table, the context's is added in the same
     `addmm`. The attention score's bias is dropped (softmax ignores a constant shift). The memory (projected
-    features and attention keys) stays at one row per image and is broadcast over the beams. All fp32: with bf16
-    products (AMX) it ran faster but changed about one caption in ten of a trained model, so it is not offered.
+    features and attention keys) stays at one row per image and is broadcast over the beams. With the deep output,
+    the word's share of the readout (its embedding plus L_h's bias) is a row of a (V, E) table. All fp32: with
+    bf16 products (AMX) it ran faster but changed about one caption in ten of a trained model, so it is not
+    offered.
     """
 
     memory_per_image = True
@@ -208,8 +210,13 @@ class FusedAttentionDecoder:
             self.hidden_w = hidden.t().contiguous().float()
             self.hidden_b = torch.cat([d.att_hidden.bias, d.gate.bias, d.lstm.bias_hh]).float()
             self.score_w = d.att_score.weight.float().view(-1, 1)  # (A, 1)
-            self.out_w = d.out.weight.t().contiguous().float()  # (H, V)
+            self.out_w = d.out.weight.t().contiguous().float()  # (H, V), or (E, V) with the deep output
             self.out_b = d.out.bias.float()
+            self.deep = d.cfg.deep_output
+            if self.deep:  # readout = tanh(embed[word] + L_h h + L_z context): a table row and two addmm
+                self.readout_words = (d.embed.weight.float() + d.readout_hidden.bias.float()).contiguous()  # (V, E)
+                self.readout_hidden_w = d.readout_hidden.weight.t().contiguous().float()  # (H, E)
+                self.readout_context_w = d.readout_context.weight.t().contiguous().float()  # (F, E)
         self.split = (d.att_hidden.out_features, d.gate.out_features, 4 * d.lstm.hidden_size)
         self.reference = d
 
@@ -232,7 +239,11 @@ class FusedAttentionDecoder:
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = torch.addcmul(f * c, i, g)
         h_new = o * torch.tanh(c_new)
-        logits = torch.addmm(self.out_b, h_new, self.out_w)  # (R, V)
+        readout = h_new
+        if self.deep:
+            readout = torch.addmm(self.readout_words.index_select(0, tokens), h_new, self.readout_hidden_w)
+            readout = torch.tanh_(torch.addmm(readout, context, self.readout_context_w))  # (R, E)
+        logits = torch.addmm(self.out_b, readout, self.out_w)  # (R, V)
         gates = {"input": i, "forget": f, "output": o, "cell": c_new} if return_gates else None
         return StepOutput(logits, {"h": h_new, "c": c_new}, alpha.view(R, N), gates)
 

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from captioner.checkpoint import CheckpointError, load_model, load_tensors, save_model, save_tensors
+from captioner.checkpoint import (
+    CheckpointError,
+    load_model,
+    load_tensors,
+    new_model,
+    save_model,
+    save_tensors,
+)
 
 
 def test_round_trip_is_exact(tmp_path, tiny_model):
@@ -20,6 +28,22 @@ def test_round_trip_is_exact(tmp_path, tiny_model):
     original = tiny_model.decoder.state_dict()
     for name, tensor in loaded.decoder.state_dict().items():
         assert torch.equal(tensor, original[name]), name
+
+
+def test_deep_output_round_trips_and_older_files_without_the_flag_still_load(tmp_path, tiny_model):
+    deep = new_model(dataclasses.replace(tiny_model.model_cfg, deep_output=True), tiny_model.vocab,
+                     tiny_model.encoder_dim, tiny_model.decode_cfg)
+    save_model(deep, tmp_path / "deep.safetensors")
+    loaded = load_model(tmp_path / "deep.safetensors")
+    assert loaded.model_cfg.deep_output and torch.equal(loaded.decoder.out.weight, deep.decoder.out.weight)
+
+    # A file written before the flag existed: its model config has no `deep_output` key.
+    save_model(tiny_model, tmp_path / "plain.safetensors")
+    tensors, meta = load_tensors(tmp_path / "plain.safetensors")
+    del meta["model"]["deep_output"]
+    save_tensors(tmp_path / "old.safetensors", tensors, meta)
+    old = load_model(tmp_path / "old.safetensors")
+    assert not old.model_cfg.deep_output and old.model_cfg == tiny_model.model_cfg
 
 
 def test_half_precision_save_is_close(tmp_path, tiny_model):

@@ -4,11 +4,14 @@ import torch
 from captioner.config import ModelConfig
 from captioner.decoder import build_decoder
 
+KINDS = [("attention", False), ("show_tell", False), ("attention", True)]  # (decoder, deep output)
 
-@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+
+@pytest.mark.parametrize("kind,deep", KINDS)
 @pytest.mark.parametrize("feature_dim", [0, 20])
-def test_teacher_forcing_shapes_and_gradients(kind, feature_dim):
-    cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=feature_dim, dropout=0.1)
+def test_teacher_forcing_shapes_and_gradients(kind, deep, feature_dim):
+    cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=feature_dim, dropout=0.1,
+                      deep_output=deep)
     decoder = build_decoder(cfg, vocab_size=30, encoder_dim=16)
     features = torch.randn(4, 9, 16)
     captions = torch.randint(0, 30, (4, 7))
@@ -27,9 +30,10 @@ def test_teacher_forcing_shapes_and_gradients(kind, feature_dim):
     assert missing == []
 
 
-@pytest.mark.parametrize("kind", ["attention", "show_tell"])
-def test_step_matches_teacher_forcing(kind):
-    cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+@pytest.mark.parametrize("kind,deep", KINDS)
+def test_step_matches_teacher_forcing(kind, deep):
+    cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0,
+                      deep_output=deep)
     decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
     features, captions = torch.randn(2, 9, 16), torch.randint(0, 20, (2, 5))
     logits = decoder(features, captions).padded()
@@ -52,8 +56,9 @@ def test_gates_do_not_change_the_result():
     assert torch.allclose(explained.gates["cell"], explained.state["c"])
 
 
-def test_length_sorted_forward_skips_padding_without_changing_results():
-    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+@pytest.mark.parametrize("deep", [False, True])
+def test_length_sorted_forward_skips_padding_without_changing_results(deep):
+    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0, deep_output=deep)
     decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
     features = torch.randn(2, 9, 16)
     lengths = torch.tensor([7, 5, 3])
@@ -83,3 +88,24 @@ def test_feature_dropout_is_its_own_knob(kind):
     assert torch.equal(*two_training_passes(dropout=0.0, feature_dropout=0.0))
     assert not torch.equal(*two_training_passes(dropout=0.0, feature_dropout=0.5))
     assert not torch.equal(*two_training_passes(dropout=0.5, feature_dropout=0.0))
+
+
+def test_deep_output_reads_the_context_and_the_word():
+    """With the deep output, the prediction changes with the context and the input word even when the LSTM's
+    hidden state is held fixed; without it, the hidden state alone decides."""
+    torch.manual_seed(0)
+    features = torch.randn(2, 9, 16)
+    for deep in (False, True):
+        cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0,
+                          feature_dropout=0.0, deep_output=deep)
+        decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
+        memory, state = decoder.init(features)
+        with torch.no_grad():
+            decoder.lstm.weight_ih.zero_()  # the new hidden state no longer depends on the word or the context
+            a = decoder.step(torch.tensor([3, 3]), memory, state)
+            b = decoder.step(torch.tensor([4, 4]), memory, state)
+            memory["feats"] = memory["feats"].flip(0)  # each row's attention now reads the other image's grid
+            c = decoder.step(torch.tensor([3, 3]), memory, state)
+        assert torch.equal(a.state["h"], b.state["h"]) and torch.equal(a.state["h"], c.state["h"])
+        assert (not torch.allclose(a.logits, b.logits)) == deep
+        assert (not torch.allclose(a.logits, c.logits)) == deep

@@ -141,11 +141,13 @@ def _captions(decoder, feats, vocab, **kw) -> list[list]:
     return [h[0] for h in hyps]
 
 
-def test_fused_decoder_gives_the_reference_captions_scores_attention_and_gates(features):
+@pytest.mark.parametrize("deep_output", [False, True])
+def test_fused_decoder_gives_the_reference_captions_scores_attention_and_gates(features, deep_output):
     torch.manual_seed(1)  # a random decoder: near-ties everywhere, the hard case for equality
     vocab = Vocabulary.build(["a b c d e f g h i j k l m n o p"], min_count=1)
-    decoder = new_model(ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0),
-                        vocab, 1280).decoder.eval()
+    cfg = ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0,
+                      deep_output=deep_output)
+    decoder = new_model(cfg, vocab, 1280).decoder.eval()
     feats = features["reference"][0]
     ref = _captions(decoder, feats, vocab, return_attention=True, return_gates=True)
     fused = _captions(FusedAttentionDecoder(decoder), feats, vocab, return_attention=True, return_gates=True)
