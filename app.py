@@ -170,8 +170,9 @@ def model_info_ui(cap: Captioner, path: str | None) -> None:
     """What the model is and, when the checkpoint says so, what it was trained on and how it scores."""
     st.sidebar.header("Model")
     cfg = cap.model.model_cfg
+    tuned = ", last layer tuned for captioning" if cfg.encoder_head else ""
     st.sidebar.markdown(f"- checkpoint: `{os.path.basename(path) if path else 'shipped model'}`\n"
-                        f"- encoder: `{cap.encoder.name}`\n- decoder: `{cfg.decoder}`, {cfg.hidden_dim} LSTM "
+                        f"- encoder: `{cap.encoder.name}`{tuned}\n- decoder: `{cfg.decoder}`, {cfg.hidden_dim} LSTM "
                         f"cells{', deep output' if cfg.deep_output else ''}\n- vocabulary: {len(cap.vocab)} words")
     info = cap.model.info
     if not info:

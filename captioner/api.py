@@ -118,7 +118,8 @@ class Captioner:
                     f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
         model = load_model(path)
         cfg = model.model_cfg
-        encoder = build_encoder(cfg.encoder, encoder_weights or cfg.encoder_weights, image_size=cfg.image_size)
+        encoder = build_encoder(cfg.encoder, encoder_weights or cfg.encoder_weights, image_size=cfg.image_size,
+                                headless=bool(cfg.encoder_head))
         return cls(model, encoder, device, precision)
 
     @property

@@ -48,6 +48,11 @@ class ModelConfig:
     deep_output: bool = False
     """Attention decoder only: predict each word from tanh(L_h h + L_z context + E word) (Show, Attend and Tell's
     deep output) instead of from the hidden state alone."""
+    encoder_head: int = 0
+    """0 keeps the encoder whole and frozen. Otherwise the width of its last 1x1 convolution (1280 for
+    efficientnet_lite0), which then leaves the encoder for the decoder's first layer: initialised from the
+    pretrained weights (batch norm folded in) and trained with the decoder, on features cached one layer earlier.
+    This fine-tunes the top of the CNN at the cost of a per-image matrix product."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -58,8 +63,9 @@ class ModelConfig:
         for name in ("embed_dim", "hidden_dim", "attention_dim"):
             if getattr(self, name) <= 0:
                 problems.append(f"model.{name} must be positive")
-        if self.feature_dim < 0:
-            problems.append("model.feature_dim must be >= 0")
+        for name in ("feature_dim", "encoder_head"):
+            if getattr(self, name) < 0:
+                problems.append(f"model.{name} must be >= 0")
         if self.image_size and not 32 <= self.image_size <= 1024:
             problems.append(f"model.image_size must be 0 (the encoder's own) or 32..1024, got {self.image_size}")
         for name in ("dropout", "feature_dropout"):
@@ -161,6 +167,10 @@ class TrainConfig:
     """Peak learning rate of AdamW."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
+    encoder_head_lr: float = 1.0
+    """Learning rate of the tuned encoder head (`model.encoder_head`) relative to the decoder's. The head starts
+    from pretrained weights and the decoder from random ones, yet on Flickr8k a tenth of the rate peaked lower
+    (dev CIDEr-D 0.5472 against 0.5550, one run each)."""
     warmup_steps: int = 200
     """Linear warm-up steps before the cosine decay."""
     min_lr_ratio: float = 0.05
@@ -203,6 +213,8 @@ class TrainConfig:
                 problems.append(f"train.{name} must be >= 1")
         if self.lr <= 0:
             problems.append("train.lr must be > 0")
+        if self.encoder_head_lr < 0:
+            problems.append("train.encoder_head_lr must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
             problems.append("train.label_smoothing must be in [0, 1)")
         if not 0.0 <= self.word_dropout < 1.0:

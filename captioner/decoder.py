@@ -2,9 +2,9 @@
 
 Both expose one protocol that `captioner.decoding` drives:
 
-- `init(features) -> (memory, state)`: per-image work done once (feature projection, the attention keys) goes in
-  `memory`, which beam search expands to the beams once and never reorders; `state` (h, c) is reordered as beams
-  are chosen.
+- `init(features) -> (memory, state)`: per-image work done once (the tuned encoder head, the feature projection,
+  the attention keys) goes in `memory`, which beam search expands to the beams once and never reorders; `state`
+  (h, c) is reordered as beams are chosen.
 - `step(tokens, memory, state, return_gates) -> StepOutput`: one word for every row of the batch.
 - `forward(features, captions)`: teacher forcing for training, built on the same `advance` (the recurrent part of
   `step`) and output layer; it returns `TeacherForced` (packed logits, their targets and places).
@@ -83,6 +83,25 @@ class TeacherForced:
         return self.logits.new_zeros(B, steps, self.logits.size(1)).index_put((self.rows, self.steps), self.logits)
 
 
+def feature_size(cfg: ModelConfig, encoder_dim: int) -> int:
+    """Width of the grid features attention reads, after `_projection`."""
+    return cfg.feature_dim or cfg.encoder_head or encoder_dim
+
+
+def _projection(cfg: ModelConfig, encoder_dim: int) -> nn.Module:
+    """Per-image layers before attention: the tuned encoder head (1x1 convolution + ReLU6, `model.encoder_head`),
+    then the projection to `model.feature_dim` (+ ReLU); either may be absent. The head comes first so a
+    checkpoint without one keeps its `project.0` names."""
+    layers: list[nn.Module] = []
+    width = encoder_dim
+    if cfg.encoder_head:
+        layers += [nn.Linear(width, cfg.encoder_head), nn.ReLU6()]
+        width = cfg.encoder_head
+    if cfg.feature_dim:
+        layers += [nn.Linear(width, cfg.feature_dim), nn.ReLU()]
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
 class _LSTMDecoder(nn.Module):
     """Shared parts: embeddings, the output layer, the recurrent step and teacher forcing."""
 
@@ -91,15 +110,18 @@ class _LSTMDecoder(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.encoder_dim = encoder_dim
-        feat = cfg.feature_dim or encoder_dim
-        self.feature_size = feat
-        self.project = (nn.Sequential(nn.Linear(encoder_dim, feat), nn.ReLU())
-                        if cfg.feature_dim else nn.Identity())
+        self.feature_size = feature_size(cfg, encoder_dim)
+        self.project = _projection(cfg, encoder_dim)
         self.embed = nn.Embedding(vocab_size, cfg.embed_dim)
         self.lstm = nn.LSTMCell(lstm_input, cfg.hidden_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.feature_dropout = nn.Dropout(cfg.feature_dropout)
         self.out = nn.Linear(cfg.embed_dim if cfg.deep_output else cfg.hidden_dim, vocab_size)
+
+    @property
+    def encoder_head(self) -> nn.Linear | None:
+        """The tuned encoder head (`model.encoder_head`), None without one."""
+        return self.project[0] if self.cfg.encoder_head else None
 
     def _recur(self, x: torch.Tensor, state: Tensors, return_gates: bool) -> tuple[Tensors, Tensors | None]:
         if return_gates:
@@ -176,7 +198,7 @@ class AttentionDecoder(_LSTMDecoder):
     """Show, Attend and Tell (Xu et al. 2015) with soft additive attention and a gating scalar on the context."""
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, encoder_dim: int):
-        feat = cfg.feature_dim or encoder_dim
+        feat = feature_size(cfg, encoder_dim)
         super().__init__(cfg, vocab_size, encoder_dim, cfg.embed_dim + feat)
         self.att_feat = nn.Linear(feat, cfg.attention_dim)
         self.att_hidden = nn.Linear(cfg.hidden_dim, cfg.attention_dim)
@@ -215,7 +237,7 @@ class ShowTellDecoder(_LSTMDecoder):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, encoder_dim: int):
         super().__init__(cfg, vocab_size, encoder_dim, cfg.embed_dim)
-        self.image_embed = nn.Linear(cfg.feature_dim or encoder_dim, cfg.embed_dim)
+        self.image_embed = nn.Linear(feature_size(cfg, encoder_dim), cfg.embed_dim)
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
         image = self.feature_dropout(self.project(features)).mean(1)  # (B, F)

@@ -71,7 +71,9 @@ class Encoder(nn.Module):
     """A frozen CNN trunk: (B, 3, H, W) -> (B, N, D) grid features, N = grid cells, D = channels."""
 
     def __init__(self, name: str, trunk: nn.Module, preprocess: Preprocess, feature_dim: int, grid_size: int,
-                 weights_id: str, frozen: bool = True):
+                 weights_id: str, frozen: bool = True, head: nn.Linear | None = None):
+        """`head` is the last 1x1 convolution (batch norm folded in, as a linear map over channels) when the
+        trunk stops before it: not run here, but kept for a decoder to start from (`model.encoder_head`)."""
         super().__init__()
         self.name = name
         self.trunk = trunk
@@ -80,6 +82,7 @@ class Encoder(nn.Module):
         self.grid_size = grid_size
         self.weights_id = weights_id
         self.frozen = frozen
+        self.head = head
         if frozen:
             self.requires_grad_(False)
             self.eval()
@@ -94,7 +97,8 @@ class Encoder(nn.Module):
 
     def cache_key(self) -> str:
         """Identity of the features this encoder produces (architecture, weights, preprocessing)."""
-        return f"{self.name}|{self.weights_id}|{self.preprocess.key()}"
+        cut = "|without its head" if self.head is not None else ""
+        return f"{self.name}{cut}|{self.weights_id}|{self.preprocess.key()}"
 
     def optimized(self, precision: str = "auto"):
         """A copy prepared for fast CPU inference (`captioner.fast.FastEncoder`), for captioning only.
@@ -165,7 +169,21 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int) -> Encoder:
+@torch.no_grad()
+def _cut_head(model: nn.Module) -> nn.Linear:
+    """Remove a timm EfficientNet's last 1x1 convolution and its batch norm; return them folded into one linear
+    map over channels (the ReLU6 after it is the decoder's to apply)."""
+    conv, bn = model.conv_head, model.bn2
+    scale = bn.weight * bn.running_var.add(bn.eps).rsqrt()
+    head = nn.Linear(conv.in_channels, conv.out_channels)
+    head.weight.copy_(conv.weight.flatten(1) * scale.unsqueeze(1))
+    head.bias.copy_(bn.bias - bn.running_mean * scale)
+    head.requires_grad_(False)
+    model.conv_head, model.bn2 = nn.Identity(), nn.Identity()
+    return head
+
+
+def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int, headless: bool) -> Encoder:
     import timm
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -177,12 +195,17 @@ def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int)
         load_by_order(model, _read_state_dict(path), f"efficientnet_lite0 weights {path}")
         weights_id = f"{path.name}:{path.stat().st_size}"
     preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    head = _cut_head(model) if headless else None
     # TF "same" padding: every stride-2 stage rounds up, so the grid is ceil(size / 32).
-    return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 1280, -(-size // 32), weights_id)
+    return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 320 if headless else 1280,
+                   -(-size // 32), weights_id, head=head)
 
 
-def _resnet50(weights: str | Path | None, pretrained: bool, size: int) -> Encoder:
+def _resnet50(weights: str | Path | None, pretrained: bool, size: int, headless: bool) -> Encoder:
     import torchvision
+
+    if headless:
+        raise EncoderError("resnet50 ends in a residual block, not a 1x1 head to tune: use model.encoder_head: 0")
 
     model = torchvision.models.resnet50(weights=None)
     weights_id = "random"
@@ -209,7 +232,7 @@ def _resnet50(weights: str | Path | None, pretrained: bool, size: int) -> Encode
     return Encoder("resnet50", trunk, preprocess, 2048, grid, weights_id)
 
 
-_REGISTRY: dict[str, Callable[[str | Path | None, bool, int], Encoder]] = {
+_REGISTRY: dict[str, Callable[[str | Path | None, bool, int, bool], Encoder]] = {
     "efficientnet_lite0": _efficientnet_lite0,
     "resnet50": _resnet50,
 }
@@ -221,7 +244,7 @@ def available_encoders() -> list[str]:
 
 
 def build_encoder(name: str = "efficientnet_lite0", weights: str | Path | None = None,
-                  pretrained: bool = True, image_size: int = 0) -> Encoder:
+                  pretrained: bool = True, image_size: int = 0, headless: bool = False) -> Encoder:
     """Build a frozen encoder by name.
 
     Args:
@@ -229,10 +252,12 @@ def build_encoder(name: str = "efficientnet_lite0", weights: str | Path | None =
         weights: local weights file (required for resnet50; efficientnet_lite0 defaults to the packaged file).
         pretrained: False gives random weights (tests, or when a checkpoint carries the weights).
         image_size: side of the square input; 0 is the size the weights were trained at (224 for both).
+        headless: stop before the last 1x1 convolution and keep it apart as `Encoder.head`
+            (`model.encoder_head`); efficientnet_lite0 only.
 
     Raises:
         EncoderError: unknown name (the message lists the valid ones), missing or mismatching weights.
     """
     if name not in _REGISTRY:
         raise EncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
-    return _REGISTRY[name](weights, pretrained, image_size or 224)  # both were trained at 224
+    return _REGISTRY[name](weights, pretrained, image_size or 224, headless)  # both were trained at 224

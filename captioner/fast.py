@@ -131,7 +131,7 @@ class FastEncoder:
                           RuntimeWarning, stacklevel=2)
         self.name, self.preprocess = encoder.name, encoder.preprocess
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
-        self.weights_id = encoder.weights_id
+        self.weights_id, self._key = encoder.weights_id, encoder.cache_key()
         self.backend, self.chunk_size = backend, chunk_size
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         size = self.preprocess.size
@@ -150,7 +150,7 @@ class FastEncoder:
         self._run = lambda x: trunk(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
     def cache_key(self) -> str:
-        return f"{self.name}|{self.weights_id}|{self.preprocess.key()}|fast-{self.precision}"
+        return f"{self._key}|fast-{self.precision}"
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

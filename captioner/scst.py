@@ -110,7 +110,7 @@ def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data
     scorer = CiderD([[tokenize(c) for c in caps] for caps in data.references])
     model.decoder.train()
     for group in optimizer.param_groups:
-        group["lr"] = cfg.train.scst_lr
+        group["lr"] = cfg.train.scst_lr * group.get("lr_scale", 1.0)
     order = torch.randperm(len(data), generator=generator).tolist()
     order = rank_share(order, dist.rank, dist.world)
     rewards_seen = []

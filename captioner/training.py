@@ -40,6 +40,30 @@ def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@torch.no_grad()
+def start_encoder_head(decoder: torch.nn.Module, pretrained: torch.nn.Linear | None) -> None:
+    """Copy the head cut off the encoder into the decoder's tuned head (`model.encoder_head`), if it has one."""
+    head = decoder.encoder_head
+    if head is None:
+        return
+    if pretrained is None or pretrained.weight.shape != head.weight.shape:
+        got = "no head" if pretrained is None else f"a {pretrained.out_features}-wide head"
+        raise ConfigError(f"invalid config:\n  - model.encoder_head is {head.out_features} but the encoder has {got}")
+    head.weight.copy_(pretrained.weight)
+    head.bias.copy_(pretrained.bias)
+
+
+def parameter_groups(decoder: torch.nn.Module, cfg: Config) -> list[dict]:
+    """AdamW groups: the decoder at the scheduled rate, a tuned encoder head at `train.encoder_head_lr` times it
+    (its `lr_scale`, applied wherever the rate is set)."""
+    head = decoder.encoder_head
+    tuned = {id(p) for p in head.parameters()} if head is not None else set()
+    groups = [{"params": [p for p in decoder.parameters() if id(p) not in tuned], "lr_scale": 1.0}]
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "lr_scale": cfg.train.encoder_head_lr})
+    return groups
+
+
 def caption_loss(decoder: torch.nn.Module, batch: Batch, vocab: Vocabulary, cfg: Config) -> torch.Tensor:
     """Cross-entropy (optionally label-smoothed) plus the doubly stochastic attention penalty."""
     inputs = batch.captions
@@ -81,7 +105,7 @@ def train_one_epoch(model: CaptionModel, trainer: torch.nn.Module, optimizer: to
                               generator, rank=dist.rank, world=dist.world, mirror_ids=model.vocab.mirror_ids())
     for batch in batches:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, progress.step, total_steps)
+            group["lr"] = learning_rate(cfg, progress.step, total_steps) * group.get("lr_scale", 1.0)
         losses.append(train_step(model, trainer, optimizer, _to(batch, dist.device), cfg))
         if ema is not None:
             ema.update(model.decoder)
@@ -160,8 +184,10 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
             + (f" on {dist.world} processes" if dist.enabled else ""))
     vocab = Vocabulary.build((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
+    start_encoder_head(model.decoder, data.encoder_head)
     model.decoder.to(dist.device)
-    optimizer = torch.optim.AdamW(model.decoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model.decoder, cfg), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
     progress = Progress()
     extra: dict[str, torch.Tensor] = {}
     state_file = run / "train_state.safetensors"

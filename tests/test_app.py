@@ -119,6 +119,7 @@ def test_starts_on_the_shipped_model_without_arguments(monkeypatch):
     at = AppTest.from_file(str(APP), default_timeout=120).run()
     assert not at.exception and not at.error
     assert any("Flickr8k" in m.value for m in at.sidebar.markdown)
+    assert any("last layer tuned for captioning" in m.value for m in at.sidebar.markdown)  # model.encoder_head
     assert at.file_uploader
 
 

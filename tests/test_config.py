@@ -30,6 +30,8 @@ def test_overrides_are_typed(tmp_path):
     ("model:\n  feature_dropout: 1.0\n", "model.feature_dropout must be in"),
     ("model:\n  image_size: 16\n", "model.image_size must be 0"),
     ("model:\n  decoder: show_tell\n  deep_output: true\n", "model.deep_output needs model.decoder: attention"),
+    ("model:\n  encoder_head: -1\n", "model.encoder_head must be >= 0"),
+    ("train:\n  encoder_head_lr: -0.1\n", "train.encoder_head_lr must be >= 0"),
 ])
 def test_bad_configs_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,9 +9,10 @@ KINDS = [("attention", False), ("show_tell", False), ("attention", True)]  # (de
 
 @pytest.mark.parametrize("kind,deep", KINDS)
 @pytest.mark.parametrize("feature_dim", [0, 20])
-def test_teacher_forcing_shapes_and_gradients(kind, deep, feature_dim):
+@pytest.mark.parametrize("head", [0, 14])
+def test_teacher_forcing_shapes_and_gradients(kind, deep, feature_dim, head):
     cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=feature_dim, dropout=0.1,
-                      deep_output=deep)
+                      deep_output=deep, encoder_head=head)
     decoder = build_decoder(cfg, vocab_size=30, encoder_dim=16)
     features = torch.randn(4, 9, 16)
     captions = torch.randint(0, 30, (4, 7))
@@ -31,9 +32,10 @@ def test_teacher_forcing_shapes_and_gradients(kind, deep, feature_dim):
 
 
 @pytest.mark.parametrize("kind,deep", KINDS)
-def test_step_matches_teacher_forcing(kind, deep):
+@pytest.mark.parametrize("head", [0, 14])
+def test_step_matches_teacher_forcing(kind, deep, head):
     cfg = ModelConfig(decoder=kind, embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0,
-                      deep_output=deep)
+                      deep_output=deep, encoder_head=head)
     decoder = build_decoder(cfg, vocab_size=20, encoder_dim=16).eval()
     features, captions = torch.randn(2, 9, 16), torch.randint(0, 20, (2, 5))
     logits = decoder(features, captions).padded()
@@ -42,6 +44,20 @@ def test_step_matches_teacher_forcing(kind, deep):
         out = decoder.step(captions[:, t], memory, state)
         state = out.state
         assert torch.allclose(out.logits, logits[:, t], atol=1e-5)
+
+
+def test_the_encoder_head_comes_first_and_older_names_stay():
+    """A checkpoint without the head keeps `project.0` for the feature projection."""
+    plain = build_decoder(ModelConfig(feature_dim=10), vocab_size=20, encoder_dim=16)
+    headed = build_decoder(ModelConfig(feature_dim=10, encoder_head=14), vocab_size=20, encoder_dim=16)
+    assert plain.encoder_head is None and plain.project[0].weight.shape == (10, 16)
+    assert headed.encoder_head is headed.project[0] and headed.encoder_head.weight.shape == (14, 16)
+    assert headed.project[2].weight.shape == (10, 14)
+    x = torch.full((1, 1, 16), -1.0)
+    headed.encoder_head.bias.data.fill_(10.0)  # ReLU6 after the head caps its output at 6
+    assert torch.equal(headed.project[:2](x), torch.full((1, 1, 14), 6.0))
+    unprojected = build_decoder(ModelConfig(feature_dim=0, encoder_head=14), vocab_size=20, encoder_dim=16)
+    assert unprojected.feature_size == 14
 
 
 def test_gates_do_not_change_the_result():

@@ -37,6 +37,21 @@ def test_image_size_sets_the_input_and_the_grid(name, size, grid):
     assert encoder.cache_key() != build_encoder(name, pretrained=False).cache_key()
 
 
+def test_a_headless_encoder_keeps_its_head_apart_and_with_it_gives_the_whole_encoder():
+    """`model.encoder_head`: the cut-off head (batch norm folded, ReLU6 after it) recomputes the full features."""
+    whole = build_encoder("efficientnet_lite0", image_size=160)
+    cut = build_encoder("efficientnet_lite0", image_size=160, headless=True)
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        grid = cut(x)
+        assert grid.shape == (2, 25, 320) and cut.feature_dim == 320 and cut.grid_size == 5
+        assert torch.allclose(torch.nn.functional.relu6(cut.head(grid)), whole(x), atol=1e-4)
+    assert whole.head is None and not any(p.requires_grad for p in cut.head.parameters())
+    assert cut.cache_key() != whole.cache_key()  # the cache never mixes the two kinds of grid
+    with pytest.raises(EncoderError, match="1x1 head"):
+        build_encoder("resnet50", pretrained=False, headless=True)
+
+
 def test_preprocessing_squashes_without_cropping_and_normalises():
     encoder = build_encoder("efficientnet_lite0", pretrained=False)
     image = Image.new("RGB", (400, 100), (255, 0, 128))

@@ -117,6 +117,45 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
                                 for k in averaged)
 
 
+def test_the_encoder_head_starts_pretrained_and_trains_at_its_own_rate(shapes, tmp_path):
+    """`model.encoder_head`: features are cached before the head, which the decoder starts from and tunes."""
+    from captioner.checkpoint import load_tensors
+    from tests.conftest import write_images
+
+    _, csv_path = shapes
+    config = tiny_config(tmp_path, csv_path, epochs=3, encoder_head_lr=0.5)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["encoder_head"] = 1280
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert np.load(next((tmp_path / "cache").rglob("*.npy")), allow_pickle=False).shape == (49, 320)
+    _, meta = load_tensors(tmp_path / "run" / "train_state.safetensors")
+    decoder_group, head_group = meta["param_groups"]
+    assert head_group["lr"] == pytest.approx(0.5 * decoder_group["lr"]) and decoder_group["lr"] > 0
+    cap = Captioner.load(tmp_path / "run" / "best.safetensors")
+    assert cap.encoder.feature_dim == 320
+    tuned, pretrained = cap.decoder.encoder_head.weight, cap.encoder.head.weight
+    assert not torch.equal(tuned, pretrained)  # trained...
+    assert (tuned - pretrained).norm() < 0.5 * pretrained.norm()  # ...from the pretrained weights
+    [image] = write_images(tmp_path / "new", 1)
+    assert cap.caption([image])[0].text == Captioner.load(tmp_path / "run" / "best.safetensors",
+                                                          precision="reference").caption([image])[0].text
+
+
+def test_a_head_of_another_width_is_one_clear_error():
+    from captioner.config import ConfigError, ModelConfig
+    from captioner.decoder import build_decoder
+    from captioner.training import start_encoder_head
+
+    decoder = build_decoder(ModelConfig(encoder_head=64), vocab_size=20, encoder_dim=320)
+    with pytest.raises(ConfigError, match="model.encoder_head is 64 but the encoder has a 1280-wide head"):
+        start_encoder_head(decoder, torch.nn.Linear(320, 1280))
+    with pytest.raises(ConfigError, match="the encoder has no head"):
+        start_encoder_head(decoder, None)
+
+
 def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, monkeypatch):
     """The early stop is decided from the saved progress, so resuming does not train one more XE epoch."""
     _, csv_path = shapes

@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from captioner.config import Config, ConfigError
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
@@ -27,6 +29,8 @@ class Prepared:
     train: CaptionSet
     val: CaptionSet
     encoder_dim: int
+    encoder_head: torch.nn.Linear | None = None
+    """The pretrained head cut off the encoder (`model.encoder_head`), for the decoder to start from."""
 
 
 def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: Dist,
@@ -70,12 +74,13 @@ def _listed(failures: list[tuple[Path, str]]) -> str:
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
     """Read both splits, check images, and extract (or reuse) their encoder features."""
     dist = dist or Dist()
-    encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights, image_size=cfg.model.image_size)
+    encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights, image_size=cfg.model.image_size,
+                            headless=bool(cfg.model.encoder_head))
     cache = FeatureCache(cfg.data.cache_dir, encoder)
     mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
     train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist, mirrored)
     val = _load_split(cfg, cache, cfg.data.val_split, cfg.train.val_max_images, dist)
-    return Prepared(train, val, encoder.feature_dim)
+    return Prepared(train, val, encoder.feature_dim, encoder.head)
 
 
 def validate_paths(cfg: Config) -> None:
