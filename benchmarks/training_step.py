@@ -28,7 +28,7 @@ from captioner.checkpoint import new_model
 from captioner.config import load_config
 from captioner.data.dataset import encode_captions, iterate_batches
 from captioner.data.prepare import prepare_data
-from captioner.training import train_step
+from captioner.training import parameter_groups, start_encoder_head, train_step
 from captioner.vocab import Vocabulary
 
 
@@ -45,8 +45,9 @@ def main() -> None:
     data = prepare_data(cfg)
     vocab = Vocabulary.build((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
+    start_encoder_head(model.decoder, data.encoder_head)
     decoder = model.decoder.train()
-    optimizer = torch.optim.AdamW(decoder.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(decoder, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     encoded = encode_captions(data.train, vocab, cfg.data.max_caption_length)
     generator = torch.Generator().manual_seed(cfg.train.seed)
 

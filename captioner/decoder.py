@@ -90,8 +90,8 @@ def feature_size(cfg: ModelConfig, encoder_dim: int) -> int:
 
 def _projection(cfg: ModelConfig, encoder_dim: int) -> nn.Module:
     """Per-image layers before attention: the tuned encoder head (1x1 convolution + ReLU6, `model.encoder_head`),
-    then the projection to `model.feature_dim` (+ ReLU); either may be absent. The head comes first so a
-    checkpoint without one keeps its `project.0` names."""
+    which reads the encoder's grid, then the projection to `model.feature_dim` (+ ReLU); either may be absent.
+    Without a head the layers, and so the weight names, are those of checkpoints written before it existed."""
     layers: list[nn.Module] = []
     width = encoder_dim
     if cfg.encoder_head:

@@ -174,6 +174,8 @@ def _cut_head(model: nn.Module) -> nn.Linear:
     """Remove a timm EfficientNet's last 1x1 convolution and its batch norm; return them folded into one linear
     map over channels (the ReLU6 after it is the decoder's to apply)."""
     conv, bn = model.conv_head, model.bn2
+    if conv.kernel_size != (1, 1) or conv.bias is not None:
+        raise EncoderError(f"expected a bias-free 1x1 head convolution, got {conv}")
     scale = bn.weight * bn.running_var.add(bn.eps).rsqrt()
     head = nn.Linear(conv.in_channels, conv.out_channels)
     head.weight.copy_(conv.weight.flatten(1) * scale.unsqueeze(1))

@@ -193,6 +193,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     state_file = run / "train_state.safetensors"
     if resume and state_file.exists():
         progress, itos, extra = load_state(state_file, model.decoder, optimizer, generator)
+        for group, configured in zip(optimizer.param_groups, parameter_groups(model.decoder, cfg)):
+            group["lr_scale"] = configured["lr_scale"]  # the config's scale, not the saved one: it may have changed
         if dist.enabled:  # the saved RNG state is rank 0's; give each rank its own dropout stream again
             torch.manual_seed(cfg.train.seed + dist.rank + 1000 * progress.epoch)
         if itos != vocab.itos:

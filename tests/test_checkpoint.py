@@ -30,20 +30,25 @@ def test_round_trip_is_exact(tmp_path, tiny_model):
         assert torch.equal(tensor, original[name]), name
 
 
-def test_deep_output_round_trips_and_older_files_without_the_flag_still_load(tmp_path, tiny_model):
-    deep = new_model(dataclasses.replace(tiny_model.model_cfg, deep_output=True), tiny_model.vocab,
-                     tiny_model.encoder_dim, tiny_model.decode_cfg)
-    save_model(deep, tmp_path / "deep.safetensors")
-    loaded = load_model(tmp_path / "deep.safetensors")
-    assert loaded.model_cfg.deep_output and torch.equal(loaded.decoder.out.weight, deep.decoder.out.weight)
+@pytest.mark.parametrize("key, value", [("deep_output", True), ("encoder_head", 14)])
+def test_model_options_round_trip_and_older_files_without_them_still_load(tmp_path, tiny_model, key, value):
+    variant = new_model(dataclasses.replace(tiny_model.model_cfg, **{key: value}), tiny_model.vocab,
+                        tiny_model.encoder_dim, tiny_model.decode_cfg)
+    save_model(variant, tmp_path / "variant.safetensors")
+    loaded = load_model(tmp_path / "variant.safetensors")
+    assert getattr(loaded.model_cfg, key) == value
+    original = variant.decoder.state_dict()
+    assert loaded.decoder.state_dict().keys() == original.keys()
+    for name, tensor in loaded.decoder.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
 
-    # A file written before the flag existed: its model config has no `deep_output` key.
+    # A file written before the option existed: its model config has no such key.
     save_model(tiny_model, tmp_path / "plain.safetensors")
     tensors, meta = load_tensors(tmp_path / "plain.safetensors")
-    del meta["model"]["deep_output"]
+    del meta["model"][key]
     save_tensors(tmp_path / "old.safetensors", tensors, meta)
     old = load_model(tmp_path / "old.safetensors")
-    assert not old.model_cfg.deep_output and old.model_cfg == tiny_model.model_cfg
+    assert not getattr(old.model_cfg, key) and old.model_cfg == tiny_model.model_cfg
 
 
 def test_half_precision_save_is_close(tmp_path, tiny_model):

@@ -143,11 +143,29 @@ def test_the_encoder_head_starts_pretrained_and_trains_at_its_own_rate(shapes, t
     assert cap.caption([image])[0].text == Captioner.load(tmp_path / "run" / "best.safetensors",
                                                           precision="reference").caption([image])[0].text
 
+    # Resumed with another rate for the head: the config's rate applies, not the one saved with the optimizer.
+    raw["train"].update(epochs=4, encoder_head_lr=0.25)
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config), "--resume"]) == 0
+    _, meta = load_tensors(tmp_path / "run" / "train_state.safetensors")
+    decoder_group, head_group = meta["param_groups"]
+    assert meta["progress"]["epoch"] == 4
+    assert head_group["lr"] == pytest.approx(0.25 * decoder_group["lr"]) and decoder_group["lr"] > 0
 
-def test_a_head_of_another_width_is_one_clear_error():
+
+def test_a_head_of_another_width_is_one_clear_error(shapes, tmp_path, capsys):
     from captioner.config import ConfigError, ModelConfig
     from captioner.decoder import build_decoder
     from captioner.training import start_encoder_head
+
+    _, csv_path = shapes
+    config = tiny_config(tmp_path, csv_path, epochs=1)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["encoder_head"] = 64
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "model.encoder_head is 64 but efficientnet_lite0's last 1x1 convolution has 1280" in capsys.readouterr().err
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # refused before extracting anything
 
     decoder = build_decoder(ModelConfig(encoder_head=64), vocab_size=20, encoder_dim=320)
     with pytest.raises(ConfigError, match="model.encoder_head is 64 but the encoder has a 1280-wide head"):

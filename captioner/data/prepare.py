@@ -76,6 +76,9 @@ def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
     dist = dist or Dist()
     encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights, image_size=cfg.model.image_size,
                             headless=bool(cfg.model.encoder_head))
+    if encoder.head is not None and encoder.head.out_features != cfg.model.encoder_head:
+        raise ConfigError(f"invalid config:\n  - model.encoder_head is {cfg.model.encoder_head} but {encoder.name}'s "
+                          f"last 1x1 convolution has {encoder.head.out_features} channels")
     cache = FeatureCache(cfg.data.cache_dir, encoder)
     mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
     train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist, mirrored)
