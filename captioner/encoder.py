@@ -173,13 +173,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _cut_head(model: nn.Module) -> nn.Linear:
     """Remove a timm EfficientNet's last 1x1 convolution and its batch norm; return them folded into one linear
     map over channels (the ReLU6 after it is the decoder's to apply)."""
+    from captioner.fast import fold_batchnorm
+
     conv, bn = model.conv_head, model.bn2
-    if conv.kernel_size != (1, 1) or conv.bias is not None:
-        raise EncoderError(f"expected a bias-free 1x1 head convolution, got {conv}")
-    scale = bn.weight * bn.running_var.add(bn.eps).rsqrt()
-    head = nn.Linear(conv.in_channels, conv.out_channels)
-    head.weight.copy_(conv.weight.flatten(1) * scale.unsqueeze(1))
-    head.bias.copy_(bn.bias - bn.running_mean * scale)
+    if conv.kernel_size != (1, 1) or fold_batchnorm(nn.Sequential(conv, bn).eval()) != 1:
+        raise EncoderError(f"expected a 1x1 head convolution followed by batch norm, got {conv} and {bn}")
+    head = nn.Linear(conv.in_channels, conv.out_channels)  # the folded convolution, as a map over channels
+    head.weight.copy_(conv.weight.flatten(1))
+    head.bias.copy_(conv.bias)
     head.requires_grad_(False)
     model.conv_head, model.bn2 = nn.Identity(), nn.Identity()
     return head

@@ -131,7 +131,7 @@ class FastEncoder:
                           RuntimeWarning, stacklevel=2)
         self.name, self.preprocess = encoder.name, encoder.preprocess
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
-        self.weights_id, self._key = encoder.weights_id, encoder.cache_key()
+        self._key = encoder.cache_key()
         self.backend, self.chunk_size = backend, chunk_size
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         size = self.preprocess.size
