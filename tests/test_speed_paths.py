@@ -11,6 +11,7 @@ Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
@@ -23,7 +24,13 @@ from captioner.checkpoint import new_model
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import beam_search
 from captioner.encoder import build_encoder
-from captioner.fast import FastEncoder, FusedAttentionDecoder, fold_batchnorm, resolve_precision
+from captioner.fast import (
+    FastEncoder,
+    FusedAttentionDecoder,
+    fold_batchnorm,
+    resolve_precision,
+    static_same_padding,
+)
 from captioner.vocab import Vocabulary
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
@@ -103,10 +110,30 @@ def test_folding_batch_norm_keeps_the_function(encoder):
         assert torch.allclose(trunk(x), before, atol=1e-4, rtol=1e-4)
 
 
-def test_building_a_fast_path_leaves_the_reference_untouched(encoder):
-    state = {k: v.clone() for k, v in encoder.state_dict().items()}
+@pytest.mark.parametrize("size", [224, 225])
+def test_static_padding_keeps_the_function(size):
+    """224 pads the stride-2 convolutions by one pixel after (a ZeroPad2d), 225 by one on each side (the
+    convolution's own padding): both give timm's run-time "same" padding."""
+    from timm.layers import Conv2dSame
+
+    trunk = build_encoder("efficientnet_lite0", image_size=size).trunk
+    reference = copy.deepcopy(trunk)
+    assert static_same_padding(trunk, size) == 5
+    assert not any(isinstance(m, Conv2dSame) for m in trunk.modules())
+    assert any(isinstance(m, torch.nn.ZeroPad2d) for m in trunk.modules()) == (size % 2 == 0)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(trunk(x), reference(x), atol=1e-5, rtol=0)
+    assert static_same_padding(trunk, size) == 0  # nothing left to replace
+
+
+def test_building_a_fast_path_leaves_the_reference_and_the_random_state_untouched(encoder):
+    """Training seeds the RNG before extracting features, which builds a fast encoder only on a cold cache: a
+    draw here would make a run's initial weights depend on the cache."""
+    state, rng = {k: v.clone() for k, v in encoder.state_dict().items()}, torch.get_rng_state()
     FastEncoder(encoder, "fp32", script=False)
     assert all(torch.equal(state[k], v) for k, v in encoder.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("path", ["fp32", "fp32-torchscript"])
