@@ -1,10 +1,14 @@
 """Which encoder inference path is fastest on this CPU: every variant timed in the same run, interleaved.
 
-    .venv/bin/python benchmarks/encoder_variants.py [--rounds 7] [--batch-sizes 1 8 32] [--compile] [--onnx]
+    .venv/bin/python benchmarks/encoder_variants.py [--rounds 7] [--batch-sizes 1 8 32] [--image-size 288]
+        [--compile] [--onnx]
 
-Variants: the reference module (fp32, NCHW), then with batch norm folded, channels-last, bf16 weights,
-TorchScript trace + freeze, bf16 autocast, and optionally torch.compile (inductor, freezing) and ONNX Runtime
-(needs `pip install onnxruntime onnx`). Each round times every variant once per batch size, so load from other
+The encoder is EfficientNet-Lite0 as the shipped model runs it: 288x288 inputs (`--image-size`), without its last
+1x1 convolution (the decoder runs that). Variants: the reference module (fp32, NCHW), then with batch norm
+folded, channels-last, bf16 weights, TorchScript trace + freeze (`FastEncoder`, which also makes timm's "same"
+padding constant), bf16 autocast, and optionally torch.compile (inductor, freezing) and ONNX Runtime: exported as
+timm builds the model (padding worked out at run time) and as `FastEncoder` exports it (constant padding).
+Each round times every variant once per batch size, so load from other
 processes hits all variants alike; the table gives the median and best images/s over rounds, the set-up time
 (trace, compile, session) and the largest feature difference from the reference.
 """
@@ -33,8 +37,9 @@ CL = torch.channels_last
 
 
 def variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]]:
-    """name -> (images (B, 3, 224, 224) fp32 -> features, set-up seconds)."""
-    encoder = build_encoder("efficientnet_lite0")
+    """name -> (images (B, 3, S, S) fp32 -> features, set-up seconds)."""
+    size = args.image_size
+    encoder = build_encoder("efficientnet_lite0", image_size=size, headless=True)
     out: dict[str, tuple[Callable, float]] = {"reference fp32 NCHW": (encoder, 0.0)}
 
     def folded(dtype: torch.dtype) -> torch.nn.Module:
@@ -79,7 +84,7 @@ def variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[torch.Tensor
             t = time.perf_counter()
             with torch.inference_mode():
                 for b in args.batch_sizes:  # compile time for every batch shape counts
-                    run(torch.zeros(b, 3, 224, 224))
+                    run(torch.zeros(b, 3, size, size))
             name = "bf16" if dtype == torch.bfloat16 else "fp32"
             out[f"folded + channels-last + torch.compile freezing ({name})"] = (run, time.perf_counter() - t)
     if args.onnx:
@@ -89,13 +94,18 @@ def variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[torch.Tensor
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(encoder, (torch.zeros(1, 3, 224, 224),), str(path), dynamo=False, input_names=["x"],
+            torch.onnx.export(encoder, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, input_names=["x"],
                               output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, opset_version=17)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        out["ONNX Runtime fp32"] = (lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0]),
-                                    time.perf_counter() - t)
+        out["ONNX Runtime fp32, run-time padding"] = (
+            lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0]), time.perf_counter() - t)
+        for chunk in (10_000, 8):
+            t = time.perf_counter()
+            fast = FastEncoder(encoder, "fp32", backend="onnxruntime", chunk_size=chunk)
+            label = "whole batch" if chunk > 8 else "chunks of 8 = FastEncoder default"
+            out[f"ONNX Runtime fp32, constant padding, {label}"] = (fast, time.perf_counter() - t)
     return out
 
 
@@ -103,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--image-size", type=int, default=288, help="input side in pixels (the recipe's: 288)")
     parser.add_argument("--compile", action="store_true", help="also torch.compile (slow to build)")
     parser.add_argument("--onnx", action="store_true", help="also ONNX Runtime (pip install onnxruntime onnx)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -113,7 +124,7 @@ def main() -> None:
     load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
     torch.manual_seed(0)
     found = variants(args)
-    inputs = {b: torch.randn(b, 3, 224, 224) for b in args.batch_sizes}
+    inputs = {b: torch.randn(b, 3, args.image_size, args.image_size) for b in args.batch_sizes}
     speeds: dict[tuple[str, int], list[float]] = {(n, b): [] for n in found for b in inputs}
     with torch.inference_mode():
         reference = found["reference fp32 NCHW"][0](inputs[max(inputs)])
@@ -127,7 +138,8 @@ def main() -> None:
                     t = time.perf_counter()
                     f(x)
                     speeds[(name, b)].append(b / (time.perf_counter() - t))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average before/after: "
+    print(f"torch {torch.__version__}, {args.image_size}x{args.image_size} inputs, {torch.get_num_threads()} threads, "
+          "load average before/after: "
           f"{load_before} / {' '.join(f'{v:.2f}' for v in os.getloadavg())}, {args.rounds} rounds")
     head = " | ".join(f"B={b} img/s median (best)" for b in inputs)
     print(f"| variant | set-up s | max abs diff | {head} |")
