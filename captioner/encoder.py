@@ -173,7 +173,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _cut_head(model: nn.Module) -> nn.Linear:
     """Remove a timm EfficientNet's last 1x1 convolution and its batch norm; return them folded into one linear
     map over channels (the ReLU6 after it is the decoder's to apply)."""
-    from captioner.fast import fold_batchnorm
+    from captioner.conv_passes import fold_batchnorm
 
     conv, bn = model.conv_head, model.bn2
     if conv.kernel_size != (1, 1) or fold_batchnorm(nn.Sequential(conv, bn).eval()) != 1:

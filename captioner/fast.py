@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import fx, nn
+from torch import nn
 
+from captioner.conv_passes import fold_batchnorm, static_same_padding
 from captioner.decoder import AttentionDecoder, StepOutput, Tensors
 
 if TYPE_CHECKING:
@@ -54,90 +55,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-class _ConvBNTracer(fx.Tracer):
-    """Keeps convolutions (timm's Conv2dSame included) and batch norms (timm's BatchNormAct2d) as single nodes."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualname)
-
-
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every eval-mode batch norm that directly follows a convolution into that convolution, in place.
-
-    A timm `BatchNormAct2d` keeps its activation (and dropout) after folding. Returns the number folded.
-    """
-    graph = _ConvBNTracer().trace(model)
-    modules = dict(model.named_modules())
-    folded = 0
-    for node in graph.nodes:
-        bn = modules.get(node.target) if node.op == "call_module" else None
-        if not isinstance(bn, nn.BatchNorm2d) or bn.training or bn.running_var is None:
-            continue
-        src = node.args[0]
-        conv = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if not isinstance(conv, nn.Conv2d) or len(src.users) != 1:
-            continue
-        scale = bn.running_var.add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-        conv.weight.mul_(scale.view(-1, 1, 1, 1))
-        conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
-        after = [m for name in ("drop", "act") if isinstance(m := getattr(bn, name, None), nn.Module)]
-        parent, _, name = node.target.rpartition(".")
-        setattr(model.get_submodule(parent), name, nn.Sequential(*after) if after else nn.Identity())
-        folded += 1
-    return folded
-
-
-@torch.no_grad()
-def static_same_padding(model: nn.Module, image_size: int) -> int:
-    """Give timm's TF-"same" convolutions the fixed padding of `image_size` inputs, in place; returns how many.
-
-    `Conv2dSame` works out its padding from the input's shape at every call. Exported to ONNX with a dynamic
-    batch, that becomes a Shape-Gather-Ceil-...-Pad chain per strided convolution that ONNX Runtime cannot fold
-    away, and the run-time Pad keeps it from fusing the padding into the convolution: with the 5 such
-    convolutions of EfficientNet-Lite0 at 288x288, the encoder ran at 101-134 images/s against 205 with constant
-    padding (ONNX Runtime, 2 threads, batches of 8; the outputs were the same bit for bit). A fast
-    encoder only ever sees `image_size` inputs (it checks), so the padding is a constant: an explicit
-    `ZeroPad2d` when it is asymmetric (stride 2 on an even size pads one pixel, after), else the convolution's own.
-    """
-    from timm.layers import Conv2dSame, get_same_padding
-
-    sizes: dict[str, tuple[int, int]] = {}
-
-    def record(name: str) -> Callable[[nn.Module, tuple], None]:
-        def hook(_: nn.Module, args: tuple) -> None:
-            sizes[name] = tuple(args[0].shape[-2:])
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules()
-             if isinstance(m, Conv2dSame)]
-    try:
-        model(torch.zeros(1, 3, image_size, image_size, dtype=next(model.parameters()).dtype))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, (height, width) in sizes.items():
-        same = model.get_submodule(name)
-        (kh, kw), (sh, sw), (dh, dw) = same.kernel_size, same.stride, same.dilation
-        ph, pw = get_same_padding(height, kh, sh, dh), get_same_padding(width, kw, sw, dw)
-        symmetric = ph % 2 == 0 and pw % 2 == 0
-        # skip_init: a fresh layer's random initialisation would draw from the global RNG, and training seeds
-        # it before extracting features, which builds this encoder only when the feature cache is cold.
-        conv = nn.utils.skip_init(nn.Conv2d, same.in_channels, same.out_channels, same.kernel_size, same.stride,
-                                  (ph // 2, pw // 2) if symmetric else 0, same.dilation, same.groups,
-                                  same.bias is not None)
-        conv.load_state_dict(same.state_dict())
-        conv.to(same.weight.dtype).train(same.training)
-        padded = conv if symmetric else nn.Sequential(nn.ZeroPad2d((pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)), conv)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, padded)
-    return len(sizes)
 
 
 def onnxruntime_available() -> bool:
@@ -242,7 +159,8 @@ class FusedAttentionDecoder:
 
     The attention energy `w . tanh(u)` over every beam x grid cell x attention unit is computed as
     `2w . sigmoid(2u)`: tanh(u) = 2 sigmoid(2u) - 1, and the `- w.1` it drops is the same for every grid cell,
-    which the softmax ignores. Doubling is exact in floating point, so the keys and the query are stored doubled.
+    which the softmax ignores. Doubling is exact in floating point, so the keys, the query's weight rows and
+    bias, and the score weights are stored doubled.
     PyTorch's CPU tanh is about 10x slower than its sigmoid (2.2 against 0.22 ms for one step's 2M values at
     32 images): the tanh took 17% of the decoder's time, and the decoder ran 25% faster without it. All fp32: with
     bf16 products (AMX) it ran faster but changed about one caption in ten of a trained model, so it is not
@@ -277,10 +195,11 @@ class FusedAttentionDecoder:
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
         with torch.inference_mode():
             memory, state = self.reference.init(features.float())
-            return {**memory, "keys": memory["keys"] * 2}, state  # doubled, for the sigmoid form
+            # Doubled for the sigmoid form, under a new name: the reference `step` must not be handed them.
+            return {"feats": memory["feats"], "doubled_keys": memory["keys"] * 2}, state
 
     def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
-        keys, feats = memory["keys"], memory["feats"]  # (B, N, A), (B, N, F)
+        keys, feats = memory["doubled_keys"], memory["feats"]  # (B, N, A), (B, N, F)
         B, N, A = keys.shape
         R = tokens.size(0)  # B * K rows, image-major
         h, c = state["h"], state["c"]  # (R, H)

@@ -22,15 +22,10 @@ from PIL import Image, ImageDraw
 from captioner import Captioner
 from captioner.checkpoint import new_model
 from captioner.config import DecodeConfig, ModelConfig
+from captioner.conv_passes import fold_batchnorm, static_same_padding
 from captioner.decoding import beam_search
 from captioner.encoder import build_encoder
-from captioner.fast import (
-    FastEncoder,
-    FusedAttentionDecoder,
-    fold_batchnorm,
-    resolve_precision,
-    static_same_padding,
-)
+from captioner.fast import FastEncoder, FusedAttentionDecoder, resolve_precision
 from captioner.vocab import Vocabulary
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
@@ -112,8 +107,9 @@ def test_folding_batch_norm_keeps_the_function(encoder):
 
 @pytest.mark.parametrize("size", [224, 225])
 def test_static_padding_keeps_the_function(size):
-    """224 pads the stride-2 convolutions by one pixel after (a ZeroPad2d), 225 by one on each side (the
-    convolution's own padding): both give timm's run-time "same" padding."""
+    """At 224 every stride-2 convolution meets an even size and pads more after than before (a ZeroPad2d in
+    front); at 225 every size stays odd and each pad is symmetric (the convolution's own). Both must give timm's
+    run-time "same" padding."""
     from timm.layers import Conv2dSame
 
     trunk = build_encoder("efficientnet_lite0", image_size=size).trunk
@@ -127,11 +123,25 @@ def test_static_padding_keeps_the_function(size):
     assert static_same_padding(trunk, size) == 0  # nothing left to replace
 
 
+def test_static_padding_leaves_training_state_alone():
+    """Its probe pass must not update batch-norm statistics or draw dropout masks, and the replaced convolutions
+    keep their parameters (and so `requires_grad`)."""
+    trunk = build_encoder("efficientnet_lite0", image_size=160).trunk.train().requires_grad_(True)
+    stats = {k: v.clone() for k, v in trunk.state_dict().items() if "running" in k}
+    rng, params = torch.get_rng_state(), {id(p) for p in trunk.parameters()}
+    assert static_same_padding(trunk, 160) == 5
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, trunk.state_dict()[k]) for k, v in stats.items())
+    assert all(m.training for m in trunk.modules())
+    assert {id(p) for p in trunk.parameters()} == params and all(p.requires_grad for p in trunk.parameters())
+    assert static_same_padding(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), 160) == 0  # nothing to replace
+
+
 def test_building_a_fast_path_leaves_the_reference_and_the_random_state_untouched(encoder):
     """Training seeds the RNG before extracting features, which builds a fast encoder only on a cold cache: a
     draw here would make a run's initial weights depend on the cache."""
     state, rng = {k: v.clone() for k, v in encoder.state_dict().items()}, torch.get_rng_state()
-    FastEncoder(encoder, "fp32", script=False)
+    FastEncoder(encoder, "fp32")
     assert all(torch.equal(state[k], v) for k, v in encoder.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
 
