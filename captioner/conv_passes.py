@@ -60,8 +60,9 @@ def static_same_padding(model: nn.Module, image_size: int) -> int:
     `Conv2dSame` works out its padding from the input's shape at every call. Exported to ONNX with a dynamic
     batch, that becomes a Shape-Gather-Ceil-...-Pad chain per strided convolution that ONNX Runtime cannot fold
     away, and the run-time Pad keeps it from fusing the padding into the convolution: with the 5 such
-    convolutions of EfficientNet-Lite0 at 288x288, the encoder ran at 101-134 images/s against 205 with constant
-    padding (ONNX Runtime, 2 threads, batches of 8; the outputs were the same bit for bit). A fast encoder only
+    convolutions of EfficientNet-Lite0 at 288x288, the encoder ran at 101-140 images/s against 205-217 with
+    constant padding (ONNX Runtime, 2 threads, batches of 8, two measurements; the outputs were the same bit for
+    bit). A fast encoder only
     ever sees `image_size` inputs (it checks), so the padding is a constant: the convolution's own when it is
     symmetric, else an explicit `ZeroPad2d` in front (a stride-2 convolution on an even size pads more after
     than before).
