@@ -8,7 +8,8 @@ naive   what tutorial repositories do: load one image, encode it alone with the 
 batch   `Captioner.caption_iter` as shipped: decoding threads, batches, the default fp32 fast paths of
         `captioner.fast` (encoder in ONNX Runtime, fused decoder step, finished images leaving the batch).
         The ablation table also runs the batch pipeline on the reference modules, with the TorchScript fp32
-        encoder, and with the opt-in bf16 encoder, and counts captions identical to the naive pipeline's.
+        encoder, with the opt-in bf16 encoder, and with the opt-in int8 encoder when the checkpoint has an int8
+        calibration file beside it, and counts captions identical to the naive pipeline's.
 Pipelines are interleaved within each repeat, so load from other processes hits all of them alike; figures are
 medians over repeats with [min-max]. Peak memory and cold start come from fresh subprocesses. Without
 `--checkpoint` the decoder has random weights (default ModelConfig, 2,500-word vocabulary): it never ends a
@@ -40,6 +41,7 @@ from captioner.checkpoint import new_model, save_model
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import beam_search
 from captioner.fast import FastPaths, cpu_has_bf16
+from captioner.int8 import calibration_path
 from captioner.images import open_image
 from captioner.vocab import SPECIALS, Vocabulary
 
@@ -209,6 +211,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     # Without native bf16 (AVX512-BF16 or AMX) bf16 is emulated, over ten times slower than fp32: not worth a row.
     native_bf16 = cpu_has_bf16()
     precisions = ("reference", "fp32", "bf16") if native_bf16 else ("reference", "fp32")
+    if calibration_path(args.checkpoint).is_file():  # the int8 encoder needs the checkpoint's calibration
+        precisions += ("int8",)
     caps = {p: Captioner.load(args.checkpoint, precision=p) for p in precisions}
     caps["fp32-torchscript"] = Captioner.load(args.checkpoint, precision="fp32")
     ts = caps["fp32-torchscript"]
@@ -302,7 +306,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
                        ("reference", "batch, reference fp32 modules"),
                        ("fp32-torchscript", "batch, fused decoder + encoder folded BN, channels-last, TorchScript fp32"),
                        ("fp32", "batch, fused decoder + encoder in ONNX Runtime fp32 (default)"),
-                       ("bf16", "batch, fused decoder + encoder folded BN, channels-last, TorchScript bf16 (opt-in)")):
+                       ("bf16", "batch, fused decoder + encoder folded BN, channels-last, TorchScript bf16 (opt-in)"),
+                       ("int8", "batch, fused decoder + encoder in ONNX Runtime int8 (opt-in, calibrated)")):
         if key in e2e:
             print(f"| {label} | {spread(e2e[key])} | {same[key]:.0%} |")
 

@@ -29,6 +29,7 @@ from captioner.decoding import Hypothesis, beam_search
 from captioner.encoder import Encoder, build_encoder
 from captioner.fast import FastPaths, Precision, resolve_precision
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
+from captioner.int8 import calibration_path, read_calibration
 
 DEFAULT_MODEL = "flickr8k.safetensors"
 
@@ -77,14 +78,16 @@ class Captioner:
     """Encoder + decoder + vocabulary, ready to caption images."""
 
     def __init__(self, model: CaptionModel, encoder: Encoder, device: str | torch.device = "cpu",
-                 precision: Precision = "auto"):
+                 precision: Precision = "auto", int8_calibration: str | os.PathLike | None = None):
         """Wrap a model and its encoder.
 
         Args:
             precision: "reference" runs the training-time fp32 modules unchanged; "fp32" (and "auto") the
                 CPU fast paths in fp32: same captions, features within 1e-3; "bf16" also runs the encoder in
-                bf16, faster on CPUs with AMX but it changes some captions (see tests/test_speed_paths.py).
-                Off the CPU the reference modules are always used.
+                bf16, faster on CPUs with bf16 instructions but it changes some captions; "int8" runs the
+                encoder quantised to 8 bits from `int8_calibration`, faster still, and changes more captions
+                (tolerances: tests/test_speed_paths.py). Off the CPU the reference modules are always used.
+            int8_calibration: the calibration file for "int8" (`captioner.int8.calibration_path`).
         """
         if encoder.feature_dim != model.encoder_dim:
             raise ValueError(f"encoder {encoder.name} gives {encoder.feature_dim}-d features, the decoder expects "
@@ -95,7 +98,10 @@ class Captioner:
         self.decoder = model.decoder.to(self.device).eval()
         self.vocab = model.vocab
         self.precision = resolve_precision(precision, self.device)
-        self._fast = None if self.precision == "reference" else FastPaths(self.encoder, self.decoder, self.precision)
+        if self.precision == "int8":  # a missing or mismatched calibration fails here, not at the first image
+            read_calibration(int8_calibration or "", encoder.cache_key())
+        self._fast = None if self.precision == "reference" else FastPaths(
+            self.encoder, self.decoder, self.precision, calibration=int8_calibration)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, encoder_weights: str | None = None,
@@ -106,7 +112,8 @@ class Captioner:
             path: a `.safetensors` checkpoint written by captioner.
             encoder_weights: overrides the encoder weights file recorded in the checkpoint (resnet50).
             device: torch device to run on.
-            precision: "auto", "bf16", "fp32" or "reference" (see `Captioner.__init__`).
+            precision: "auto", "bf16", "fp32", "int8" or "reference" (see `Captioner.__init__`); "int8" reads
+                the calibration file beside the checkpoint (`captioner.int8.calibration_path`).
 
         Raises:
             CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.
@@ -120,7 +127,7 @@ class Captioner:
         cfg = model.model_cfg
         encoder = build_encoder(cfg.encoder, encoder_weights or cfg.encoder_weights, image_size=cfg.image_size,
                                 headless=bool(cfg.encoder_head))
-        return cls(model, encoder, device, precision)
+        return cls(model, encoder, device, precision, int8_calibration=calibration_path(path))
 
     @property
     def decode_defaults(self) -> DecodeConfig:

@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=1,
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "reference"], default="auto",
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "int8", "reference"], default="auto",
                    help="auto/fp32: fast CPU path, same captions as reference (the training-time modules); "
-                        "bf16: faster encoder with AMX, changes some captions")
+                        "bf16: faster encoder on CPUs with bf16 instructions, changes some captions; "
+                        "int8: fastest encoder, changes more captions, needs the checkpoint's .int8.json "
+                        "calibration (the shipped model has one)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the network (default: one per core); 1 is faster when other processes "
                         "keep the cores busy")
@@ -165,10 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from captioner.config import ConfigError
     from captioner.data.readers import DatasetError
     from captioner.encoder import EncoderError
+    from captioner.int8 import CalibrationError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, EncoderError, DatasetError, FileNotFoundError) as exc:
+    except (CheckpointError, ConfigError, EncoderError, DatasetError, CalibrationError, FileNotFoundError) as exc:
         print(f"captioner: error: {exc}", file=sys.stderr)
         return 2

@@ -17,24 +17,24 @@ copied when a fast path is built, so later changes to the source modules are not
 from __future__ import annotations
 
 import copy
-import io
+import os
 import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
+from captioner import int8, onnx_runtime
 from captioner.conv_passes import fold_batchnorm, static_same_padding
 from captioner.decoder import AttentionDecoder, StepOutput, Tensors
 
 if TYPE_CHECKING:
     from captioner.encoder import Encoder
 
-Precision = Literal["auto", "bf16", "fp32", "reference"]
-PRECISIONS = ("auto", "bf16", "fp32", "reference")
+Precision = Literal["auto", "bf16", "fp32", "int8", "reference"]
+PRECISIONS = ("auto", "bf16", "fp32", "int8", "reference")
 ENCODER_CHUNK = 8
 """Images per encoder call: larger batches spill the early, wide activations out of the L2 cache."""
 
@@ -48,47 +48,54 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str
     return "fp32" if precision == "auto" else precision
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def onnxruntime_available() -> bool:
-    try:
-        import onnx  # noqa: F401  (the exporter needs it)
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has 8-bit dot products (VNNI); without them int8 weights are quantised to 7 bits."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 class FastEncoder:
     """A frozen encoder prepared for CPU inference: (B, 3, H, W) -> (B, N, D) float32 grid features.
 
     Backends:
-        onnxruntime: fp32 only. The trunk is exported to ONNX in memory (TorchScript-based exporter, well under
-            a second) and run by ONNX Runtime, whose blocked-layout kernels suit depthwise convolutions.
+        onnxruntime: fp32, or int8 from a calibration file (`captioner.int8`). The trunk is exported to ONNX in
+            memory (TorchScript-based exporter, well under a second) and run by ONNX Runtime, whose
+            blocked-layout kernels suit depthwise convolutions.
         torchscript: batch norm folded in fp32, channels-last, fp32 or bf16, traced and frozen.
-        auto: onnxruntime for fp32 when it is installed, else torchscript.
+        auto: onnxruntime for fp32 and int8 when it is installed, else torchscript.
 
     Carries the same `preprocess`, `feature_dim`, `grid_size` and `name` as the encoder it was built from.
     """
 
     def __init__(self, encoder: Encoder, precision: str = "auto", *, backend: str = "auto",
-                 chunk_size: int = ENCODER_CHUNK, script: bool = True):
+                 chunk_size: int = ENCODER_CHUNK, script: bool = True, calibration: str | os.PathLike | None = None):
+        """`calibration`: the int8 calibration file (`captioner.int8.calibration_path`), for precision "int8"."""
         self.precision = resolve_precision(precision)
         if self.precision == "reference":
-            raise ValueError("FastEncoder needs precision fp32 or bf16 (or auto)")
+            raise ValueError("FastEncoder needs precision fp32, bf16 or int8 (or auto)")
         if backend == "auto":
-            backend = "onnxruntime" if self.precision == "fp32" and onnxruntime_available() else "torchscript"
+            ort = self.precision in ("fp32", "int8") and onnx_runtime.available()
+            backend = "onnxruntime" if ort else "torchscript"
         if backend not in ("onnxruntime", "torchscript"):
             raise ValueError(f"unknown backend {backend!r}; choose auto, onnxruntime or torchscript")
-        if backend == "onnxruntime" and self.precision != "fp32":
-            raise ValueError("the onnxruntime backend runs fp32 only")
+        if backend == "onnxruntime" and self.precision == "bf16":
+            raise ValueError("the onnxruntime backend runs fp32 and int8, not bf16")
+        if self.precision == "int8" and (backend != "onnxruntime" or not onnx_runtime.available()):
+            raise ValueError("the int8 encoder needs ONNX Runtime (pip install onnxruntime onnx)")
+        if self.precision == "int8" and calibration is None:
+            raise ValueError("the int8 encoder needs a calibration file (see captioner.int8)")
         if self.precision == "bf16" and not cpu_has_bf16():
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 encoder is emulated and "
                           "far slower than fp32 (measured on an AVX2-only CPU: 2.3 against 36 images/s)",
@@ -97,13 +104,19 @@ class FastEncoder:
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
         self._key = encoder.cache_key()
         self.backend, self.chunk_size = backend, chunk_size
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # int8 takes fp32 images
         size = self.preprocess.size
         trunk = copy.deepcopy(encoder.trunk).float().eval()
         self.folded = 0 if backend == "onnxruntime" else fold_batchnorm(trunk)  # in fp32, before any rounding
         self.static_padded = static_same_padding(trunk, size)
+        self.onnx_model: bytes | None = None
+        """The fp32 ONNX graph the onnxruntime backend runs (or quantises), for `captioner.int8.calibrate`."""
         if backend == "onnxruntime":
-            self._run = _onnxruntime_runner(trunk, size)
+            self.onnx_model = model = onnx_runtime.export(trunk, size)
+            if self.precision == "int8":
+                ranges = int8.read_calibration(calibration, self._key)
+                model = int8.quantize(model, ranges, reduce_range=not cpu_has_vnni())
+            self._run = onnx_runtime.runner(model)
             return
         trunk = trunk.to(memory_format=torch.channels_last, dtype=self.dtype)
         if script:
@@ -124,28 +137,6 @@ class FastEncoder:
             raise ValueError(f"expected (B, 3, {size}, {size}) images, got {tuple(images.shape)}")
         grids = [self._run(chunk).flatten(2).transpose(1, 2) for chunk in images.split(self.chunk_size)]
         return torch.cat(grids).float()  # (B, N, D): (b, D, h, w) maps -> (b, h*w, D) grids
-
-
-def _onnxruntime_runner(trunk: nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Export `trunk` to ONNX in memory and return images (b, 3, H, W) -> feature maps (b, D, h, w)."""
-    import onnxruntime as ort
-
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation notice
-        torch.onnx.export(trunk, (torch.zeros(1, 3, size, size),), buffer, dynamo=False, input_names=["images"],
-                          output_names=["maps"], dynamic_axes={"images": {0: "b"}, "maps": {0: "b"}},
-                          opset_version=17)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    # Idle ORT threads must not spin: the decoder runs right after the encoder on the same cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"images": x.float().contiguous().numpy()})[0])
-
-    return run
 
 
 class FusedAttentionDecoder:
@@ -226,8 +217,9 @@ class FusedAttentionDecoder:
 class FastPaths:
     """Lazily built, thread-safe holder of a Captioner's fast encoder and decoder (built on first use)."""
 
-    def __init__(self, encoder: Encoder, decoder: nn.Module, precision: str, backend: str = "auto"):
-        self.precision, self.backend = precision, backend
+    def __init__(self, encoder: Encoder, decoder: nn.Module, precision: str, backend: str = "auto",
+                 calibration: str | os.PathLike | None = None):
+        self.precision, self.backend, self.calibration = precision, backend, calibration
         self._encoder, self._decoder = encoder, decoder
         self._lock = threading.Lock()
         self._built: tuple[FastEncoder, object] | None = None
@@ -238,5 +230,7 @@ class FastPaths:
                 if self._built is None:
                     decoder = (FusedAttentionDecoder(self._decoder) if isinstance(self._decoder, AttentionDecoder)
                                else self._decoder)
-                    self._built = (FastEncoder(self._encoder, self.precision, backend=self.backend), decoder)
+                    encoder = FastEncoder(self._encoder, self.precision, backend=self.backend,
+                                          calibration=self.calibration)
+                    self._built = (encoder, decoder)
         return self._built

@@ -7,6 +7,7 @@ from PIL import Image
 from captioner import Caption, Captioner, CheckpointError, ImageLoadError
 from captioner.checkpoint import save_model
 from captioner.encoder import build_encoder
+from captioner.int8 import CalibrationError
 from tests.conftest import make_model, write_images
 
 
@@ -99,6 +100,20 @@ def test_shipped_model_loads_and_captions(tmp_path):
     assert result.ok and 2 <= len(result.tokens) <= cap.model.decode_cfg.max_length
     assert all(word in cap.vocab.stoi for word in result.tokens)
     assert len(result.alternatives) == 3
+
+
+def test_shipped_model_captions_with_its_int8_calibration():
+    """The shipped model comes with the int8 calibration of its own encoder (else loading would refuse)."""
+    pytest.importorskip("onnxruntime")
+    cap = Captioner.load(precision="int8")
+    image = Image.new("RGB", (320, 240), (40, 120, 200))
+    assert cap.encode(cap.preprocess(image).unsqueeze(0)).shape == (1, 81, 320)
+    assert cap.caption([image])[0].ok
+
+
+def test_int8_without_a_calibration_is_refused_at_load(tiny_checkpoint):
+    with pytest.raises(CalibrationError, match=r"tiny\.int8\.json|\.int8\.json"):
+        Captioner.load(tiny_checkpoint, precision="int8")
 
 
 def test_names_label_byte_inputs(tmp_path, captioner):

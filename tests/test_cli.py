@@ -35,10 +35,13 @@ def test_caption_csv_with_a_bad_file(tmp_path, tiny_checkpoint, capsys):
     assert "broken.jpg" in capsys.readouterr().err
 
 
-def test_missing_path_and_missing_checkpoint(tmp_path, tiny_checkpoint):
+def test_missing_path_and_missing_checkpoint(tmp_path, tiny_checkpoint, capsys):
     assert main(["caption", str(tmp_path / "nope.jpg"), "--checkpoint", str(tiny_checkpoint)]) == 2
     [img] = write_images(tmp_path, 1)
     assert main(["caption", str(img), "--checkpoint", str(tmp_path / "none.safetensors")]) == 2
+    capsys.readouterr()
+    assert main(["caption", str(img), "--checkpoint", str(tiny_checkpoint), "--precision", "int8"]) == 2
+    assert ".int8.json: no int8 calibration file" in capsys.readouterr().err
 
 
 def test_console_script_text_output(tmp_path, tiny_checkpoint):

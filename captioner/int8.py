@@ -1,0 +1,154 @@
+"""The opt-in int8 encoder: ONNX Runtime static quantisation from calibration ranges kept as JSON.
+
+Why: on the AVX-512 (VNNI) test machine the int8 trunk ran 2.4x faster than the fp32 one, and on 1,000 Flickr8k
+dev images the shipped model's scores barely moved (CIDEr-D 0.5517 against 0.5584, BLEU-4 0.2207 against
+0.2211) although a third of the captions changed. So it is offered, never the default (which keeps the reference
+captions).
+
+What is kept: the activation ranges, not a quantised model. `calibrate` runs the fp32 ONNX trunk (the very graph
+`FastEncoder` runs) on a few hundred training images once and records every activation's minimum and maximum
+(ONNX Runtime's MinMax calibration). They go to a JSON file beside the checkpoint (`calibration_path`), which
+names the encoder it was measured for. At load time `quantize` turns the same fp32 graph into a QDQ int8 graph
+from those ranges (weights per output channel, activations unsigned 8-bit), in about a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1
+
+
+class CalibrationError(ValueError):
+    """An int8 calibration file is missing, damaged, or was measured for another encoder."""
+
+
+def calibration_path(checkpoint: str | os.PathLike) -> Path:
+    """Where a checkpoint's int8 calibration lives: `model.safetensors` -> `model.int8.json`."""
+    return Path(checkpoint).with_suffix(".int8.json")
+
+
+def _settings(reduce_range: bool) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+
+    return {"quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8, "reduce_range": reduce_range,
+            "calibrate_method": CalibrationMethod.MinMax}  # only each tensor's min and max are kept per batch
+
+
+class _NoPreprocessAdvice(logging.Filter):
+    """Drops the quantiser's advice to pre-process the model, which `_prepared` has done."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-process" not in record.getMessage() and "pre-processing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_quantiser():
+    """The quantiser logs through the root logger; the filter is there only while it runs."""
+    advice = _NoPreprocessAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
+def _prepared(model: bytes) -> bytes:
+    """`model` after ONNX Runtime's basic graph optimisations (constant folding, Conv + Clip and similar fusions),
+    the form its quantiser expects: quantised without them, the int8 encoder ran only 1.2-1.3x faster than fp32;
+    with them, 2.4x. Calibration and quantisation both start from it, so the tensor names match."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="captioner-int8-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        options.log_severity_level = 3  # its notes on unused initialisers are not the user's concern
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return (Path(tmp) / "basic.onnx").read_bytes()
+
+
+def calibrate(model: bytes, batches: Iterable[np.ndarray], encoder_key: str, out: str | os.PathLike) -> int:
+    """Measure the activation ranges of the fp32 ONNX `model` on `batches` of preprocessed images
+    (b, 3, H, W) and write them to `out` atomically; returns the number of images seen."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None or not len(first):
+        raise CalibrationError("no calibration images were given")
+    seen = 0
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = itertools.chain([first], batches)
+
+        def get_next(self) -> dict | None:
+            nonlocal seen
+            x = next(self.batches, None)
+            if x is None:
+                return None
+            seen += len(x)
+            return {"images": np.ascontiguousarray(x, dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory(prefix="captioner-int8-") as tmp:
+        ranges = Path(tmp) / "ranges.json"
+        with _quiet_quantiser():
+            quantize_static(onnx.load_from_string(_prepared(model)), Path(tmp) / "int8.onnx", Reader(),
+                            calibration_cache_path=ranges, **_settings(reduce_range=False))
+        payload = {"format": FORMAT, "encoder": encoder_key, "images": seen, "ranges": json.loads(ranges.read_text())}
+    out = Path(out)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(payload))
+    os.replace(tmp_out, out)
+    return seen
+
+
+def read_calibration(path: str | os.PathLike, encoder_key: str) -> dict:
+    """The ranges stored in `path`, after checking that they were measured for `encoder_key`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path}: no int8 calibration file; make one with scripts/calibrate_int8.py")
+    try:
+        payload = json.loads(path.read_text())
+        version, encoder, ranges = payload["format"], payload["encoder"], payload["ranges"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"{path}: not an int8 calibration file ({exc})") from exc
+    if version != FORMAT:
+        raise CalibrationError(f"{path}: calibration format {version}, this version reads {FORMAT}")
+    if encoder != encoder_key:
+        raise CalibrationError(f"{path}: measured for encoder {encoder!r}, not {encoder_key!r}; calibrate again")
+    return ranges
+
+
+def quantize(model: bytes, ranges: dict, *, reduce_range: bool = False) -> bytes:
+    """The QDQ int8 version of the fp32 ONNX `model`, from ranges that `read_calibration` returned.
+
+    `reduce_range` (7-bit weights) is for CPUs without VNNI, where 8-bit products can saturate.
+    """
+    import onnx
+    from onnxruntime.quantization import quantize_static
+
+    graph = onnx.load_from_string(_prepared(model))
+    tensors = {name for node in graph.graph.node for name in node.output} | {i.name for i in graph.graph.input}
+    missing = sorted(set(ranges.get("data", {})) - tensors)
+    if missing:
+        raise CalibrationError(f"the calibration names {len(missing)} tensors this encoder graph lacks, e.g. "
+                               f"{missing[:2]}; it was measured with another export: calibrate again")
+    with tempfile.TemporaryDirectory(prefix="captioner-int8-") as tmp:
+        cache, out = Path(tmp) / "ranges.json", Path(tmp) / "int8.onnx"
+        cache.write_text(json.dumps(ranges))
+        with _quiet_quantiser():
+            quantize_static(graph, out, None, calibration_cache_path=cache, **_settings(reduce_range))
+        return out.read_bytes()

@@ -1,0 +1,56 @@
+"""Measure the int8 encoder's activation ranges for a checkpoint, on training images, once.
+
+    .venv/bin/python scripts/calibrate_int8.py --images ../shared/data/flickr8k/Images \
+        --list ../shared/data/flickr8k/Flickr_8k.trainImages.txt [--checkpoint captioner/weights/flickr8k.safetensors]
+        [--count 256] [--seed 0]
+
+Writes `<checkpoint>.int8.json` (beside the checkpoint), which `--precision int8` / `precision="int8"` reads.
+Use training images only: the ranges are a choice made from data, like the weights. `--count` images are drawn
+with `--seed` from the list (every image of `--images` without one), preprocessed as captioning does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner import Captioner
+from captioner.api import default_model_path
+from captioner.fast import FastEncoder
+from captioner.int8 import calibrate, calibration_path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--list", type=Path, help="file names to draw from, one per line (a training split)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    checkpoint = args.checkpoint or default_model_path()
+    names = ([line.strip() for line in args.list.read_text().splitlines() if line.strip()] if args.list
+             else sorted(p.name for p in args.images.iterdir() if p.is_file()))
+    chosen = random.Random(args.seed).sample(names, min(args.count, len(names)))
+    cap = Captioner.load(checkpoint, precision="reference")
+    fast = FastEncoder(cap.encoder, "fp32", backend="onnxruntime")
+
+    def batches():
+        for i in range(0, len(chosen), args.batch_size):
+            pixels = torch.stack([cap.preprocess(args.images / n) for n in chosen[i:i + args.batch_size]])
+            yield pixels.numpy().astype(np.float32)
+
+    out = calibration_path(checkpoint)
+    seen = calibrate(fast.onnx_model, batches(), cap.encoder.cache_key(), out)
+    print(f"{out}: ranges from {seen} images of {args.list or args.images}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
