@@ -41,8 +41,8 @@ from captioner.checkpoint import new_model, save_model
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import beam_search
 from captioner.fast import FastPaths, cpu_has_bf16
-from captioner.int8 import calibration_path
 from captioner.images import open_image
+from captioner.int8 import calibration_path
 from captioner.vocab import SPECIALS, Vocabulary
 
 
