@@ -7,7 +7,8 @@ The encoder is EfficientNet-Lite0 as the shipped model runs it: 288x288 inputs (
 1x1 convolution (the decoder runs that). Variants: the reference module (fp32, NCHW), then with batch norm
 folded, channels-last, bf16 weights, TorchScript trace + freeze (`FastEncoder`, which also makes timm's "same"
 padding constant), bf16 autocast, and optionally torch.compile (inductor, freezing) and ONNX Runtime: exported as
-timm builds the model (padding worked out at run time) and as `FastEncoder` exports it (constant padding).
+timm builds the model (padding worked out at run time) and as `FastEncoder` exports it (constant padding), and
+int8 from the shipped model's calibration (at the shipped model's size only).
 Each round times every variant once per batch size, so load from other
 processes hits all variants alike; the table gives the median and best images/s over rounds, the set-up time
 (trace, compile, session) and the largest feature difference from the reference.
@@ -30,9 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from captioner.api import default_model_path
 from captioner.conv_passes import fold_batchnorm
 from captioner.encoder import build_encoder
 from captioner.fast import FastEncoder
+from captioner.int8 import CalibrationError, calibration_path
 
 CL = torch.channels_last
 
@@ -110,6 +113,13 @@ def variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[torch.Tensor
         t = time.perf_counter()
         fast = FastEncoder(encoder, "fp32", backend="onnxruntime", chunk_size=8)
         out["ONNX Runtime fp32, constant padding, chunks of 8 = FastEncoder"] = (fast, time.perf_counter() - t)
+        calibration = calibration_path(default_model_path())  # the shipped model's: 288x288, headless
+        t = time.perf_counter()
+        try:
+            fast = FastEncoder(encoder, "int8", chunk_size=8, calibration=calibration)
+            out["ONNX Runtime int8 (shipped calibration), chunks of 8"] = (fast, time.perf_counter() - t)
+        except CalibrationError as exc:
+            print(f"no int8 row: {exc}")
     return out
 
 
