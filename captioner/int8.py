@@ -110,7 +110,7 @@ def calibrate(model: bytes, batches: Iterable[np.ndarray], encoder_key: str, out
         payload = {"format": FORMAT, "encoder": encoder_key, "images": seen, "ranges": json.loads(ranges.read_text())}
     out = Path(out)
     tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(payload))
+    tmp_out.write_text(json.dumps(payload, sort_keys=True))  # ONNX Runtime lists tensors in set order
     os.replace(tmp_out, out)
     return seen
 
