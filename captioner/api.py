@@ -29,7 +29,7 @@ from captioner.decoding import Hypothesis, beam_search
 from captioner.encoder import Encoder, build_encoder
 from captioner.fast import FastPaths, Precision, resolve_precision
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
-from captioner.int8 import calibration_path, read_calibration
+from captioner.int8 import CalibrationError, calibration_path
 
 DEFAULT_MODEL = "flickr8k.safetensors"
 
@@ -86,7 +86,8 @@ class Captioner:
                 CPU fast paths in fp32: same captions, features within 1e-3; "bf16" also runs the encoder in
                 bf16, faster on CPUs with bf16 instructions but it changes some captions; "int8" runs the
                 encoder quantised to 8 bits from `int8_calibration`, faster still, and changes more captions
-                (tolerances: tests/test_speed_paths.py). Off the CPU the reference modules are always used.
+                (tolerances: tests/test_speed_paths.py; on CPUs without VNNI its weights get 7 bits, so its
+                captions can differ between CPUs). Off the CPU the reference modules are always used.
             int8_calibration: the calibration file for "int8" (`captioner.int8.calibration_path`).
         """
         if encoder.feature_dim != model.encoder_dim:
@@ -98,10 +99,12 @@ class Captioner:
         self.decoder = model.decoder.to(self.device).eval()
         self.vocab = model.vocab
         self.precision = resolve_precision(precision, self.device)
-        if self.precision == "int8":  # a missing or mismatched calibration fails here, not at the first image
-            read_calibration(int8_calibration or "", encoder.cache_key())
+        if self.precision == "int8" and int8_calibration is None:
+            raise CalibrationError("precision='int8' needs int8_calibration, the checkpoint's calibration file")
         self._fast = None if self.precision == "reference" else FastPaths(
             self.encoder, self.decoder, self.precision, calibration=int8_calibration)
+        if self.precision == "int8":  # about a second: a bad calibration fails here, not at the first image
+            self._fast.get()
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, encoder_weights: str | None = None,

@@ -1,8 +1,9 @@
 """Inference-only fast paths for the CPU, built from the reference modules and checked against them in tests.
 
 - `FastEncoder`: the frozen encoder trunk with its "same" padding made constant for the one input size, run by
-  ONNX Runtime (fp32, the default), or with batch norm folded into the convolutions, channels-last memory and
-  TorchScript (fp32, or bf16 on request), in micro-batches small enough to stay in cache.
+  ONNX Runtime (fp32, the default; int8 on request, `captioner.int8`), or with batch norm folded into the
+  convolutions, channels-last memory and TorchScript (fp32, or bf16 on request), in micro-batches small enough to
+  stay in cache.
 - `FusedAttentionDecoder`: the attention decoder's `init`/`step` with the matrix products regrouped: the three
   linear maps of the hidden state are one product, and the embedding's share of the LSTM input is looked up
   from a precomputed (V, 4H) table; the attention's tanh is rewritten as a sigmoid. Same weights, same fp32
@@ -66,6 +67,14 @@ def cpu_has_vnni() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def export_onnx(encoder: Encoder) -> bytes:
+    """The fp32 ONNX graph of `encoder`'s trunk that the onnxruntime backend runs, and that the int8 encoder is
+    calibrated and quantised from: a copy with constant "same" padding, exported with a dynamic batch."""
+    trunk = copy.deepcopy(encoder.trunk).float().eval()
+    static_same_padding(trunk, encoder.preprocess.size)
+    return onnx_runtime.export(trunk, encoder.preprocess.size)
+
+
 class FastEncoder:
     """A frozen encoder prepared for CPU inference: (B, 3, H, W) -> (B, N, D) float32 grid features.
 
@@ -92,10 +101,12 @@ class FastEncoder:
             raise ValueError(f"unknown backend {backend!r}; choose auto, onnxruntime or torchscript")
         if backend == "onnxruntime" and self.precision == "bf16":
             raise ValueError("the onnxruntime backend runs fp32 and int8, not bf16")
-        if self.precision == "int8" and (backend != "onnxruntime" or not onnx_runtime.available()):
+        if self.precision == "int8" and backend != "onnxruntime":
+            raise ValueError("the int8 encoder runs on the onnxruntime backend only")
+        if self.precision == "int8" and not onnx_runtime.available():
             raise ValueError("the int8 encoder needs ONNX Runtime (pip install onnxruntime onnx)")
         if self.precision == "int8" and calibration is None:
-            raise ValueError("the int8 encoder needs a calibration file (see captioner.int8)")
+            raise int8.CalibrationError("the int8 encoder needs a calibration file (see captioner.int8)")
         if self.precision == "bf16" and not cpu_has_bf16():
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 encoder is emulated and "
                           "far slower than fp32 (measured on an AVX2-only CPU: 2.3 against 36 images/s)",
@@ -106,18 +117,19 @@ class FastEncoder:
         self.backend, self.chunk_size = backend, chunk_size
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # int8 takes fp32 images
         size = self.preprocess.size
-        trunk = copy.deepcopy(encoder.trunk).float().eval()
-        self.folded = 0 if backend == "onnxruntime" else fold_batchnorm(trunk)  # in fp32, before any rounding
-        self.static_padded = static_same_padding(trunk, size)
-        self.onnx_model: bytes | None = None
-        """The fp32 ONNX graph the onnxruntime backend runs (or quantises), for `captioner.int8.calibrate`."""
         if backend == "onnxruntime":
-            self.onnx_model = model = onnx_runtime.export(trunk, size)
+            model = export_onnx(encoder)
             if self.precision == "int8":
                 ranges = int8.read_calibration(calibration, self._key)
-                model = int8.quantize(model, ranges, reduce_range=not cpu_has_vnni())
+                try:
+                    model = int8.quantize(model, ranges, reduce_range=not cpu_has_vnni())
+                except int8.CalibrationError as exc:
+                    raise int8.CalibrationError(f"{calibration}: {exc}") from exc
             self._run = onnx_runtime.runner(model)
             return
+        trunk = copy.deepcopy(encoder.trunk).float().eval()
+        self.folded = fold_batchnorm(trunk)  # in fp32, before any rounding to bf16
+        static_same_padding(trunk, size)
         trunk = trunk.to(memory_format=torch.channels_last, dtype=self.dtype)
         if script:
             example = torch.zeros(1, 3, size, size, dtype=self.dtype).contiguous(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ import torch
 
 from captioner import Captioner
 from captioner.api import default_model_path
-from captioner.fast import FastEncoder
+from captioner.fast import export_onnx
 from captioner.int8 import calibrate, calibration_path
 
 
@@ -39,7 +39,6 @@ def main() -> int:
              else sorted(p.name for p in args.images.iterdir() if p.is_file()))
     chosen = random.Random(args.seed).sample(names, min(args.count, len(names)))
     cap = Captioner.load(checkpoint, precision="reference")
-    fast = FastEncoder(cap.encoder, "fp32", backend="onnxruntime")
 
     def batches():
         for i in range(0, len(chosen), args.batch_size):
@@ -47,7 +46,7 @@ def main() -> int:
             yield pixels.numpy().astype(np.float32)
 
     out = calibration_path(checkpoint)
-    seen = calibrate(fast.onnx_model, batches(), cap.encoder.cache_key(), out)
+    seen = calibrate(export_onnx(cap.encoder), batches(), cap.encoder.cache_key(), out)
     print(f"{out}: ranges from {seen} images of {args.list or args.images}")
     return 0
 

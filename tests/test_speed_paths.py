@@ -7,18 +7,23 @@ Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours
 - bf16 encoder (opt-in): features within 8% relative L2 error, every image's feature cosine >= 0.99, and a
   decoder trained on reference features gives the same caption on >= 15 of 16 unseen scenes from bf16 features.
   (On a real trained model bf16 changes far more captions: see the README's Performance section.)
-- int8 encoder (opt-in), calibrated on the first scene set: features within 30% relative L2 error, every image's
-  feature cosine >= 0.85, and the same fitted decoder gives the reference caption on >= 14 of 16 unseen scenes.
-  (Measured on the shipped model: 14% relative L2 error on real photos, 65% of dev captions identical, scores
-  nearly unchanged: see the README.)
+- int8 encoder (opt-in), calibrated on the first scene set, with 8-bit weights (VNNI CPUs) and 7-bit ones (the
+  others): features within 40% relative L2 error, every image's feature cosine >= 0.88, and the same fitted
+  decoder gives the reference caption on >= 14 of 16 unseen scenes. Measured: 21-22% and 0.95 with 8 bits, 32%
+  and 0.92 with 7; 16 and 15 captions. Two different scenes are about 100% apart. (On the shipped model: 14% on
+  real photos, 65% of dev captions identical, scores nearly unchanged: see the README.)
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import random
+import re
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -29,7 +34,7 @@ from captioner.config import DecodeConfig, ModelConfig
 from captioner.conv_passes import fold_batchnorm, static_same_padding
 from captioner.decoding import beam_search
 from captioner.encoder import build_encoder
-from captioner.fast import FastEncoder, FusedAttentionDecoder, resolve_precision
+from captioner.fast import FastEncoder, FusedAttentionDecoder, export_onnx, resolve_precision
 from captioner.vocab import Vocabulary
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
@@ -38,10 +43,12 @@ SCENES = [(c, s) for c in COLOURS for s in SHAPES]
 
 
 def scene(colour: str, shape: str, seed: int) -> Image.Image:
-    """A coloured shape on grey noise; the seed moves, resizes and re-textures it."""
+    """A coloured shape on grey noise; the seed moves, resizes and re-textures it. The noise comes from the seed too
+    (PIL's `effect_noise` draws from the C library's global generator, so scenes changed with test order)."""
     rng = random.Random(f"{colour}-{shape}-{seed}")
     background = Image.new("RGB", (224, 224), (rng.randrange(90, 170),) * 3)
-    image = Image.blend(Image.effect_noise((224, 224), 40).convert("RGB"), background, 0.6)
+    noise = np.random.default_rng(rng.randrange(2**32)).normal(128, 40, (224, 224)).clip(0, 255).astype(np.uint8)
+    image = Image.blend(Image.fromarray(noise).convert("RGB"), background, 0.6)
     draw, fill = ImageDraw.Draw(image), COLOURS[colour]
     x, y, r = rng.randrange(60, 164), rng.randrange(60, 164), rng.randrange(35, 55)
     if shape == "circle":
@@ -90,15 +97,22 @@ def features(encoder, pixels) -> dict[str, dict[int, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def int8_features(encoder, pixels, tmp_path_factory) -> dict[int, torch.Tensor]:
-    """int8 grids of both scene sets, calibrated on the first set only (as a model is calibrated on training
-    images and then captions others)."""
+def int8_calibration(encoder, pixels, tmp_path_factory) -> Path:
+    """Ranges measured on the first scene set only, as a model is calibrated on training images and then
+    captions others."""
     pytest.importorskip("onnxruntime")
     calibration = tmp_path_factory.mktemp("int8") / "model.int8.json"
-    fp32 = FastEncoder(encoder, "fp32", backend="onnxruntime")
-    assert int8.calibrate(fp32.onnx_model, [pixels[0][:8].numpy(), pixels[0][8:].numpy()], encoder.cache_key(),
-                          calibration) == 16
-    fast = FastEncoder(encoder, "int8", calibration=calibration)
+    batches = [pixels[0][:8].numpy(), pixels[0][8:].numpy()]
+    assert int8.calibrate(export_onnx(encoder), batches, encoder.cache_key(), calibration) == 16
+    return calibration
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["vnni", "no-vnni"])
+def int8_features(request, encoder, pixels, int8_calibration) -> dict[int, torch.Tensor]:
+    """int8 grids of both scene sets: with VNNI (8-bit weights) and as on a CPU without it (7-bit weights)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("captioner.fast.cpu_has_vnni", lambda: request.param)
+        fast = FastEncoder(encoder, "int8", calibration=int8_calibration)
     return {seed: fast(x).clone() for seed, x in pixels.items()}
 
 
@@ -193,29 +207,32 @@ def test_int8_features_within_tolerance(features, int8_features):
     for seed in (0, 1):  # 1: scenes the calibration never saw
         ref, fast = features["reference"][seed], int8_features[seed]
         assert fast.shape == ref.shape and fast.dtype == torch.float32
-        assert ((fast - ref).norm() / ref.norm()).item() <= 0.3
-        assert torch.nn.functional.cosine_similarity(fast.flatten(1), ref.flatten(1)).min().item() >= 0.85
+        assert ((fast - ref).norm() / ref.norm()).item() <= 0.4
+        assert torch.nn.functional.cosine_similarity(fast.flatten(1), ref.flatten(1)).min().item() >= 0.88
 
 
-
-def test_int8_needs_a_calibration_of_its_own_encoder(encoder, tmp_path):
-    pytest.importorskip("onnxruntime")
-    with pytest.raises(ValueError, match="calibration file"):
+def test_int8_needs_a_calibration_of_its_own_encoder(encoder, int8_calibration, tmp_path):
+    with pytest.raises(int8.CalibrationError, match="calibration file"):
         FastEncoder(encoder, "int8")
-    missing = tmp_path / "model.int8.json"
-    with pytest.raises(int8.CalibrationError, match=str(missing)):
-        FastEncoder(encoder, "int8", calibration=missing)
-    missing.write_text("{not json")
-    with pytest.raises(int8.CalibrationError, match="not an int8 calibration file"):
-        FastEncoder(encoder, "int8", calibration=missing)
-    fp32 = FastEncoder(encoder, "fp32", backend="onnxruntime")
+    with pytest.raises(ValueError, match="onnxruntime backend only"):
+        FastEncoder(encoder, "int8", backend="torchscript", calibration=int8_calibration)
+    bad = tmp_path / "model.int8.json"
+    with pytest.raises(int8.CalibrationError, match=re.escape(f"{bad}: no int8 calibration file")):
+        FastEncoder(encoder, "int8", calibration=bad)
+    bad.write_text("{not json")
+    with pytest.raises(int8.CalibrationError, match=re.escape(f"{bad}: not an int8 calibration file")):
+        FastEncoder(encoder, "int8", calibration=bad)
     other = build_encoder("efficientnet_lite0", image_size=160)  # another input size: another encoder
-    int8.calibrate(fp32.onnx_model, [torch.zeros(2, 3, 224, 224).numpy()], encoder.cache_key(), missing)
     with pytest.raises(int8.CalibrationError, match="measured for encoder"):
-        FastEncoder(other, "int8", calibration=missing)
+        FastEncoder(other, "int8", calibration=int8_calibration)
+    payload = json.loads(int8_calibration.read_text())
+    payload["ranges"]["data"]["/no/such/Conv_output_0"] = next(iter(payload["ranges"]["data"].values()))
+    bad.write_text(json.dumps(payload))
+    with pytest.raises(int8.CalibrationError, match=re.escape(f"{bad}: the calibration names 1 tensors")):
+        FastEncoder(encoder, "int8", calibration=bad)
     with pytest.raises(int8.CalibrationError, match="no calibration images"):
-        int8.calibrate(fp32.onnx_model, [], encoder.cache_key(), tmp_path / "empty.int8.json")
-    assert not (tmp_path / "empty.int8.json").exists()
+        int8.calibrate(export_onnx(encoder), [], encoder.cache_key(), tmp_path / "empty.int8.json")
+    assert not (tmp_path / "empty.int8.json").exists() and [p.name for p in tmp_path.iterdir()] == [bad.name]
     assert int8.calibration_path(tmp_path / "m.safetensors") == tmp_path / "m.int8.json"
 
 
