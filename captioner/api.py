@@ -120,6 +120,8 @@ class Captioner:
 
         Raises:
             CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.
+            CalibrationError: precision "int8" and the checkpoint's calibration file is missing, damaged or was
+                measured for another encoder.
         """
         if path is None:
             path = default_model_path()
