@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.checkpoint import atomic_write_bytes
+
 FORMAT = 1
 
 
@@ -97,14 +99,7 @@ def calibrate(model: bytes, batches: Iterable[np.ndarray], encoder_key: str, out
         quantize_static(_prepared(model), Path(tmp) / "int8.onnx", Reader(), calibration_cache_path=ranges,
                         **_settings(reduce_range=False))
         payload = {"format": FORMAT, "encoder": encoder_key, "images": seen, "ranges": json.loads(ranges.read_text())}
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, sort_keys=True)  # ONNX Runtime lists tensors in set order
-        os.replace(tmp_name, out)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(out, json.dumps(payload, sort_keys=True).encode())  # ONNX Runtime lists tensors in set order
     return seen
 
 
