@@ -83,11 +83,13 @@ class Captioner:
 
         Args:
             precision: "reference" runs the training-time fp32 modules unchanged; "fp32" (and "auto") the
-                CPU fast paths in fp32: same captions, features within 1e-3; "bf16" also runs the encoder in
-                bf16, faster on CPUs with bf16 instructions but it changes some captions; "int8" runs the
-                encoder quantised to 8 bits from `int8_calibration`, faster still, and changes more captions
-                (tolerances: tests/test_speed_paths.py; on CPUs without VNNI its weights get 7 bits, so its
-                captions can differ between CPUs). Off the CPU the reference modules are always used.
+                CPU fast paths in fp32: same captions, features within 1e-3; "bf16" runs the encoder and the
+                decoder's matrix products in bf16, faster on CPUs with bf16 instructions but it changes some
+                captions; "int8" runs the encoder quantised to 8 bits from `int8_calibration`, and the decoder's
+                products in bf16 where the CPU has bf16 instructions (fp32 elsewhere): the fastest, and it
+                changes more captions (tolerances: tests/test_speed_paths.py; on CPUs without VNNI its weights
+                get 7 bits, so its captions can differ between CPUs). Off the CPU the reference modules are
+                always used.
             int8_calibration: the calibration file for "int8" (`captioner.int8.calibration_path`).
         """
         if encoder.feature_dim != model.encoder_dim:
@@ -163,7 +165,7 @@ class Captioner:
         return prep(open_image(item, prep.size, source))
 
     def caption(self, images: ImageInput | Sequence[ImageInput], beam_size: int | None = None, n_best: int = 1,
-                batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
+                batch_size: int = 64, max_length: int | None = None, min_length: int | None = None,
                 length_penalty: float | None = None, return_attention: bool = False, return_gates: bool = False,
                 on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2,
                 names: Sequence[str] | None = None, no_repeat_ngram: int | None = None) -> list[Caption]:
@@ -188,7 +190,7 @@ class Captioner:
                                          names=names, no_repeat_ngram=no_repeat_ngram))
 
     def caption_iter(self, images: Iterable[ImageInput], *, beam_size: int | None = None, n_best: int = 1,
-                     batch_size: int = 16, max_length: int | None = None, min_length: int | None = None,
+                     batch_size: int = 64, max_length: int | None = None, min_length: int | None = None,
                      length_penalty: float | None = None, return_attention: bool = False,
                      return_gates: bool = False, on_error: Literal["raise", "skip"] = "raise",
                      num_workers: int = 2, names: Iterable[str] | None = None,

@@ -119,15 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="model .safetensors (default: the shipped model)")
     p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the model's)")
     p.add_argument("--n-best", type=int, default=1, help="alternatives per image")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per network batch: larger batches step more beams per matrix product")
     p.add_argument("--max-length", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=1,
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32", "int8", "reference"], default="auto",
                    help="auto/fp32: fast CPU path, same captions as reference (the training-time modules); "
-                        "bf16: faster encoder on CPUs with bf16 instructions, changes some captions; "
-                        "int8: fastest encoder, changes more captions, needs the checkpoint's .int8.json "
-                        "calibration (the shipped model has one)")
+                        "bf16: bf16 encoder and decoder products, faster on CPUs with bf16 instructions, "
+                        "changes some captions; int8: int8 encoder (and bf16 decoder products where the CPU has "
+                        "bf16 instructions), the fastest, changes more captions, needs the checkpoint's "
+                        ".int8.json calibration (the shipped model has one)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the network (default: one per core); 1 is faster when other processes "
                         "keep the cores busy")
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float, default=None)
     p.add_argument("--no-repeat-ngram", type=int, default=None,
                    help="forbid repeating an n-gram within a caption (default: the checkpoint's setting; 0 = off)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64, help="images per network batch")
     p.add_argument("--max-images", type=int, default=0)
     p.add_argument("--output", help="folder for scores.json and captions.jsonl (default: print only)")
     p.set_defaults(func=_evaluate)

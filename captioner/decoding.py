@@ -1,6 +1,7 @@
 """Batched beam search: the only caption search in the project (greedy is `beam_size=1`).
 
-All B images x K beams advance together as (B*K)-row tensors; the only Python loop is over time steps. A beam
+All B images x K beams advance together as (B*K)-row tensors (the first step, before the beams of an image
+differ, runs one row per image); the only Python loop is over time steps. A beam
 that has emitted <end> stays in its slot with a frozen score (it can only be extended by <end> at no cost), so
 finished and unfinished hypotheses compete on the same length-normalised score and the search ends early when
 every beam has finished. Once all K beams of an image have finished, nothing about it can change, so it leaves
@@ -22,8 +23,10 @@ from captioner.decoder import StepOutput, Tensors
 class StepDecoder(Protocol):
     """What beam search needs from a decoder (see `captioner.decoder`).
 
-    A decoder may also set `memory_per_image = True`: its `step` then takes `memory` with one row per image and
-    broadcasts it over that image's beams (rows b*K ... b*K + K - 1), so the memory is never copied K times.
+    `step` is first called with one row per image (tokens all <start>, the state straight from `init`), then with
+    K rows per image, image-major. A decoder may also set `memory_per_image = True`: its `step` then takes
+    `memory` with one row per image and broadcasts it over that image's rows (rows b*K ... b*K + K - 1, K = 1 at
+    the first step), so the memory is never copied K times.
     """
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]: ...
@@ -86,14 +89,16 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
     B, K = features.size(0), beam_size
     device = features.device
-    memory, state = decoder.init(features)
+    memory, state = decoder.init(features)  # per-image work is shared by the beams, not recomputed
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each row
-    state = _select(state, rows)  # per-image work is shared, not recomputed
     per_image = getattr(decoder, "memory_per_image", False)
+    image_memory = memory
     if not per_image:
         memory = _select(memory, rows)
 
-    tokens = torch.full((B * K,), start_id, dtype=torch.long, device=device)
+    # The first step runs one row per image: the K beams of an image are the same hypothesis until it is
+    # extended, so its output is copied to the K rows afterwards.
+    tokens = torch.full((B,), start_id, dtype=torch.long, device=device)
     logprob = torch.zeros(B, K, device=device)
     logprob[:, 1:] = float("-inf")  # all beams start identical: expand only the first at step one
     lengths = torch.zeros(B * K, device=device)
@@ -107,7 +112,11 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
 
     for t in range(max_length):
         A = active.numel()
-        out = decoder.step(tokens, memory, state, return_gates=return_gates)
+        if t == 0:
+            out = decoder.step(tokens, image_memory, state, return_gates=return_gates)
+            out = _expand(out, rows) if K > 1 else out
+        else:
+            out = decoder.step(tokens, memory, state, return_gates=return_gates)
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (A*K, V)
         V = logp.size(1)
         if banned_ids:
@@ -166,6 +175,13 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
     order = score.view(B, K).argsort(dim=1, descending=True)  # (B, K)
     return _collect(order, final.history, logprob, score, lengths, final.finished, final.attention, final.gates,
                     end_id, n_best)
+
+
+def _expand(out: StepOutput, rows: torch.Tensor) -> StepOutput:
+    """`out` with its rows repeated as `rows` says (one row per image -> the image's K beams)."""
+    return StepOutput(out.logits.index_select(0, rows), _select(out.state, rows),
+                      out.attention.index_select(0, rows) if out.attention is not None else None,
+                      _select(out.gates, rows) if out.gates is not None else None)
 
 
 def _repeating_words(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:

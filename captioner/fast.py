@@ -4,10 +4,9 @@
   ONNX Runtime (fp32, the default; int8 on request, `captioner.int8`), or with batch norm folded into the
   convolutions, channels-last memory and TorchScript (fp32, or bf16 on request), in micro-batches small enough to
   stay in cache.
-- `FusedAttentionDecoder`: the attention decoder's `init`/`step` with the matrix products regrouped: the three
-  linear maps of the hidden state are one product, and the embedding's share of the LSTM input is looked up
-  from a precomputed (V, 4H) table; the attention's tanh is rewritten as a sigmoid. Same weights, same fp32
-  arithmetic up to summation order and rounding.
+- `FusedAttentionDecoder` (`captioner.fused_decoder`): the attention decoder's `init`/`step` with the matrix
+  products regrouped, in fp32 (the default) or with bf16 products (precisions "bf16", and "int8" on CPUs with
+  native bf16).
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
 checks each fast path against them (feature extraction for training runs the fp32 `FastEncoder`, and
@@ -29,7 +28,8 @@ from torch import nn
 
 from captioner import int8, onnx_runtime
 from captioner.conv_passes import fold_batchnorm, static_same_padding
-from captioner.decoder import AttentionDecoder, StepOutput, Tensors
+from captioner.decoder import AttentionDecoder
+from captioner.fused_decoder import FusedAttentionDecoder, Products
 
 if TYPE_CHECKING:
     from captioner.encoder import Encoder
@@ -65,6 +65,14 @@ def cpu_has_bf16() -> bool:
 def cpu_has_vnni() -> bool:
     """Whether this CPU has 8-bit dot products (VNNI); without them int8 weights are quantised to 7 bits."""
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def decoder_products(precision: str) -> Products:
+    """The arithmetic of the decoder's matrix products for a resolved precision: "bf16" for "bf16", and for "int8"
+    where the CPU has native bf16 (elsewhere bf16 is emulated, far slower than fp32); otherwise "fp32"."""
+    if precision == "bf16" or (precision == "int8" and cpu_has_bf16()):
+        return "bf16"
+    return "fp32"
 
 
 def export_onnx(encoder: Encoder) -> bytes:
@@ -108,9 +116,9 @@ class FastEncoder:
         if self.precision == "int8" and calibration is None:
             raise int8.CalibrationError("the int8 encoder needs a calibration file (see captioner.int8)")
         if self.precision == "bf16" and not cpu_has_bf16():
-            warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 encoder is emulated and "
-                          "far slower than fp32 (measured on an AVX2-only CPU: 2.3 against 36 images/s)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 encoder and decoder "
+                          "products are emulated and far slower than fp32 (measured on an AVX2-only CPU, the "
+                          "encoder: 2.3 against 36 images/s)", RuntimeWarning, stacklevel=2)
         self.name, self.preprocess = encoder.name, encoder.preprocess
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
         self._key = encoder.cache_key()
@@ -151,81 +159,6 @@ class FastEncoder:
         return torch.cat(grids).float()  # (B, N, D): (b, D, h, w) maps -> (b, h*w, D) grids
 
 
-class FusedAttentionDecoder:
-    """`AttentionDecoder.init`/`step` with fused weights, for inference (dropout off, no gradients).
-
-    Per step: one (H -> A + F + 4H) product for the attention query, the context gate and the LSTM's recurrent
-    term; the word's LSTM input term is a row of a precomputed (V, 4H) table, the context's is added in the same
-    `addmm`. The attention score's bias is dropped (softmax ignores a constant shift). The memory (projected
-    features and attention keys) stays at one row per image and is broadcast over the beams. With the deep output,
-    the word's share of the readout (its embedding plus L_h's bias) is a row of a (V, E) table.
-
-    The attention energy `w . tanh(u)` over every beam x grid cell x attention unit is computed as
-    `2w . sigmoid(2u)`: tanh(u) = 2 sigmoid(2u) - 1, and the `- w.1` it drops is the same for every grid cell,
-    which the softmax ignores. Doubling is exact in floating point, so the keys, the query's weight rows and
-    bias, and the score weights are stored doubled.
-    PyTorch's CPU tanh is about 10x slower than its sigmoid (2.2 against 0.22 ms for one step's 2M values at
-    32 images): the tanh took 17% of the decoder's time, and without it the decoder ran 19% faster in
-    `benchmarks/batch_captioning.py` (187 to 223 images/s). All fp32: with
-    bf16 products (AMX) it ran faster but changed about one caption in ten of a trained model, so it is not
-    offered.
-    """
-
-    memory_per_image = True
-
-    def __init__(self, decoder: AttentionDecoder):
-        if not isinstance(decoder, AttentionDecoder):
-            raise TypeError(f"FusedAttentionDecoder needs an AttentionDecoder, got {type(decoder).__name__}")
-        d = decoder
-        with torch.no_grad():
-            E = d.embed.embedding_dim
-            w_ih = d.lstm.weight_ih.float()  # (4H, E + F)
-            self.word_gates = torch.addmm(d.lstm.bias_ih.float(), d.embed.weight.float(), w_ih[:, :E].t())  # (V, 4H)
-            self.context_w = w_ih[:, E:].t().contiguous()  # (F, 4H)
-            hidden = torch.cat([2 * d.att_hidden.weight, d.gate.weight, d.lstm.weight_hh])  # (A + F + 4H, H)
-            self.hidden_w = hidden.t().contiguous().float()  # the query doubled, for the sigmoid form
-            self.hidden_b = torch.cat([2 * d.att_hidden.bias, d.gate.bias, d.lstm.bias_hh]).float()
-            self.score_w = 2 * d.att_score.weight.float().view(-1, 1)  # (A, 1)
-            self.out_w = d.out.weight.t().contiguous().float()  # (H, V), or (E, V) with the deep output
-            self.out_b = d.out.bias.float()
-            self.deep = d.cfg.deep_output
-            if self.deep:  # readout = tanh(embed[word] + L_h h + L_z context): a table row and two addmm
-                self.readout_words = (d.embed.weight.float() + d.readout_hidden.bias.float()).contiguous()  # (V, E)
-                self.readout_hidden_w = d.readout_hidden.weight.t().contiguous().float()  # (H, E)
-                self.readout_context_w = d.readout_context.weight.t().contiguous().float()  # (F, E)
-        self.split = (d.att_hidden.out_features, d.gate.out_features, 4 * d.lstm.hidden_size)
-        self.reference = d
-
-    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
-        with torch.inference_mode():
-            memory, state = self.reference.init(features.float())
-            # Doubled for the sigmoid form, under a new name: the reference `step` must not be handed them.
-            return {"feats": memory["feats"], "doubled_keys": memory["keys"] * 2}, state
-
-    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
-        keys, feats = memory["doubled_keys"], memory["feats"]  # (B, N, A), (B, N, F)
-        B, N, A = keys.shape
-        R = tokens.size(0)  # B * K rows, image-major
-        h, c = state["h"], state["c"]  # (R, H)
-        query, gate, recurrent = torch.addmm(self.hidden_b, h, self.hidden_w).split(self.split, dim=1)
-        energy = torch.sigmoid_(keys.unsqueeze(1) + query.view(B, R // B, 1, A))  # (B, K, N, A)
-        alpha = torch.softmax(torch.matmul(energy, self.score_w).view(B, R // B, N), dim=2)  # (B, K, N)
-        context = torch.bmm(alpha, feats).view(R, -1).mul_(torch.sigmoid_(gate))  # (R, F)
-        base = self.word_gates.index_select(0, tokens).add_(recurrent)  # (R, 4H)
-        z = torch.addmm(base, context, self.context_w)
-        i, f, g, o = z.chunk(4, dim=1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = torch.addcmul(f * c, i, g)
-        h_new = o * torch.tanh(c_new)
-        readout = h_new
-        if self.deep:
-            readout = torch.addmm(self.readout_words.index_select(0, tokens), h_new, self.readout_hidden_w)
-            readout = torch.tanh_(torch.addmm(readout, context, self.readout_context_w))  # (R, E)
-        logits = torch.addmm(self.out_b, readout, self.out_w)  # (R, V)
-        gates = {"input": i, "forget": f, "output": o, "cell": c_new} if return_gates else None
-        return StepOutput(logits, {"h": h_new, "c": c_new}, alpha.view(R, N), gates)
-
-
 class FastPaths:
     """Lazily built, thread-safe holder of a Captioner's fast encoder and decoder (built on first use)."""
 
@@ -240,8 +173,9 @@ class FastPaths:
         if self._built is None:
             with self._lock:
                 if self._built is None:
-                    decoder = (FusedAttentionDecoder(self._decoder) if isinstance(self._decoder, AttentionDecoder)
-                               else self._decoder)
+                    decoder = self._decoder
+                    if isinstance(decoder, AttentionDecoder):
+                        decoder = FusedAttentionDecoder(decoder, decoder_products(self.precision))
                     encoder = FastEncoder(self._encoder, self.precision, backend=self.backend,
                                           calibration=self.calibration)
                     self._built = (encoder, decoder)

@@ -27,8 +27,12 @@ def test_teacher_forcing_shapes_and_gradients(kind, deep, feature_dim, head):
         assert alphas is None
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 30), captions[:, 1:].reshape(-1))
     loss.backward()
-    missing = [n for n, p in decoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert missing == []
+    grads = dict(decoder.named_parameters())
+    # The attention score's bias shifts every energy alike, which the softmax ignores: its gradient is zero up to
+    # rounding (whether it came out exactly zero depended on the random draw, and so on test order).
+    shift = grads.pop("att_score.bias", None)
+    assert shift is None or (shift.grad is not None and shift.grad.abs().max().item() < 1e-5)
+    assert [n for n, p in grads.items() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
 @pytest.mark.parametrize("kind,deep", KINDS)

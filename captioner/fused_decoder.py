@@ -1,0 +1,157 @@
+"""The attention decoder regrouped for CPU inference: fewer, larger matrix products, fp32 or bf16.
+
+`FusedAttentionDecoder` is what beam search drives on the fast paths (`captioner.fast.FastPaths`). It computes
+what `AttentionDecoder.init`/`step` compute, from copies of the same weights (later changes to the decoder are not
+seen): in fp32 the captions are the reference's (up to summation order and rounding; `tests/test_speed_paths.py`),
+in bf16 they are within a stated tolerance.
+
+Why bf16 is offered for the decoder: its matrix products are small (one row per beam) and bound by arithmetic,
+not memory, and on CPUs with native bf16 (AVX512-BF16 or AMX) PyTorch multiplies bf16 four times faster than fp32
+(measured here: 830 against 195 GFLOP/s for a (96 x 512) by (512 x 2816) product). The products read bf16 copies of
+the weights and round their inputs to bf16, accumulate in fp32, and round their outputs to bf16 (PyTorch's CPU
+product has no fp32 output for bf16 inputs); everything between the products (biases, attention softmax, the LSTM
+nonlinearities, the state, the final log-softmax) stays fp32, as do the two small products of the attention
+itself (the energies' score over the attention units, and the weighted sum of the grid features).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import nn
+
+from captioner.decoder import AttentionDecoder, StepOutput, Tensors
+
+Products = Literal["fp32", "bf16"]
+PRODUCT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROJECT_CHUNK = 8
+"""Images per projection call in `init`: the head's wide (8 x 81 x 1280) activations then stay in cache."""
+
+
+class Product:
+    """`base + x @ weight` with fp32 operands, or with bf16 inputs (see the module docstring); always fp32 out.
+
+    `weight` is (K, N) (already transposed), `bias` (N,) is the default `base`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+        self.weight = weight.detach().float().contiguous().to(dtype)
+        self.bias = bias.detach().float() if bias is not None else None
+
+    @classmethod
+    def of(cls, linear: nn.Linear, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Product:
+        """The product of an `nn.Linear` (its weight and bias times `scale`, exact for a power of two)."""
+        bias = linear.bias * scale if linear.bias is not None else None
+        return cls(linear.weight.t() * scale, bias, dtype)
+
+    def __call__(self, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., K) -> (..., N); `base` (broadcastable to (M, N)) replaces the bias when given."""
+        base = self.bias if base is None else base
+        flat = x.reshape(-1, x.size(-1))
+        if self.dtype == torch.float32:
+            y = torch.mm(flat, self.weight) if base is None else torch.addmm(base, flat, self.weight)
+        else:
+            y = torch.mm(flat.to(self.dtype), self.weight).float()
+            if base is not None:
+                y = y.add_(base)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+
+class FusedAttentionDecoder:
+    """`AttentionDecoder.init`/`step` with fused weights, for inference (dropout off, no gradients).
+
+    Per step: one (H -> A + F + 4H) product for the attention query, the context gate and the LSTM's recurrent
+    term; the word's LSTM input term is a row of a precomputed (V, 4H) table, the context's is added in the same
+    product. The attention score's bias is dropped (softmax ignores a constant shift). The memory (projected
+    features and attention keys) stays at one row per image and is broadcast over the beams. With the deep output,
+    the word's share of the readout (its embedding plus L_h's bias) is a row of a (V, E) table.
+
+    The attention energy `w . tanh(u)` over every beam x grid cell x attention unit is computed as
+    `2w . sigmoid(2u)`: tanh(u) = 2 sigmoid(2u) - 1, and the `- w.1` it drops is the same for every grid cell,
+    which the softmax ignores. Doubling is exact in floating point, so the keys, the query's weight rows and
+    bias, and the score weights are stored doubled.
+    PyTorch's CPU tanh is about 10x slower than its sigmoid (2.2 against 0.22 ms for one step's 2M values at
+    32 images): the tanh took 17% of the decoder's time, and without it the decoder ran 19% faster in
+    `benchmarks/batch_captioning.py` (187 to 223 images/s).
+
+    `products="bf16"` runs the weight products of `init` and `step` (every product with a weight matrix) with bf16
+    inputs (see `Product`); the tables and everything between the products stay fp32.
+    """
+
+    memory_per_image = True
+
+    def __init__(self, decoder: AttentionDecoder, products: Products = "fp32"):
+        if not isinstance(decoder, AttentionDecoder):
+            raise TypeError(f"FusedAttentionDecoder needs an AttentionDecoder, got {type(decoder).__name__}")
+        if products not in PRODUCT_DTYPES:
+            raise ValueError(f"unknown products {products!r}; choose one of {', '.join(PRODUCT_DTYPES)}")
+        self.products = products
+        dtype = PRODUCT_DTYPES[products]
+        d = decoder
+        with torch.no_grad():
+            E = d.embed.embedding_dim
+            w_ih = d.lstm.weight_ih.float()  # (4H, E + F)
+            self.word_gates = torch.addmm(d.lstm.bias_ih.float(), d.embed.weight.float(), w_ih[:, :E].t())  # (V, 4H)
+            self.context = Product(w_ih[:, E:].t(), None, dtype)  # (F, 4H)
+            hidden = torch.cat([2 * d.att_hidden.weight, d.gate.weight, d.lstm.weight_hh])  # (A + F + 4H, H)
+            bias = torch.cat([2 * d.att_hidden.bias, d.gate.bias, d.lstm.bias_hh])  # the query doubled: sigmoid form
+            self.hidden = Product(hidden.t(), bias, dtype)
+            self.score_w = 2 * d.att_score.weight.float().view(-1, 1)  # (A, 1)
+            self.out = Product.of(d.out, dtype)  # (H, V), or (E, V) with the deep output
+            self.deep = d.cfg.deep_output
+            if self.deep:  # readout = tanh(embed[word] + L_h h + L_z context): a table row and two products
+                self.readout_words = (d.embed.weight.float() + d.readout_hidden.bias.float()).contiguous()  # (V, E)
+                self.readout_hidden = Product(d.readout_hidden.weight.t(), None, dtype)  # (H, E)
+                self.readout_context = Product(d.readout_context.weight.t(), None, dtype)  # (F, E)
+            # init's products: the per-image projection (a third of the decoder's arithmetic) and the keys.
+            self.project: list[Product | nn.Module] = []
+            for layer in d.project.children():
+                if isinstance(layer, nn.Linear):
+                    layer = Product.of(layer, dtype)
+                elif self.project and isinstance(self.project[-1], Product) and hasattr(layer, "inplace"):
+                    # ReLU6, ReLU: in place on the product just computed, never on the caller's features
+                    layer = copy.copy(layer)
+                    layer.inplace = True
+                self.project.append(layer)
+            self.keys = Product.of(d.att_feat, dtype, scale=2)  # doubled for the sigmoid form
+            self.initial = Product(torch.cat([d.init_h.weight, d.init_c.weight]).t(),
+                                   torch.cat([d.init_h.bias, d.init_c.bias]), dtype)  # mean feature -> (h, c)
+        self.split = (d.att_hidden.out_features, d.gate.out_features, 4 * d.lstm.hidden_size)
+
+    def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]:
+        with torch.inference_mode():
+            chunks = []
+            for feats in features.float().split(PROJECT_CHUNK):
+                for layer in self.project:
+                    feats = layer(feats)  # feature dropout is off in inference
+                chunks.append(feats)
+            feats = torch.cat(chunks)  # (B, N, F)
+            h, c = torch.tanh_(self.initial(feats.mean(1))).chunk(2, dim=1)  # (B, H) each
+            state = {"h": h, "c": c}
+            # Under a new name: the reference `step` must not be handed doubled keys.
+            return {"feats": feats, "doubled_keys": self.keys(feats)}, state
+
+    def step(self, tokens: torch.Tensor, memory: Tensors, state: Tensors, return_gates: bool = False) -> StepOutput:
+        keys, feats = memory["doubled_keys"], memory["feats"]  # (B, N, A), (B, N, F)
+        B, N, A = keys.shape
+        R = tokens.size(0)  # B * K rows, image-major (K = 1 at the first step)
+        h, c = state["h"], state["c"]  # (R, H)
+        query, gate, recurrent = self.hidden(h).split(self.split, dim=1)
+        energy = torch.sigmoid_(keys.unsqueeze(1) + query.view(B, R // B, 1, A))  # (B, K, N, A)
+        alpha = torch.softmax(torch.matmul(energy, self.score_w).view(B, R // B, N), dim=2)  # (B, K, N)
+        context = torch.bmm(alpha, feats).view(R, -1).mul_(torch.sigmoid_(gate))  # (R, F)
+        z = self.context(context, self.word_gates.index_select(0, tokens).add_(recurrent))  # (R, 4H)
+        i, f, g, o = z.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = torch.addcmul(f * c, i, g)
+        h_new = o * torch.tanh(c_new)
+        readout = h_new
+        if self.deep:
+            readout = self.readout_hidden(h_new, self.readout_words.index_select(0, tokens))
+            readout = torch.tanh_(self.readout_context(context, readout))  # (R, E)
+        logits = self.out(readout)  # (R, V)
+        gates = {"input": i, "forget": f, "output": o, "cell": c_new} if return_gates else None
+        return StepOutput(logits, {"h": h_new, "c": c_new}, alpha.view(R, N), gates)
