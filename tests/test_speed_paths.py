@@ -14,7 +14,7 @@ Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours
   others): features within 40% relative L2 error, every image's feature cosine >= 0.88, and the same fitted
   decoder, with fp32 or bf16 products, gives the reference caption on >= 14 of 16 unseen scenes. Measured:
   21-22% and 0.95 with 8 bits, 32% and 0.92 with 7; 16 and 15 captions. Two different scenes are about 100%
-  apart. (On the shipped model: 14% on real photos; with bf16 decoder products, 63% of dev captions identical
+  apart. (On the shipped model: 14% on real photos; with bf16 decoder products, 64% of dev captions identical
   and scores slightly lower: see the README.)
 """
 
