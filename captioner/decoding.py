@@ -1,12 +1,12 @@
 """Batched beam search: the only caption search in the project (greedy is `beam_size=1`).
 
-All B images x K beams advance together as (B*K)-row tensors (the first step, before the beams of an image
-differ, runs one row per image); the only Python loop is over time steps. A beam
-that has emitted <end> stays in its slot with a frozen score (it can only be extended by <end> at no cost), so
-finished and unfinished hypotheses compete on the same length-normalised score and the search ends early when
-every beam has finished. Once all K beams of an image have finished, nothing about it can change, so it leaves
-the batch (when at least an eighth of the batch is done) and later steps run on the remaining images only. If no
-beam ever ends, the best partial hypotheses are returned.
+All B images x K beams advance together as (B*K)-row tensors (the first step, before the beams of an image differ,
+runs one row per image); the only Python loop is over time steps. A beam that has emitted <end> stays in its slot
+with a frozen score (it can only be extended by <end> at no cost), so finished and unfinished hypotheses compete on
+the same length-normalised score and the search ends early when every beam has finished. Once all K beams of an
+image have finished, nothing about it can change, so it leaves the batch (when at least an eighth of the batch is
+done) and later steps run on the remaining images only. If no beam ever ends, the best partial hypotheses are
+returned.
 """
 
 from __future__ import annotations
