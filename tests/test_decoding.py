@@ -64,6 +64,48 @@ def test_beam_size_one_is_greedy(tiny_cfg, vocab, kind):
     assert [h[0].tokens for h in got] == expected
 
 
+def _rank(logprob, length, length_penalty):
+    return logprob / length**length_penalty if length_penalty else logprob
+
+
+def beam_reference(decoder, features, beam_size, max_length, length_penalty):
+    """Beam search over one image written independently of `beam_search`: a list of hypotheses, one decoder
+    step per hypothesis, finished ones carried over unchanged."""
+    memory, state = decoder.init(features)  # one image
+    beams = [([], 0.0, state, False)]  # tokens, logprob, state, finished
+    for _ in range(max_length):
+        candidates = []
+        for tokens, logprob, state, finished in beams:
+            if finished:
+                candidates.append((tokens, logprob, state, True))
+                continue
+            out = decoder.step(torch.tensor([tokens[-1] if tokens else START]), memory, state)
+            for word, lp in enumerate(torch.log_softmax(out.logits[0], 0).tolist()):
+                candidates.append((tokens + [word], logprob + lp, out.state, word == END))
+        beams = sorted(candidates, key=lambda b: _rank(b[1], len(b[0]), length_penalty), reverse=True)[:beam_size]
+        if all(b[3] for b in beams):
+            break
+    return [([w for w in b[0] if w != END], _rank(b[1], len(b[0]), length_penalty)) for b in beams]
+
+
+@pytest.mark.parametrize("kind", ["attention", "show_tell"])
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_beam_search_matches_a_plain_reference(tiny_cfg, vocab, kind, beam_size):
+    """Every image's n-best list and scores as a one-hypothesis-at-a-time search finds them (this covers the
+    batched search's shortcuts: one row per image at the first step, finished images leaving the batch)."""
+    decoder = random_decoder(tiny_cfg, vocab, seed=5, kind=kind)
+    with torch.no_grad():
+        decoder.out.weight.mul_(4)  # a confident decoder: fewer near-ties between hypotheses
+    features = torch.randn(5, 9, 32)
+    got = beam_search(decoder, features, start_id=START, end_id=END, beam_size=beam_size, n_best=beam_size,
+                      max_length=8, min_length=0, length_penalty=0.7)
+    with torch.no_grad():
+        for i in range(5):
+            expected = beam_reference(decoder, features[i:i + 1], beam_size, 8, 0.7)
+            assert [h.tokens for h in got[i]] == [tokens for tokens, _ in expected]
+            assert [h.score for h in got[i]] == pytest.approx([score for _, score in expected], abs=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["attention", "show_tell"])
 def test_batched_equals_one_by_one(tiny_cfg, vocab, kind):
     decoder = random_decoder(tiny_cfg, vocab, seed=1, kind=kind)
