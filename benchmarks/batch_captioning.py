@@ -41,7 +41,7 @@ from captioner import Captioner
 from captioner.checkpoint import new_model, save_model
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import beam_search
-from captioner.fast import FastPaths, cpu_has_bf16, decoder_products
+from captioner.fast import FastPaths, cpu_flags, cpu_has_bf16, decoder_products
 from captioner.images import open_image
 from captioner.int8 import calibration_path
 from captioner.vocab import SPECIALS, Vocabulary
@@ -152,7 +152,7 @@ def cpu_name() -> str:
         return platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.machine())
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "").split()
+    flags = cpu_flags()
     extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{name} ({', '.join(extras)})" if extras else name
 
