@@ -32,9 +32,9 @@ from PIL import Image, ImageDraw
 
 from captioner import Captioner
 from captioner.api import default_model_path
-from captioner.checkpoint import new_model, save_model
 from captioner.config import DecodeConfig, ModelConfig
-from captioner.vocab import Vocabulary
+from captioner.models.checkpoint import new_model, save_model
+from captioner.models.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 

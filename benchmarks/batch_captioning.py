@@ -6,7 +6,7 @@
 naive   what tutorial repositories do: load one image, encode it alone with the fp32 reference encoder, beam-search
         it alone (the project's beam search with one image), next image.
 batch   `Captioner.caption_iter` as shipped: decoding threads, batches, the default fp32 fast paths of
-        `captioner.fast` (encoder in ONNX Runtime, fused decoder step, finished images leaving the batch).
+        `captioner.runtime.fast` (encoder in ONNX Runtime, fused decoder step, finished images leaving the batch).
         The ablation table also runs the batch pipeline on the reference modules, with the TorchScript fp32
         encoder, with the opt-in "bf16" precision (bf16 encoder and decoder products), and with the opt-in
         "int8" precision (int8 encoder, bf16 decoder products on CPUs with native bf16) when the checkpoint has
@@ -38,13 +38,13 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner
-from captioner.checkpoint import new_model, save_model
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.decoding import beam_search
-from captioner.fast import FastPaths, cpu_flags, cpu_has_bf16, decoder_products
 from captioner.images import open_image
-from captioner.int8 import calibration_path
-from captioner.vocab import SPECIALS, Vocabulary
+from captioner.models.checkpoint import new_model, save_model
+from captioner.models.vocab import SPECIALS, Vocabulary
+from captioner.runtime.fast import FastPaths, cpu_flags, cpu_has_bf16, decoder_products
+from captioner.runtime.int8 import calibration_path
 
 
 def random_checkpoint(path: Path) -> None:

@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner.api import default_model_path
-from captioner.conv_passes import fold_batchnorm
-from captioner.encoder import build_encoder
-from captioner.fast import FastEncoder
-from captioner.int8 import CalibrationError, calibration_path
+from captioner.models.conv_passes import fold_batchnorm
+from captioner.models.encoder import build_encoder
+from captioner.runtime.fast import FastEncoder
+from captioner.runtime.int8 import CalibrationError, calibration_path
 
 CL = torch.channels_last
 

@@ -4,7 +4,7 @@
         [--set train.lr=3e-3 ...]
 
 Extracts (or reuses) the recipe's feature cache, builds the model and optimizer as `fit` does, and times
-`--steps` calls of `captioner.training.train_step` (forward, loss, backward, clipping, AdamW) after 3 warm-up
+`--steps` calls of `captioner.training.loop.train_step` (forward, loss, backward, clipping, AdamW) after 3 warm-up
 steps, `--repeats` times on fresh batches. Prints the median step time with [min-max], captions per second, and
 the implied time of one epoch of teacher forcing (validation not included). Compare two versions of the code by
 running it on each in turn on an otherwise idle machine; figures from different machines or busy ones do not
@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from captioner.checkpoint import new_model
 from captioner.config import load_config
 from captioner.data.dataset import encode_captions, iterate_batches
-from captioner.data.prepare import prepare_data
-from captioner.training import parameter_groups, start_encoder_head, train_step
-from captioner.vocab import Vocabulary
+from captioner.models.checkpoint import new_model
+from captioner.models.vocab import Vocabulary
+from captioner.training.loop import parameter_groups, start_encoder_head, train_step
+from captioner.training.prepare import prepare_data
 
 
 def main() -> None:

@@ -6,9 +6,9 @@
 """
 
 from captioner.api import Alternative, Caption, Captioner
-from captioner.checkpoint import CheckpointError
 from captioner.config import ConfigError
 from captioner.images import ImageLoadError
+from captioner.models.checkpoint import CheckpointError
 
 __all__ = ["Alternative", "Caption", "Captioner", "CheckpointError", "ConfigError", "ImageLoadError"]
 __version__ = "0.1.0"

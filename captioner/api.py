@@ -4,7 +4,7 @@ A Captioner holds an encoder and a decoder in eval mode and no other mutable sta
 once, under a lock), so one instance can serve several threads at once. Images are decoded and resized in a
 thread pool (PIL releases the GIL while decoding) while the previous batch runs through the network.
 
-By default the network runs on the fp32 CPU fast paths of `captioner.fast` (the encoder in ONNX Runtime, a fused
+By default the network runs on the fp32 CPU fast paths of `captioner.runtime.fast` (the encoder in ONNX Runtime, a fused
 decoder step), which give the captions of the training-time modules; `precision="reference"` runs those
 modules unchanged. `tests/test_speed_paths.py` states and checks how closely the paths agree.
 """
@@ -23,13 +23,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from captioner.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.config import DecodeConfig
 from captioner.decoding import Hypothesis, beam_search
-from captioner.encoder import Encoder, build_encoder
-from captioner.fast import FastPaths, Precision, resolve_precision
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
-from captioner.int8 import CalibrationError, calibration_path
+from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
+from captioner.models.encoder import Encoder, build_encoder
+from captioner.runtime.fast import FastPaths, Precision, resolve_precision
+from captioner.runtime.int8 import CalibrationError, calibration_path
 
 DEFAULT_MODEL = "flickr8k.safetensors"
 
@@ -90,7 +90,7 @@ class Captioner:
                 changes more captions (tolerances: tests/test_speed_paths.py; on CPUs without VNNI its weights
                 get 7 bits, so its captions can differ between CPUs). Off the CPU the reference modules are
                 always used.
-            int8_calibration: the calibration file for "int8" (`captioner.int8.calibration_path`).
+            int8_calibration: the calibration file for "int8" (`captioner.runtime.int8.calibration_path`).
         """
         if encoder.feature_dim != model.encoder_dim:
             raise ValueError(f"encoder {encoder.name} gives {encoder.feature_dim}-d features, the decoder expects "
@@ -118,7 +118,7 @@ class Captioner:
             encoder_weights: overrides the encoder weights file recorded in the checkpoint (resnet50).
             device: torch device to run on.
             precision: "auto", "bf16", "fp32", "int8" or "reference" (see `Captioner.__init__`); "int8" reads
-                the calibration file beside the checkpoint (`captioner.int8.calibration_path`).
+                the calibration file beside the checkpoint (`captioner.runtime.int8.calibration_path`).
 
         Raises:
             CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.

@@ -25,7 +25,7 @@ class ModelConfig:
     """Architecture of the captioning model."""
 
     encoder: str = "efficientnet_lite0"
-    """Registered encoder name (see `captioner.encoder.available_encoders()`)."""
+    """Registered encoder name (see `captioner.models.encoder.available_encoders()`)."""
     encoder_weights: str | None = None
     """Local weights file for encoders that do not ship their own (e.g. resnet50)."""
     image_size: int = 0

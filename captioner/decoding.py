@@ -17,11 +17,11 @@ from typing import Protocol
 
 import torch
 
-from captioner.decoder import StepOutput, Tensors
+from captioner.models.decoder import StepOutput, Tensors
 
 
 class StepDecoder(Protocol):
-    """What beam search needs from a decoder (see `captioner.decoder`).
+    """What beam search needs from a decoder (see `captioner.models.decoder`).
 
     `step` is first called with one row per image (tokens all <start>, the state straight from `init`), then with
     K rows per image, image-major. A decoder may also set `memory_per_image = True`: its `step` then takes

@@ -21,8 +21,8 @@ import torch
 
 from captioner import Captioner
 from captioner.api import default_model_path
-from captioner.fast import export_onnx
-from captioner.int8 import calibrate, calibration_path
+from captioner.runtime.fast import export_onnx
+from captioner.runtime.int8 import calibrate, calibration_path
 
 
 def main() -> int:

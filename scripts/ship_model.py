@@ -14,7 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from captioner.checkpoint import load_model, save_model
+from captioner.models.checkpoint import load_model, save_model
 
 CARD = {
     "name": "captioner Flickr8k (EfficientNet-Lite0 + soft-attention LSTM)",

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.checkpoint import CaptionModel, new_model, save_model
 from captioner.config import DecodeConfig, ModelConfig
-from captioner.vocab import Vocabulary
+from captioner.models.checkpoint import CaptionModel, new_model, save_model
+from captioner.models.vocab import Vocabulary
 
 WORDS = "a dog cat runs sits on the grass red blue ball man woman".split()
 

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError, ImageLoadError
-from captioner.checkpoint import save_model
-from captioner.encoder import build_encoder
-from captioner.int8 import CalibrationError
+from captioner.models.checkpoint import save_model
+from captioner.models.encoder import build_encoder
+from captioner.runtime.int8 import CalibrationError
 from tests.conftest import make_model, write_images
 from tests.test_speed_paths import SCENES, scene
 

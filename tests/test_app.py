@@ -17,9 +17,9 @@ from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from captioner import Caption, Captioner, explain
-from captioner.checkpoint import save_model
 from captioner.config import ModelConfig
-from captioner.vocab import Vocabulary
+from captioner.models.checkpoint import save_model
+from captioner.models.vocab import Vocabulary
 from tests.conftest import WORDS, make_model, write_images
 
 APP = Path(__file__).resolve().parents[1] / "app.py"

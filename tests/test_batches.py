@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from captioner.data.dataset import CaptionSet, encode_captions, iterate_batches
-from captioner.vocab import Vocabulary
+from captioner.models.vocab import Vocabulary
 
 CAPTIONS = ["a dog on the left of a cat", "a cat to the right", "a red ball"]
 

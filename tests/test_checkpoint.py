@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from captioner.checkpoint import (
+from captioner.models.checkpoint import (
     CheckpointError,
     load_model,
     load_tensors,
@@ -111,7 +111,7 @@ def test_write_is_atomic(tmp_path, tiny_model, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("captioner.checkpoint.os.replace", crash)
+    monkeypatch.setattr("captioner.models.checkpoint.os.replace", crash)
     with pytest.raises(OSError):
         save_model(tiny_model, path, half=True)
     assert path.read_bytes() == before

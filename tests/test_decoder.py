@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from captioner.config import ModelConfig
-from captioner.decoder import build_decoder
+from captioner.models.decoder import build_decoder
 
 KINDS = [("attention", False), ("show_tell", False), ("attention", True)]  # (decoder, deep output)
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from captioner.decoder import StepOutput, build_decoder, lstm_cell_with_gates
 from captioner.decoding import beam_search
-from captioner.vocab import Vocabulary
+from captioner.models.decoder import StepOutput, build_decoder, lstm_cell_with_gates
+from captioner.models.vocab import Vocabulary
 
 START, END = Vocabulary.start_id, Vocabulary.end_id
 

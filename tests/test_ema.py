@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from captioner.ema import WeightAverage, averaged
+from captioner.training.ema import WeightAverage, averaged
 
 
 def _module(value: float) -> torch.nn.Module:
@@ -65,9 +65,9 @@ def test_state_round_trip_and_reset():
 
 
 def test_the_best_checkpoint_holds_the_average_and_the_run_state_both(tmp_path, tiny_model):
-    from captioner import training
-    from captioner.checkpoint import load_model, load_tensors
-    from captioner.run_state import Progress
+    from captioner.models.checkpoint import load_model, load_tensors
+    from captioner.training import loop as training
+    from captioner.training.run_state import Progress
 
     decoder = tiny_model.decoder
     ema = WeightAverage(decoder, decay=0.5)

@@ -2,7 +2,12 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.encoder import EncoderError, _read_state_dict, build_encoder, efficientnet_lite0_weights_path
+from captioner.models.encoder import (
+    EncoderError,
+    _read_state_dict,
+    build_encoder,
+    efficientnet_lite0_weights_path,
+)
 
 
 def test_real_weights_load_and_equal_the_file():

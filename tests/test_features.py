@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from captioner.data.features import FeatureCache
-from captioner.encoder import build_encoder
 from captioner.images import open_image
+from captioner.models.encoder import build_encoder
 
 
 @pytest.fixture(scope="module")

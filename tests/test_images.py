@@ -21,8 +21,8 @@ from PIL import Image, ImageFile
 from captioner import Captioner, ImageLoadError
 from captioner import images as images_module
 from captioner.cli import main
-from captioner.encoder import build_encoder
 from captioner.images import SUPPORTED_FORMATS, open_image
+from captioner.models.encoder import build_encoder
 
 RED, GREEN, BLUE, WHITE = (220, 20, 20), (20, 200, 20), (20, 20, 220), (255, 255, 255)
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from captioner.config import Config, ConfigError, TrainConfig
 from captioner.data.dataset import Batch
-from captioner.training import caption_loss, drop_words
+from captioner.training.loop import caption_loss, drop_words
 
 
 def _batch(vocab) -> Batch:

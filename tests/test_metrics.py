@@ -3,8 +3,8 @@
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from captioner.cider import CiderD
-from captioner.metrics import score_captions, tokenize_for_eval
+from captioner.evaluation.cider import CiderD
+from captioner.evaluation.metrics import score_captions, tokenize_for_eval
 
 REFS = {
     "1": ["A dog runs on the grass.", "a brown dog is running", "The dog plays in a field"],

@@ -21,7 +21,7 @@ from PIL import Image
 
 from captioner import images as images_module
 from captioner.images import ImageLoadError, open_image
-from captioner.vocab import SPECIALS, Vocabulary, tokenize
+from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
 
 FAST = settings(max_examples=60, deadline=None, database=None)
 IMAGES = settings(max_examples=120, deadline=None, database=None,

@@ -5,8 +5,8 @@ import torch
 
 from captioner.config import Config, DecodeConfig, TrainConfig
 from captioner.data.dataset import CaptionSet
-from captioner.run_state import Progress
-from captioner.scst import _baseline, beam_candidates, sequence_logprobs, train_scst_epoch
+from captioner.training.run_state import Progress
+from captioner.training.scst import _baseline, beam_candidates, sequence_logprobs, train_scst_epoch
 
 
 def test_candidates_are_the_beam_n_best_and_their_logprob_is_the_searchs(tiny_model):

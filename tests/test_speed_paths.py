@@ -1,4 +1,4 @@
-"""The CPU fast paths (`captioner.fast`) against the reference modules, with the real EfficientNet-Lite0 weights.
+"""The CPU fast paths (`captioner.runtime.fast`) against the reference modules, with the real EfficientNet-Lite0 weights.
 
 Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours x 4 shapes):
 - fp32 fast path, the default (ONNX Runtime or TorchScript encoder, fused decoder step, finished images leaving
@@ -32,15 +32,16 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from captioner import Captioner, int8
-from captioner.checkpoint import new_model
+from captioner import Captioner
 from captioner.config import DecodeConfig, ModelConfig
-from captioner.conv_passes import fold_batchnorm, static_same_padding
 from captioner.decoding import beam_search
-from captioner.encoder import build_encoder
-from captioner.fast import FastEncoder, FastPaths, decoder_products, export_onnx, resolve_precision
-from captioner.fused_decoder import FusedAttentionDecoder, Product
-from captioner.vocab import Vocabulary
+from captioner.models.checkpoint import new_model
+from captioner.models.conv_passes import fold_batchnorm, static_same_padding
+from captioner.models.encoder import build_encoder
+from captioner.models.vocab import Vocabulary
+from captioner.runtime import int8
+from captioner.runtime.fast import FastEncoder, FastPaths, decoder_products, export_onnx, resolve_precision
+from captioner.runtime.fused_decoder import FusedAttentionDecoder, Product
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
 SHAPES = ("circle", "square", "stripes", "dots")
@@ -116,7 +117,7 @@ def int8_calibration(encoder, pixels, tmp_path_factory) -> Path:
 def int8_features(request, encoder, pixels, int8_calibration) -> dict[int, torch.Tensor]:
     """int8 grids of both scene sets: with VNNI (8-bit weights) and as on a CPU without it (7-bit weights)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("captioner.fast.cpu_has_vnni", lambda: request.param)
+        patch.setattr("captioner.runtime.fast.cpu_has_vnni", lambda: request.param)
         fast = FastEncoder(encoder, "int8", calibration=int8_calibration)
     return {seed: fast(x).clone() for seed, x in pixels.items()}
 
@@ -352,10 +353,10 @@ def test_bf16_decoder_steps_within_tolerance(features, deep_output):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_decoder_products_follow_the_precision(native, monkeypatch, tiny_model, encoder):
-    monkeypatch.setattr("captioner.fast.cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("captioner.runtime.fast.cpu_has_bf16", lambda: native)
     assert decoder_products("fp32") == "fp32" and decoder_products("bf16") == "bf16"
     assert decoder_products("int8") == ("bf16" if native else "fp32")  # emulated bf16 would be slower than fp32
-    monkeypatch.setattr("captioner.fast.FastEncoder", lambda *args, **kwargs: None)  # the decoder is the point
+    monkeypatch.setattr("captioner.runtime.fast.FastEncoder", lambda *args, **kwargs: None)  # the decoder is the point
     for precision in ("fp32", "bf16", "int8"):
         _, decoder = FastPaths(encoder, tiny_model.decoder, precision).get()
         assert decoder.products == decoder_products(precision)
@@ -367,7 +368,6 @@ def test_precision_choice(tiny_model, encoder):
     assert resolve_precision("auto", "cuda") == "reference"
     with pytest.raises(ValueError, match="reference"):
         resolve_precision("int4")
-    assert isinstance(encoder.optimized("fp32"), FastEncoder)
     ref = Captioner(tiny_model, encoder, precision="reference")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -409,7 +409,7 @@ def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, voca
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_warns_when_the_cpu_would_emulate_it(encoder, monkeypatch, native):
-    monkeypatch.setattr("captioner.fast.cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("captioner.runtime.fast.cpu_has_bf16", lambda: native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         FastEncoder(encoder, "bf16", script=False)

@@ -17,7 +17,7 @@ import torch
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.encoder import build_encoder
+from captioner.models.encoder import build_encoder
 from tests.conftest import write_images
 
 
@@ -89,7 +89,7 @@ def test_cli_writes_each_batch_before_the_next_is_captioned(tmp_path, tiny_check
 def test_ctrl_c_stops_at_a_record_boundary(tmp_path, tiny_checkpoint, monkeypatch, capsys, fmt):
     write_images(tmp_path / "in", 9)
     out = tmp_path / f"out.{fmt}"
-    from captioner.writers import CaptionWriter
+    from captioner.outputs import CaptionWriter
 
     original = CaptionWriter.write
 

@@ -86,7 +86,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
     full = tiny_config(tmp_path, csv_path, out="full", epochs=4, ema_decay=ema_decay)
     assert main(["train", "--config", str(full)]) == 0
 
-    from captioner import training
+    from captioner.training import loop as training
 
     real_checkpoint = training.checkpoint_epoch
 
@@ -109,7 +109,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["CIDEr"] == pytest.approx(b["CIDEr"], abs=1e-6)
     if ema_decay:  # the state keeps the live weights and, apart, their average
-        from captioner.checkpoint import load_tensors
+        from captioner.models.checkpoint import load_tensors
 
         tensors, _ = load_tensors(tmp_path / "part" / "train_state.safetensors")
         averaged = [k for k in tensors if k.startswith("extra.ema.")]
@@ -119,7 +119,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
 
 def test_the_encoder_head_starts_pretrained_and_trains_at_its_own_rate(shapes, tmp_path):
     """`model.encoder_head`: features are cached before the head, which the decoder starts from and tunes."""
-    from captioner.checkpoint import load_tensors
+    from captioner.models.checkpoint import load_tensors
     from tests.conftest import write_images
 
     _, csv_path = shapes
@@ -155,8 +155,8 @@ def test_the_encoder_head_starts_pretrained_and_trains_at_its_own_rate(shapes, t
 
 def test_a_head_of_another_width_is_one_clear_error(shapes, tmp_path, capsys):
     from captioner.config import ConfigError, ModelConfig
-    from captioner.decoder import build_decoder
-    from captioner.training import start_encoder_head
+    from captioner.models.decoder import build_decoder
+    from captioner.training.loop import start_encoder_head
 
     _, csv_path = shapes
     config = tiny_config(tmp_path, csv_path, epochs=1)
@@ -177,7 +177,7 @@ def test_a_head_of_another_width_is_one_clear_error(shapes, tmp_path, capsys):
 def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, monkeypatch):
     """The early stop is decided from the saved progress, so resuming does not train one more XE epoch."""
     _, csv_path = shapes
-    from captioner import training
+    from captioner.training import loop as training
 
     calls = []
 
@@ -205,8 +205,8 @@ def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, m
 
 def test_an_image_lost_between_the_plain_and_the_mirrored_pass_is_named(shapes, tmp_path, monkeypatch):
     from captioner.config import load_config
-    from captioner.data import prepare
     from captioner.data.readers import DatasetError
+    from captioner.training import prepare
 
     _, csv_path = shapes
     real_extract = prepare.FeatureCache.extract

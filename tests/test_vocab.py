@@ -1,4 +1,4 @@
-from captioner.vocab import SPECIALS, Vocabulary, tokenize
+from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
 
 
 def test_tokenize_lowercases_and_drops_punctuation():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.vocab import Vocabulary
+from captioner.models.vocab import Vocabulary
 
 
 @dataclass

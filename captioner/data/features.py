@@ -20,8 +20,8 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from captioner.encoder import Encoder
 from captioner.images import ImageLoadError, open_image
+from captioner.models.encoder import Encoder
 
 
 def _digest(text: str) -> str:
@@ -86,7 +86,11 @@ class FeatureCache:
         path: the same function as `Encoder.forward` (ONNX Runtime or folded batch norm; differences far below
         the fp16 the cache stores), two to three times faster."""
         on_cpu = all(p.device.type == "cpu" for p in self.encoder.parameters())
-        return self.encoder.optimized("fp32") if on_cpu else self.encoder
+        if not on_cpu:
+            return self.encoder
+        from captioner.runtime.fast import FastEncoder  # ONNX Runtime loads only when features are extracted
+
+        return FastEncoder(self.encoder, "fp32")
 
     def _store(self, image: Path, grid: np.ndarray) -> None:
         target = self.path_for(image)

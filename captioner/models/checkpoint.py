@@ -20,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_dumps
 
 from captioner.config import DecodeConfig, ModelConfig, config_to_dict, dataclass_from_dict
-from captioner.decoder import build_decoder
-from captioner.vocab import Vocabulary
+from captioner.models.decoder import build_decoder
+from captioner.models.vocab import Vocabulary
 
 FORMAT = "captioner"
 FORMAT_VERSION = 1
@@ -91,7 +91,7 @@ def _refuse_pickle(path: Path) -> None:
         raise CheckpointError(
             f"{path}: this is a pickle-based PyTorch file (torch.save). captioner never unpickles checkpoints "
             "because unpickling can run arbitrary code; use a .safetensors checkpoint written by captioner "
-            "(captioner.checkpoint.save_model)"
+            "(captioner.models.checkpoint.save_model)"
         )
 
 

@@ -100,16 +100,6 @@ class Encoder(nn.Module):
         cut = "|without its head" if self.head is not None else ""
         return f"{self.name}{cut}|{self.weights_id}|{self.preprocess.key()}"
 
-    def optimized(self, precision: str = "auto"):
-        """A copy prepared for fast CPU inference (`captioner.fast.FastEncoder`), for captioning only.
-
-        `forward` is untouched: the exact fp32 reference. Feature extraction uses `optimized("fp32")`, the same
-        function to within rounding far below the fp16 the cache stores.
-        """
-        from captioner.fast import FastEncoder
-
-        return FastEncoder(self, precision)
-
 
 class _ForwardFeatures(nn.Module):
     """Adapts a timm model so calling it returns its last feature map (timm's `forward_features`)."""
@@ -173,7 +163,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _cut_head(model: nn.Module) -> nn.Linear:
     """Remove a timm EfficientNet's last 1x1 convolution and its batch norm; return them folded into one linear
     map over channels (the ReLU6 after it is the decoder's to apply)."""
-    from captioner.conv_passes import fold_batchnorm
+    from captioner.models.conv_passes import fold_batchnorm
 
     conv, bn = model.conv_head, model.bn2
     if conv.kernel_size != (1, 1) or fold_batchnorm(nn.Sequential(conv, bn).eval()) != 1:

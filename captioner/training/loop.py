@@ -1,7 +1,7 @@
 """Training from a config: cached features, teacher forcing, beam-search validation, best-by-CIDEr checkpoints.
 
 `fit(cfg)` is the whole recipe as small named steps: `prepare_data`, `train_one_epoch` (or a self-critical
-epoch), `validate` through `captioner.evaluation`, `checkpoint_epoch`. The command line only parses arguments.
+epoch), `validate` through `captioner.evaluation.evaluate`, `checkpoint_epoch`. The command line only parses arguments.
 Under torchrun the decoder is wrapped in DistributedDataParallel, every rank trains on its share of each epoch's
 images, and rank 0 alone validates, writes checkpoints and logs; its decisions are broadcast to the others.
 """
@@ -17,16 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.checkpoint import CaptionModel, load_model, new_model, save_model
 from captioner.config import Config, ConfigError, config_to_dict, save_config
 from captioner.data.dataset import Batch, CaptionSet, encode_captions, iterate_batches
-from captioner.data.prepare import Prepared, log, prepare_data, validate_paths
-from captioner.distributed import Dist, barrier, broadcast, setup, teardown
-from captioner.ema import WeightAverage, averaged
-from captioner.evaluation import evaluate_set
-from captioner.plots import plot_history
-from captioner.run_state import Progress, load_state, save_state
-from captioner.vocab import Vocabulary
+from captioner.evaluation.evaluate import evaluate_set
+from captioner.models.checkpoint import CaptionModel, load_model, new_model, save_model
+from captioner.models.vocab import Vocabulary
+from captioner.training.distributed import Dist, barrier, broadcast, setup, teardown
+from captioner.training.ema import WeightAverage, averaged
+from captioner.training.log import log
+from captioner.training.plots import plot_history
+from captioner.training.prepare import Prepared, prepare_data, validate_paths
+from captioner.training.run_state import Progress, load_state, save_state
 
 VAL_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
 
@@ -229,7 +230,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
             loss = train_one_epoch(model, trainer, optimizer, data.train, encoded, cfg, progress, total_steps,
                                    generator, dist, ema)
         else:
-            from captioner.scst import train_scst_epoch
+            from captioner.training.scst import train_scst_epoch
 
             phase = "scst"
             if progress.epoch == cfg.train.epochs:  # self-critical training starts from the best XE model

@@ -6,7 +6,7 @@ BLEU-4 0.2197 against 0.2211) although a third of the captions changed. So it is
 (which keeps the reference captions).
 
 What is kept: the activation ranges, not a quantised model. `calibrate` runs the fp32 ONNX trunk (the very graph
-`FastEncoder` runs, from `captioner.fast.export_onnx`) on a few hundred training images once and records every
+`FastEncoder` runs, from `captioner.runtime.fast.export_onnx`) on a few hundred training images once and records every
 activation's minimum and maximum (ONNX Runtime's MinMax calibration). They go to a JSON file beside the checkpoint
 (`calibration_path`): our header (format, the encoder it was measured for, the image count) around ONNX Runtime's
 own calibration-cache layout, which needs onnxruntime >= 1.32. At load time `quantize` turns the same fp32 graph
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from captioner.checkpoint import atomic_write_bytes
+from captioner.models.checkpoint import atomic_write_bytes
 
 FORMAT = 1
 

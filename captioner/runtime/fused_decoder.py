@@ -1,6 +1,6 @@
 """The attention decoder regrouped for CPU inference: fewer, larger matrix products, fp32 or bf16.
 
-`FusedAttentionDecoder` is what beam search drives on the fast paths (`captioner.fast.FastPaths`). It computes
+`FusedAttentionDecoder` is what beam search drives on the fast paths (`captioner.runtime.fast.FastPaths`). It computes
 what `AttentionDecoder.init`/`step` compute, from copies of the same weights (later changes to the decoder are not
 seen): in fp32 the captions are the reference's (up to summation order and rounding; `tests/test_speed_paths.py`),
 in bf16 they are within a stated tolerance.
@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from captioner.decoder import AttentionDecoder, StepOutput, Tensors
+from captioner.models.decoder import AttentionDecoder, StepOutput, Tensors
 
 Products = Literal["fp32", "bf16"]
 PRODUCT_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}

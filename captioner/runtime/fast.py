@@ -1,10 +1,10 @@
 """Inference-only fast paths for the CPU, built from the reference modules and checked against them in tests.
 
 - `FastEncoder`: the frozen encoder trunk with its "same" padding made constant for the one input size, run by
-  ONNX Runtime (fp32, the default; int8 on request, `captioner.int8`), or with batch norm folded into the
+  ONNX Runtime (fp32, the default; int8 on request, `captioner.runtime.int8`), or with batch norm folded into the
   convolutions, channels-last memory and TorchScript (fp32, or bf16 on request), in micro-batches small enough to
   stay in cache.
-- `FusedAttentionDecoder` (`captioner.fused_decoder`): the attention decoder's `init`/`step` with the matrix
+- `FusedAttentionDecoder` (`captioner.runtime.fused_decoder`): the attention decoder's `init`/`step` with the matrix
   products regrouped, in fp32 (the default) or with bf16 products (precisions "bf16", and "int8" on CPUs with
   native bf16).
 
@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
-from captioner import int8, onnx_runtime
-from captioner.conv_passes import fold_batchnorm, static_same_padding
-from captioner.decoder import AttentionDecoder
-from captioner.fused_decoder import FusedAttentionDecoder, Products
+from captioner.models.conv_passes import fold_batchnorm, static_same_padding
+from captioner.models.decoder import AttentionDecoder
+from captioner.runtime import int8, onnx_runtime
+from captioner.runtime.fused_decoder import FusedAttentionDecoder, Products
 
 if TYPE_CHECKING:
-    from captioner.encoder import Encoder
+    from captioner.models.encoder import Encoder
 
 Precision = Literal["auto", "bf16", "fp32", "int8", "reference"]
 PRECISIONS = ("auto", "bf16", "fp32", "int8", "reference")
@@ -87,7 +87,7 @@ class FastEncoder:
     """A frozen encoder prepared for CPU inference: (B, 3, H, W) -> (B, N, D) float32 grid features.
 
     Backends:
-        onnxruntime: fp32, or int8 from a calibration file (`captioner.int8`). The trunk is exported to ONNX in
+        onnxruntime: fp32, or int8 from a calibration file (`captioner.runtime.int8`). The trunk is exported to ONNX in
             memory (TorchScript-based exporter, well under a second) and run by ONNX Runtime, whose
             blocked-layout kernels suit depthwise convolutions.
         torchscript: batch norm folded in fp32, channels-last, fp32 or bf16, traced and frozen.
@@ -98,7 +98,7 @@ class FastEncoder:
 
     def __init__(self, encoder: Encoder, precision: str = "auto", *, backend: str = "auto",
                  chunk_size: int = ENCODER_CHUNK, script: bool = True, calibration: str | os.PathLike | None = None):
-        """`calibration`: the int8 calibration file (`captioner.int8.calibration_path`), for precision "int8"."""
+        """`calibration`: the int8 calibration file (`captioner.runtime.int8.calibration_path`), for precision "int8"."""
         self.precision = resolve_precision(precision)
         if self.precision == "reference":
             raise ValueError("FastEncoder needs precision fp32, bf16 or int8 (or auto)")
@@ -114,7 +114,7 @@ class FastEncoder:
         if self.precision == "int8" and not onnx_runtime.available():
             raise ValueError("the int8 encoder needs ONNX Runtime (pip install onnxruntime onnx)")
         if self.precision == "int8" and calibration is None:
-            raise int8.CalibrationError("the int8 encoder needs a calibration file (see captioner.int8)")
+            raise int8.CalibrationError("the int8 encoder needs a calibration file (see captioner.runtime.int8)")
         if self.precision == "bf16" and not cpu_has_bf16():
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 encoder and decoder "
                           "products are emulated and far slower than fp32 (measured on an AVX2-only CPU, the "

@@ -14,15 +14,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as tdist
 
-from captioner.checkpoint import CaptionModel
-from captioner.cider import CiderD
 from captioner.config import Config
 from captioner.data.dataset import CaptionSet, rank_share
 from captioner.decoding import beam_search
-from captioner.distributed import Dist
-from captioner.ema import WeightAverage
-from captioner.run_state import Progress
-from captioner.vocab import tokenize
+from captioner.evaluation.cider import CiderD
+from captioner.models.checkpoint import CaptionModel
+from captioner.models.vocab import tokenize
+from captioner.training.distributed import Dist
+from captioner.training.ema import WeightAverage
+from captioner.training.run_state import Progress
 
 
 def sample_captions(model: CaptionModel, features: torch.Tensor, samples: int, max_length: int

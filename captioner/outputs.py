@@ -1,7 +1,7 @@
 """Streaming output writers for `captioner caption`: one complete record per image, flushed per record.
 
 Each record is rendered first and then handed to the stream in a single write, so a run stopped between records
-(Ctrl-C, see `captioner.cli`) leaves a valid partial file.
+(Ctrl-C, see `captioner.cli.caption`) leaves a valid partial file.
 """
 
 from __future__ import annotations

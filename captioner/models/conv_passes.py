@@ -3,7 +3,7 @@
 - `fold_batchnorm`: every eval-mode batch norm that follows a convolution is folded into that convolution.
 - `static_same_padding`: timm's TensorFlow-style "same" convolutions get the constant padding of one input size.
 
-Both work in place on a copy that the caller owns (`captioner.fast.FastEncoder` deep-copies the trunk first);
+Both work in place on a copy that the caller owns (`captioner.runtime.fast.FastEncoder` deep-copies the trunk first);
 `tests/test_speed_paths.py` checks that each keeps the trunk's output.
 """
 

@@ -5,7 +5,6 @@ Under torchrun each rank encodes its share of the images into the shared cache; 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +14,9 @@ from captioner.config import Config, ConfigError
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, check_images, read_dataset
-from captioner.distributed import Dist, gather
-from captioner.encoder import build_encoder
-
-
-def log(message: str) -> None:
-    """Timestamped progress line on stdout."""
-    print(f"[captioner {time.strftime('%H:%M:%S')}] {message}", flush=True)
+from captioner.models.encoder import build_encoder
+from captioner.training.distributed import Dist, gather
+from captioner.training.log import log
 
 
 @dataclass

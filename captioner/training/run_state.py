@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from captioner.checkpoint import CheckpointError, load_tensors, save_tensors
+from captioner.models.checkpoint import CheckpointError, load_tensors, save_tensors
 
 STATE_FORMAT = "captioner-train-state"
 

@@ -1,7 +1,7 @@
-"""Decoding a whole caption set and scoring it; the `captioner evaluate` command.
+"""`captioner evaluate`: score a checkpoint on a dataset split with BLEU, METEOR, ROUGE-L and CIDEr-D.
 
-Validation during training and `captioner evaluate` both go through `decode_set` -> the one beam search, and
-`score_captions` -> pycocoevalcap, so the numbers selected on are the numbers reported.
+Images are decoded straight from the files through the public API (each is read once), and scored by the same
+`score_captions` that validation during training uses, so the numbers reported are the numbers selected on.
 """
 
 from __future__ import annotations
@@ -11,47 +11,32 @@ import json
 import sys
 from pathlib import Path
 
-from captioner.checkpoint import CaptionModel
-from captioner.config import DataConfig, DecodeConfig
-from captioner.data.dataset import CaptionSet
-from captioner.decoding import beam_search
-from captioner.metrics import ALL_METRICS, score_captions
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `evaluate` and its options."""
+    p = sub.add_parser("evaluate", help="score a checkpoint with BLEU, METEOR, ROUGE-L and CIDEr-D")
+    p.add_argument("--checkpoint", help="model .safetensors (default: the shipped model)")
+    p.add_argument("--data", help="dataset folder (flickr8k) or annotation file (karpathy, csv, jsonl)")
+    p.add_argument("--format", default="flickr8k", choices=["flickr8k", "karpathy", "coco", "csv", "jsonl"])
+    p.add_argument("--annotations", help="annotation file (coco)")
+    p.add_argument("--images", help="image folder (coco, karpathy, csv, jsonl)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--length-penalty", type=float, default=None)
+    p.add_argument("--no-repeat-ngram", type=int, default=None,
+                   help="forbid repeating an n-gram within a caption (default: the checkpoint's setting; 0 = off)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per network batch")
+    p.add_argument("--max-images", type=int, default=0)
+    p.add_argument("--output", help="folder for scores.json and captions.jsonl (default: print only)")
+    p.set_defaults(func=run)
 
 
-def decode_set(model: CaptionModel, data: CaptionSet, decode: DecodeConfig, batch_size: int = 100
-               ) -> list[str]:
-    """Beam-search captions for every image of `data` (features already cached)."""
-    decoder, vocab = model.decoder, model.vocab
-    was_training = decoder.training
-    decoder.eval()
-    texts = []
-    try:
-        for start in range(0, len(data), batch_size):
-            feats = data.features[start:start + batch_size].float()
-            hyps = beam_search(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id,
-                               beam_size=decode.beam_size, max_length=decode.max_length,
-                               min_length=decode.min_length, length_penalty=decode.length_penalty,
-                               banned_ids=vocab.banned_ids, no_repeat_ngram=decode.no_repeat_ngram)
-            texts += [" ".join(vocab.decode(h[0].tokens)) for h in hyps]
-    finally:
-        decoder.train(was_training)
-    return texts
-
-
-def evaluate_set(model: CaptionModel, data: CaptionSet, decode: DecodeConfig,
-                 metrics: tuple[str, ...] = ALL_METRICS, use_java: bool | None = None
-                 ) -> tuple[dict[str, float | None], list[str]]:
-    """Decode and score `data`: (scores, captions in data order). See `score_captions` for `use_java`."""
-    texts = decode_set(model, data, decode)
-    ids = data.ids()
-    scores = score_captions(dict(zip(ids, texts)), dict(zip(ids, data.references)), metrics, use_java)
-    return scores, texts
-
-
-def evaluate_command(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """`captioner evaluate`: score a checkpoint on a dataset split, print JSON, write per-image captions."""
     from captioner.api import Captioner
+    from captioner.config import DataConfig
     from captioner.data.readers import check_images, read_dataset
+    from captioner.evaluation.metrics import score_captions
 
     cap = Captioner.load(args.checkpoint)
     if args.format == "flickr8k":

@@ -1,6 +1,6 @@
 """ONNX Runtime for the encoder trunk: export to ONNX in memory, then run with the project's session options.
 
-The fp32 fast encoder and the opt-in int8 one (`captioner.int8`) share both halves, so the int8 model is
+The fp32 fast encoder and the opt-in int8 one (`captioner.runtime.int8`) share both halves, so the int8 model is
 quantised from exactly the graph that the fp32 path runs.
 """
 
