@@ -5,10 +5,10 @@
 
 The encoder is EfficientNet-Lite0 as the shipped model runs it: 288x288 inputs (`--image-size`), without its last
 1x1 convolution (the decoder runs that). Variants: the reference module (fp32, NCHW), then with batch norm
-folded, channels-last, bf16 weights, TorchScript trace + freeze (`FastEncoder`, which also makes timm's "same"
+folded, channels-last, bf16 weights, TorchScript trace + freeze (`FastEncoder`, which also makes the TF-style "same"
 padding constant), bf16 autocast, and optionally torch.compile (inductor, freezing) and ONNX Runtime: exported as
-timm builds the model (padding worked out at run time) and as `FastEncoder` exports it (constant padding), and
-int8 from the shipped model's calibration (at the shipped model's size only).
+`build_encoder` builds the model (padding worked out at run time) and as `FastEncoder` exports it (constant
+padding), and int8 from the shipped model's calibration (at the shipped model's size only).
 Each round times every variant once per batch size, so load from other
 processes hits all variants alike; the table gives the median and best images/s over rounds, the set-up time
 (trace, compile, session) and the largest feature difference from the reference.

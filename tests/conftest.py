@@ -12,6 +12,15 @@ from captioner.config import DecodeConfig, ModelConfig
 from captioner.models.checkpoint import CaptionModel, new_model, save_model
 from captioner.models.vocab import Vocabulary
 
+
+@pytest.fixture(scope="session", autouse=True)
+def private_runtime_cache(tmp_path_factory):
+    """Built fast paths go to a cache of the test run's own (subprocesses inherit it), never to ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path_factory.mktemp("runtime-cache")))
+        yield
+
+
 WORDS = "a dog cat runs sits on the grass red blue ball man woman".split()
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from captioner import Caption, Captioner, CheckpointError, ImageLoadError
 from captioner.models.checkpoint import save_model
 from captioner.models.encoder import build_encoder
+from captioner.runtime.fast import cpu_has_vnni
 from captioner.runtime.int8 import CalibrationError
 from tests.conftest import make_model, write_images
 from tests.test_speed_paths import SCENES, scene
@@ -108,7 +109,8 @@ def test_shipped_model_loads_and_captions(tmp_path):
 def test_shipped_model_captions_with_its_int8_calibration():
     """The shipped model comes with the int8 calibration of its own encoder (else loading would refuse), and its
     int8 features stay near the fp32 ones: on these generated scenes 9-32% apart (relative L2 distance), where
-    two different scenes are 45-133% apart; on 64 dev photos 14%."""
+    two different scenes are 45-133% apart; on 64 dev photos 14%. With 7-bit weights (a CPU without VNNI) the
+    scenes are 19-49% apart (measured on an AVX2-only AMD EPYC)."""
     pytest.importorskip("onnxruntime")
     quantised, fp32 = Captioner.load(precision="int8"), Captioner.load()
     images = [scene(c, s, 2) for c, s in SCENES]
@@ -116,7 +118,7 @@ def test_shipped_model_captions_with_its_int8_calibration():
     a, b = quantised.encode(pixels), fp32.encode(pixels)
     assert a.shape == b.shape == (16, 81, 320)
     distance = (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
-    assert 0 < distance.max().item() <= 0.42
+    assert 0 < distance.max().item() <= (0.42 if cpu_has_vnni() else 0.55)
     assert all(c.ok for c in quantised.caption(images))
 
 

