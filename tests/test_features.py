@@ -47,12 +47,12 @@ def test_a_changed_file_or_preprocessing_is_never_served_stale(encoder, tmp_path
     [path] = write_images(tmp_path / "images", 1)
     cache = FeatureCache(tmp_path / "cache", encoder)
     cache.extract([path], progress=False)
-    before = cache.load([path])
+    before = cache.load([path]).tensor()
     write_images(tmp_path / "images", 1, seed=1)  # same name, new pixels
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
-    assert not cache.path_for(path).is_file()
+    assert not cache.is_cached(path)
     cache.extract([path], progress=False)
-    assert not torch.equal(cache.load([path]), before)
+    assert not torch.equal(cache.load([path]).tensor(), before)
 
     other = build_encoder("efficientnet_lite0")
     other.preprocess = dataclasses.replace(other.preprocess, size=192)  # another preprocessing, another folder
@@ -74,7 +74,7 @@ def test_mirrored_features_are_the_encoders_on_the_flipped_image_and_live_apart(
     plain, mirrored = FeatureCache(tmp_path / "cache", encoder), FeatureCache(tmp_path / "cache", encoder, mirrored=True)
     assert mirrored.folder != plain.folder
     plain.extract(paths, progress=False)
-    assert not mirrored.path_for(paths[0]).is_file()  # the plain entries never stand in for the mirrored ones
+    assert not mirrored.is_cached(paths[0])  # the plain entries never stand in for the mirrored ones
     mirrored.extract(paths, progress=False)
     prep = encoder.preprocess
     with torch.inference_mode():
@@ -82,3 +82,73 @@ def test_mirrored_features_are_the_encoders_on_the_flipped_image_and_live_apart(
                                          for p in paths]))
     assert torch.allclose(mirrored.load(paths).float(), reference, atol=2e-2, rtol=1e-2)
     assert not torch.allclose(plain.load(paths).float(), reference, atol=2e-2, rtol=1e-2)
+
+
+def test_an_interrupted_extraction_keeps_its_flushed_rows_and_continues(encoder, tmp_path, monkeypatch):
+    paths = write_images(tmp_path / "images", 5)
+    cache = FeatureCache(tmp_path / "cache", encoder, flush_every=2)
+    compute, calls = cache._compute, []
+
+    def crash_on_third_batch(x):
+        calls.append(len(x))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies mid-extraction
+        return compute(x)
+
+    monkeypatch.setattr(cache, "_compute", crash_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        cache.extract(paths, batch_size=1, progress=False)
+    assert [cache.is_cached(p) for p in paths] == [True, True, False, False, False]
+
+    calls.clear()
+    resumed = FeatureCache(tmp_path / "cache", encoder)
+    monkeypatch.setattr(resumed, "_compute", lambda x: calls.append(len(x)) or compute(x))
+    assert resumed.extract(paths, batch_size=1, progress=False) == []
+    assert calls == [1, 1, 1]  # only the three rows the crash lost
+    fresh = FeatureCache(tmp_path / "fresh", encoder)
+    fresh.extract(paths, progress=False)
+    assert torch.allclose(resumed.load(paths).float(), fresh.load(paths).float(), atol=1e-3)
+
+
+def test_a_truncated_store_file_is_named_and_recomputed(encoder, tmp_path, capsys):
+    paths = write_images(tmp_path / "images", 3)
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    cache.extract(paths, progress=False)
+    before = cache.load(paths).tensor()
+    [shard] = cache.folder.glob("shard-*.npy")
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    cache.store.close()
+
+    again = FeatureCache(tmp_path / "cache", encoder)
+    assert not again.is_cached(paths[0])
+    assert str(shard) in capsys.readouterr().err
+    assert again.extract(paths, progress=False) == []
+    assert torch.allclose(again.load(paths).float(), before.float(), atol=1e-3)
+
+
+def test_old_per_image_caches_are_read_into_the_store_and_damaged_ones_recomputed(encoder, tmp_path, capsys):
+    paths = write_images(tmp_path / "images", 3)
+    fresh = FeatureCache(tmp_path / "fresh", encoder)
+    fresh.extract(paths, progress=False)
+    grids = fresh.load(paths).tensor().numpy()
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    for path, grid in zip(paths, grids):  # the old layout: one .npy per image
+        np.save(cache.path_for(path), grid + np.float16(1))
+    cache.path_for(paths[2]).write_bytes(cache.path_for(paths[2]).read_bytes()[:100])  # truncated
+    assert cache.extract(paths, progress=False) == []
+    err = capsys.readouterr().err
+    assert "old cache layout" in err and str(cache.path_for(paths[2])) in err
+    loaded = cache.load(paths).tensor().numpy()
+    assert np.array_equal(loaded[:2], grids[:2] + np.float16(1))  # read, not recomputed
+    assert np.allclose(loaded[2], grids[2], atol=1e-3)  # recomputed
+
+
+def test_rows_are_read_from_disk_not_held_in_memory(encoder, tmp_path):
+    paths = write_images(tmp_path / "images", 4)
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    cache.extract(paths, batch_size=3, progress=False)
+    view = cache.load(paths)
+    assert not any(isinstance(v, (np.ndarray, torch.Tensor)) and v.size > 1000 for v in vars(view).values())
+    assert torch.equal(view[[3, 0]], torch.stack([view.tensor()[3], view.tensor()[0]]))
+    assert torch.equal(view[1:3].tensor(), view.tensor()[1:3]) and view[torch.tensor([2])].shape == (1, 49, 1280)

@@ -1,6 +1,7 @@
 """Training and validation sets on cached features, and the batches the training loop consumes.
 
-Features stay fp16 in memory (7,000 Flickr8k grids are under 1 GB); a batch holds B images and up to
+Features stay fp16 on disk (`FeatureRows`, a view of the feature store) and a batch reads only its own rows, so
+memory does not grow with the dataset; tests may pass an in-memory tensor instead. A batch holds B images and up to
 `captions_per_image` of their captions, sorted by length so the decoder can skip finished rows.
 """
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.data.feature_store import FeatureRows
 from captioner.models.vocab import Vocabulary
 
 
@@ -20,9 +22,9 @@ class CaptionSet:
     """Images (as cached features) with their reference captions."""
 
     images: list[Path]
-    features: torch.Tensor  # (I, N, D) fp16
+    features: torch.Tensor | FeatureRows  # (I, N, D) fp16
     references: list[list[str]]  # raw reference captions per image
-    mirrored: torch.Tensor | None = None  # (I, N, D) fp16 features of the images flipped left-right, if extracted
+    mirrored: torch.Tensor | FeatureRows | None = None  # (I, N, D) fp16 features of the images flipped left-right, if extracted
 
     def __len__(self) -> int:
         return len(self.images)

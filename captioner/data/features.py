@@ -1,16 +1,16 @@
 """On-disk cache of encoder grids, so decoder epochs cost no CNN time.
 
-Layout: `<cache_dir>/<encoder key hash>/<image key hash>.npy`, one fp16 (N, D) array per image. The folder is keyed
-by the encoder's name, weights and preprocessing; the file by the image's absolute path, size and modification
-time. A different encoder, preprocessing or a changed image file therefore never reuses stale features.
-Files are written atomically (temp + rename): an interrupted extraction leaves only complete entries.
+Layout: `<cache_dir>/<encoder key hash>/` is a `FeatureStore` (a few large fp16 shards and their indexes, see
+`feature_store.py`). The folder is keyed by the encoder's name, weights and preprocessing; a row by the image's
+absolute path, size and modification time. A different encoder, preprocessing or a changed image file therefore
+never reuses stale features. An interrupted extraction keeps every row its index lists and continues from there.
+Caches of the old layout (one `<image key hash>.npy` per image) are read once into the store, with a log line.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
+from captioner.data.feature_store import FeatureRows, FeatureStore, log
 from captioner.images import ImageLoadError, open_image
 from captioner.models.encoder import Encoder
 
@@ -29,21 +30,32 @@ def _digest(text: str) -> str:
 
 
 class FeatureCache:
-    """Encoder features per image file, computed once and memory-mapped afterwards."""
+    """Encoder features per image file, computed once and read from disk row by row afterwards."""
 
-    def __init__(self, cache_dir: str | Path, encoder: Encoder, mirrored: bool = False):
-        """`mirrored` caches the features of the images flipped left-right (training augmentation), apart."""
+    def __init__(self, cache_dir: str | Path, encoder: Encoder, mirrored: bool = False, flush_every: int = 512):
+        """`mirrored` caches the features of the images flipped left-right (training augmentation), apart.
+        `flush_every` rows at most are recomputed after an interrupted extraction."""
         self.encoder = encoder
         self.mirrored = mirrored
         key = encoder.cache_key() + ("|mirrored left-right" if mirrored else "")
         self.folder = Path(cache_dir) / _digest(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "ENCODER.txt").write_text(key + "\n")
+        self.store = FeatureStore(self.folder, flush_every)
 
-    def path_for(self, image: Path) -> Path:
+    @staticmethod
+    def key_for(image: Path) -> str:
+        """The row key: the image's absolute path, size and modification time."""
         image = Path(image).resolve()
         stat = image.stat()
-        return self.folder / f"{_digest(f'{image}|{stat.st_size}|{stat.st_mtime_ns}')}.npy"
+        return _digest(f"{image}|{stat.st_size}|{stat.st_mtime_ns}")
+
+    def path_for(self, image: Path) -> Path:
+        """Where the old layout kept the image's features (read once into the store when found)."""
+        return self.folder / f"{self.key_for(image)}.npy"
+
+    def is_cached(self, image: Path) -> bool:
+        return self.key_for(image) in self.store.index()
 
     def extract(self, images: Sequence[Path], batch_size: int = 32, num_workers: int = 2,
                 progress: bool = True) -> list[tuple[Path, str]]:
@@ -52,9 +64,15 @@ class FeatureCache:
         Returns:
             (image, reason) for each image that could not be decoded; its features are not stored.
         """
-        todo = [p for p in images if not self.path_for(p).is_file()]
+        done = self.store.index()
+        todo = [p for p in dict.fromkeys(images) if self.key_for(p) not in done]
         failures: list[tuple[Path, str]] = []
         if not todo:
+            return failures
+        writer = self.store.writer(len(todo))
+        todo = self._import_old_layout(todo, writer)
+        if not todo:
+            writer.close()
             return failures
         prep, encoder, mirrored = self.encoder.preprocess, self._compute, self.mirrored
 
@@ -74,11 +92,33 @@ class FeatureCache:
                 failures += [(p, x) for p, x in zip(chunk, loaded) if isinstance(x, str)]
                 if good:
                     grids = encoder(torch.stack([x for _, x in good])).to(torch.float16).numpy()  # (b, N, D)
-                    for (path, _), grid in zip(good, grids):
-                        self._store(path, grid)
+                    writer.add([self.key_for(p) for p, _ in good], grids)
                 bar.update(len(chunk))
+        writer.close()
         bar.close()
         return failures
+
+    def _import_old_layout(self, todo: list[Path], writer) -> list[Path]:
+        """Copy the one-file-per-image entries of `todo` into the store; what is left to compute. A damaged old
+        file is named and recomputed."""
+        old = [p for p in todo if self.path_for(p).is_file()]
+        if not old:
+            return todo
+        log(f"reading {len(old)} per-image feature files of the old cache layout in {self.folder} into the store (the old files can be deleted)")
+        imported = set()
+        for path in old:
+            file = self.path_for(path)
+            try:
+                grid = np.load(file, allow_pickle=False)
+                if grid.dtype != np.float16 or grid.ndim != 2:
+                    raise ValueError(f"expected an fp16 (N, D) array, found {grid.dtype} {grid.shape}")
+            except (OSError, ValueError) as exc:
+                log(f"feature cache file {file} is damaged ({exc}); recomputing it")
+                file.unlink(missing_ok=True)
+                continue
+            writer.add([self.key_for(path)], grid[None])
+            imported.add(path)
+        return [p for p in todo if p not in imported]
 
     @functools.cached_property
     def _compute(self) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -92,14 +132,6 @@ class FeatureCache:
 
         return FastEncoder(self.encoder, "fp32")
 
-    def _store(self, image: Path, grid: np.ndarray) -> None:
-        target = self.path_for(image)
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.save(fh, grid, allow_pickle=False)
-        os.replace(tmp, target)
-
-    def load(self, images: Sequence[Path]) -> torch.Tensor:
-        """(len(images), N, D) fp16 features of images already extracted."""
-        arrays = [np.load(self.path_for(p), allow_pickle=False) for p in images]
-        return torch.from_numpy(np.stack(arrays))
+    def load(self, images: Sequence[Path]) -> FeatureRows:
+        """A (len(images), N, D) fp16 view of images already extracted; rows are read when indexed."""
+        return self.store.rows([self.key_for(p) for p in images])

@@ -1,6 +1,7 @@
 """From a config to cached features: read the splits, check the images, run the encoder once per image.
 
-Under torchrun each rank encodes its share of the images into the shared cache; every rank then reads all of them.
+Under torchrun each rank encodes its share of the images into its own shard of the shared feature store; every
+rank then reads all of them. The splits hold views of the store (`FeatureRows`): batches read their rows from disk.
 """
 
 from __future__ import annotations
