@@ -2,6 +2,7 @@
 
     streamlit run app.py                                          # the shipped Flickr8k model
     CAPTIONER_CHECKPOINT=runs/x/best.safetensors streamlit run app.py
+    captioner app --checkpoint runs/x/best.safetensors --server.port 8502   # the same, from the CLI
 
 UI only: every model operation goes through `captioner.Captioner`; the gate and attention summaries come from
 `captioner.explain`.
@@ -22,21 +23,28 @@ import streamlit as st
 from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError
+from captioner.app_views import heatmap_spec, model_card
 from captioner.explain import (
     GATE_HELP,
-    GATES,
+    attention_legend,
     attention_overlay,
     attention_summary,
+    describe_resets,
     describe_word,
+    gate_heatmap,
     gate_table,
+    moving_cells,
     step_labels,
     top_cells,
 )
 from captioner.images import open_image
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
-MAX_UPLOAD_MB = 20  # per file; .streamlit/config.toml sets the same server.maxUploadSize for the endpoint
-IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+# Per file, in Streamlit's megabytes (10^6 bytes); .streamlit/config.toml sets the same server.maxUploadSize.
+MAX_UPLOAD_MB = 20
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
+IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # captioner.images.SUPPORTED_FORMATS
+HEATMAP_CELLS = 16
 PREVIEW_SIZE = 448
 
 
@@ -84,9 +92,8 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
     `memo` (the session's) keeps each file's Caption per settings, so picking a word or adding a file decodes
     only what is new; the new files go through the model as one batch. Entries of removed files are dropped.
     """
-    limit = MAX_UPLOAD_MB * 1024 * 1024
     keys = [(upload.key, settings) for upload in uploads]
-    new = [(key, u) for key, u in zip(keys, uploads) if key not in memo and len(u.data) <= limit]
+    new = [(key, u) for key, u in zip(keys, uploads) if key not in memo and len(u.data) <= MAX_UPLOAD_BYTES]
     if new:
         results = cap.caption([u.data for _, u in new], beam_size=settings.beam_size, n_best=settings.n_best,
                               max_length=settings.max_length,
@@ -97,7 +104,7 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
             memo[key] = result
     for key, upload in zip(keys, uploads):
         if key not in memo:
-            reason = f"file too large ({len(upload.data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_MB} MB)"
+            reason = f"file too large ({len(upload.data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_MB} MB)"
             memo[key] = Caption(source=upload.name, error=f"{upload.name}: {reason}")
     for stale in memo.keys() - set(keys):
         del memo[stale]
@@ -153,8 +160,12 @@ def sidebar_ui(cap: Captioner) -> Settings:
     beam = st.sidebar.slider("Beam size", 1, max(10, d.beam_size), d.beam_size, key="beam_size",
                              help="How many partial captions are kept at each step; 1 is greedy decoding.")
     if beam > 1:
-        n_best = st.sidebar.slider("Alternatives (n-best)", 1, beam, min(3, beam),
+        # The widget's state goes when greedy decoding hides it; a copy outside it brings the choice back.
+        state = st.session_state
+        state["n_best"] = min(state.get("n_best", state.get("n_best_kept", 3)), beam)
+        n_best = st.sidebar.slider("Alternatives (n-best)", 1, beam, key="n_best",
                                    help="How many of the best finished captions to list.")
+        st.session_state["n_best_kept"] = n_best
     else:
         n_best = 1
         st.sidebar.caption("Alternatives (n-best): 1 with greedy decoding.")
@@ -178,16 +189,7 @@ def model_info_ui(cap: Captioner, path: str | None) -> None:
     if not info:
         st.sidebar.caption("This checkpoint records no training data or scores.")
         return
-    for key, value in (info.items() if isinstance(info, dict) else [("info", info)]):
-        st.sidebar.markdown(f"**{key}**")
-        if isinstance(value, dict) and all(not isinstance(v, (dict, list)) for v in value.values()):
-            # One text column: mixed numbers and strings do not fit one Arrow column type.
-            rows = [{"": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in value.items()]
-            st.sidebar.dataframe(rows, hide_index=True)
-        elif isinstance(value, (dict, list)):
-            st.sidebar.json(value, expanded=False)
-        else:
-            st.sidebar.write(value)
+    st.sidebar.markdown("\n".join(f"- {line}" for line in model_card(info, cap.decode_defaults)))
 
 
 def upload_ui() -> list[Upload]:
@@ -217,10 +219,10 @@ def caption_ui(number: int, upload: Upload, caption: Caption) -> None:
         with right:
             st.markdown(f"### {caption.text or '(empty caption)'}")
             st.caption(f"score {caption.score:.3f} | log-probability {caption.logprob:.3f}")
-            alternatives = [{"rank": rank, "caption": a.text, "score": round(a.score, 4),
-                             "log-probability": round(a.logprob, 4)}
-                            for rank, a in enumerate(caption.alternatives, 1)]
-            st.dataframe(alternatives, hide_index=True)
+        # Full width below the picture, so no column is cut off.
+        alternatives = [{"rank": rank, "caption": a.text, "score": round(a.score, 4),
+                         "log-probability": round(a.logprob, 4)} for rank, a in enumerate(caption.alternatives, 1)]
+        st.dataframe(alternatives, hide_index=True, use_container_width=True)
         labels = step_labels(caption)
         if not labels:
             return
@@ -239,8 +241,11 @@ def attention_ui(image: Image.Image, caption: Caption, step: int, label: str) ->
         st.info("This model does not use attention (show_tell decoder): every word sees the whole image.")
         return
     weights = caption.attention[step]  # (g, g)
-    st.image(attention_overlay(image, weights), caption=f"Attention for word {label}")
-    st.caption(attention_summary(weights))
+    vmax = float(caption.attention.max())  # one scale for every word of this caption
+    st.image(attention_overlay(image, weights, vmax=vmax), caption=f"Attention for word {label}")
+    st.image(attention_legend(vmax, weights.size))
+    st.caption(f"{attention_summary(weights)} Colours run from 0 to {vmax:.1%}, the largest weight over the "
+               "whole caption, so a word whose map looks cool spread its attention evenly.")
 
 
 def gates_ui(caption: Caption, step: int, labels: list[str]) -> None:
@@ -249,19 +254,17 @@ def gates_ui(caption: Caption, step: int, labels: list[str]) -> None:
                 "each a number between 0 and 1 per memory cell, decide what happens to it:\n"
                 + "\n".join(f"- **{name}**: {text}" for name, text in GATE_HELP.items()))
     st.info(describe_word(rows[step]))
-    bars = [{"word": labels[r.step], "step": r.step, "gate": g, "activation": getattr(r, g)}
-            for r in rows for g in GATES]
-    highlight = {"condition": {"test": f"datum.step == {step}", "value": 1.0}, "value": 0.35}
-    st.vega_lite_chart(bars, {
-        "title": "Mean gate activation per word (1 = fully open)", "mark": "bar", "height": 220,
-        "encoding": {"x": {"field": "word", "type": "nominal", "sort": None, "title": None},
-                     "xOffset": {"field": "gate"},
-                     "color": {"field": "gate", "type": "nominal",
-                               "scale": {"domain": list(GATES), "range": ["#1f77b4", "#2ca02c", "#ff7f0e"]}},
-                     "y": {"field": "activation", "type": "quantitative", "scale": {"domain": [0, 1]}},
-                     "opacity": highlight, "tooltip": [{"field": "word"}, {"field": "gate"},
-                                                       {"field": "activation", "format": ".3f"}]}})
-    st.dataframe([r.as_row() for r in rows], hide_index=True)
+    st.markdown(describe_resets(caption))
+    cells = moving_cells(caption.gates, HEATMAP_CELLS)
+    st.caption(f"Reading guide: rows are words, columns the {len(cells)} memory cells that changed most over "
+               "this caption. **R** = reset (forget near 0, input near 1: the old value is wiped and a new one "
+               "written); **H** = held (forget near 1, input near 0: kept as it was). The picked word is outlined.")
+    heat = gate_heatmap(caption, cells)
+    for quantity in ("forget", "input", "output", "cell change"):
+        st.vega_lite_chart([r for r in heat if r["quantity"] == quantity], heatmap_spec(quantity, step),
+                           use_container_width=True)
+    with st.expander("All words: gates averaged over the cells"):
+        st.dataframe([r.as_row() for r in rows], hide_index=True)
     st.markdown(f"**Memory cells that changed most at word {labels[step]}**")
     if step == 0:
         st.caption("The memory before the first word is not reported, so these are the cells with the "

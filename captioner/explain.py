@@ -4,12 +4,17 @@
 included when it was generated), the attention over the encoder grid (L, g, g) and the LSTM's input, forget
 and output gate activations and cell state (L, H), H = number of LSTM cells. These functions average the gates
 over the cells, measure how much the cell state moved at each word, find the cells that moved most, and paint
-an attention map over the image.
+an attention map over the image on a fixed, stated colour scale.
+
+The per-cell views (`moving_cells`, `resets`, `held`, `gate_heatmap`) show what the cell averages hide: the
+mean gates sit near 0.5 for every word, while single cells are wiped and rewritten (forget near 0, input
+near 1) at the words that start something new.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from dataclasses import dataclass
 
@@ -128,6 +133,70 @@ def top_cells(caption: Caption, step: int, k: int = 8) -> list[CellChange]:
                        float(gates["output"][step, j])) for j in order]
 
 
+RESET_FORGET = 0.1
+"""A cell is *reset* at a word when its forget gate is below this and its input gate above 1 - this."""
+HELD_FORGET = 0.9
+"""A cell is *held* at a word when its forget gate is above this and its input gate below 1 - this."""
+
+
+def resets(gates: dict[str, np.ndarray], forget_below: float = RESET_FORGET,
+           input_above: float = 1 - RESET_FORGET) -> np.ndarray:
+    """(L, H) bool: the cells wiped and rewritten at each word (forget gate near 0, input gate near 1)."""
+    return (gates["forget"] < forget_below) & (gates["input"] > input_above)
+
+
+def held(gates: dict[str, np.ndarray], forget_above: float = HELD_FORGET,
+         input_below: float = 1 - HELD_FORGET) -> np.ndarray:
+    """(L, H) bool: the cells kept untouched at each word (forget gate near 1, input gate near 0)."""
+    return (gates["forget"] > forget_above) & (gates["input"] < input_below)
+
+
+def moving_cells(gates: dict[str, np.ndarray], k: int = 16) -> list[int]:
+    """The k cells that do most over the caption, most active first.
+
+    A cell's activity is the total absolute change of its value from word to word, plus 1 for every reset (so a
+    wiped and rewritten cell is shown even when its new value happens to be close to the old one). With a
+    single word, cells are ranked by the size of their value.
+    """
+    cell = np.asarray(gates["cell"], dtype=np.float64)  # (L, H)
+    moved = np.abs(np.diff(cell, axis=0)).sum(axis=0) if cell.shape[0] > 1 else np.abs(cell[0])  # (H,)
+    score = moved + resets(gates).sum(axis=0)
+    return [int(j) for j in np.argsort(-score, kind="stable")[:k]]
+
+
+def gate_heatmap(caption: Caption, cells: list[int]) -> list[dict]:
+    """Rows for a words x cells heat map: one per (word, cell, quantity) with quantity one of GATES or
+    "cell change" (c_t - c_(t-1); None at the first word), and `mark` "reset", "held" or ""."""
+    gates = _gates(caption)
+    cell = gates["cell"].astype(np.float64)  # (L, H)
+    change = np.full_like(cell, np.nan)
+    change[1:] = np.diff(cell, axis=0)
+    reset, keep = resets(gates), held(gates)
+    rows = []
+    for t, word in enumerate(step_words(caption)):
+        for j in cells:
+            mark = "reset" if reset[t, j] else "held" if keep[t, j] else ""
+            values = {g: float(gates[g][t, j]) for g in GATES} | {"cell change": _round(change[t, j])}
+            rows += [{"step": t, "word": f"{t + 1} {word}", "cell": j, "quantity": q, "value": v, "mark": mark}
+                     for q, v in values.items()]
+    return rows
+
+
+def describe_resets(caption: Caption, max_words: int = 6) -> str:
+    """One sentence naming the words at which cells were wiped and rewritten, and how many."""
+    gates = _gates(caption)
+    per_word = resets(gates).sum(axis=1)  # (L,)
+    words = step_words(caption)
+    hits = [(int(n), f"**{words[t]}** (word {t + 1}: {n} cell{'s' if n > 1 else ''})")
+            for t, n in enumerate(per_word) if n]
+    if not hits:
+        return ("No cell was reset in this caption (no word had a cell with forget gate below "
+                f"{RESET_FORGET} and input gate above {1 - RESET_FORGET:.1f}).")
+    hits.sort(key=lambda h: -h[0])
+    shown = ", ".join(text for _, text in hits[:max_words]) + (", ..." if len(hits) > max_words else "")
+    return f"Cells wiped and rewritten (reset) at: {shown}."
+
+
 def describe_word(row: WordGates) -> str:
     """One plain-English sentence about the gates at one word."""
     text = (f"While writing **{row.word}**, the LSTM kept on average {row.forget:.0%} of each memory cell "
@@ -138,23 +207,54 @@ def describe_word(row: WordGates) -> str:
     return text
 
 
-def attention_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55) -> Image.Image:
+ATTENTION_CMAP = "jet"
+
+
+def attention_overlay(image: Image.Image, weights: np.ndarray, alpha: float = 0.55,
+                      vmax: float | None = None) -> Image.Image:
     """Paint a (g, g) attention map over `image` (RGB), hot where the model looked.
 
     The encoder sees the whole image squashed to a square, so the grid is stretched over the full image.
-    Colours are scaled by the map's maximum: a uniform map paints one even colour, a peaked one a hot spot.
+    Colours run from 0 (cold) to `vmax` (hot); pass one `vmax` for every word of a caption (e.g. the largest
+    weight over the caption, `caption.attention.max()`) so colours compare between words. Without it the map's
+    own maximum is used: a uniform map paints one even colour, a peaked one a hot spot.
     """
     from matplotlib import colormaps
 
     weights = np.asarray(weights, dtype=np.float64)
-    peak = weights.max()
-    scaled = weights / peak if peak > 0 else np.zeros_like(weights)  # (g, g) in [0, 1]
+    peak = weights.max() if vmax is None else vmax
+    scaled = np.clip(weights / peak, 0, 1) if peak > 0 else np.zeros_like(weights)  # (g, g) in [0, 1]
     grid = Image.fromarray(np.round(scaled * 255).astype(np.uint8))
     smooth = np.asarray(grid.resize(image.size, Image.Resampling.BICUBIC), dtype=np.float64) / 255  # (H, W)
-    heat = colormaps["jet"](smooth)[..., :3]  # (H, W, 3)
+    heat = colormaps[ATTENTION_CMAP](smooth)[..., :3]  # (H, W, 3)
     base = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
     mixed = (1 - alpha) * base + alpha * heat
     return Image.fromarray(np.round(mixed * 255).astype(np.uint8))
+
+
+def attention_legend(vmax: float, cells: int, width: int = 448) -> Image.Image:
+    """A horizontal colour bar for `attention_overlay(..., vmax=vmax)`: ticks in % of the attention, and a
+    mark at uniform attention (1 / cells, e.g. 1.2% on a 9x9 grid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width / 100, 0.75), dpi=100)
+    try:
+        gradient = np.linspace(0, vmax, 256)[None, :]  # (1, 256)
+        ax.imshow(gradient, aspect="auto", cmap=ATTENTION_CMAP, extent=(0, vmax * 100, 0, 1))
+        uniform = 100 / cells
+        ax.axvline(uniform, color="white", linewidth=2)
+        ax.set_yticks([])
+        ax.set_xlabel(f"share of the attention (%); white line: uniform, {uniform:.1f}%", fontsize=8)
+        ax.tick_params(labelsize=8)
+        fig.tight_layout(pad=0.2)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
 def attention_summary(weights: np.ndarray) -> str:

@@ -33,8 +33,10 @@ def checkpoint(tmp_path_factory) -> Path:
     vocab = Vocabulary.build([" ".join(WORDS)], min_count=1)
     model = make_model(vocab, ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20,
                                           dropout=0.0))
-    model.info = {"data": "unit-test pictures",
-                  "metrics": {"split": "dev", "beam_size": 3, "BLEU-4": 0.123, "CIDEr": 0.456}}
+    model.info = {"name": "tiny test model", "data": "unit-test pictures (made up)", "train_images": 6000,
+                  "val_images": 1000, "epoch": 4,
+                  "selection": {"metric": "CIDEr", "split": "dev", "beam_size": 3, "CIDEr": 0.456,
+                                "length_penalty": 0.7}}
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(model, path)
     return path
@@ -106,12 +108,31 @@ def test_start_page_has_checkpoint_defaults_and_model_info(app):
     assert sidebar_slider(app, "Beam size").value == 3  # the checkpoint's decode defaults
     assert sidebar_slider(app, "Maximum length (words)").value == 8
     assert sidebar_slider(app, "Alternatives (n-best)").value == APP_N_BEST
-    assert "unit-test pictures" in [m.value for m in app.sidebar.markdown]
-    [metrics] = [d.value for d in app.sidebar.dataframe]
-    assert dict(zip(metrics[""], metrics["value"])) == {"split": "dev", "beam_size": "3", "BLEU-4": "0.1230",
-                                                        "CIDEr": "0.4560"}
+    [card] = [m.value for m in app.sidebar.markdown if "tiny test model" in m.value]
+    assert "Trained on unit-test pictures (6,000 images, model selection on 1,000)." in card
+    assert "Dev CIDEr 0.456 at beam 3, length penalty 0.7: the score that picked epoch 4 during training." in card
+    assert "decodes with length penalty 0.0 by default" in card  # the decode default differs from 0.7
+    assert "train_images" not in card and "{" not in card and not app.sidebar.dataframe
     assert [i.value for i in app.info] == ["Upload one or more images to caption them."]
-    assert set(app.file_uploader[0].allowed_type) >= {".jpg", ".png", ".webp", ".gif", ".bmp"}
+    assert set(app.file_uploader[0].allowed_type) >= {".jpg", ".png", ".webp", ".gif", ".bmp", ".tiff"}
+
+
+def test_uploader_accepts_every_format_the_loader_decodes():
+    from captioner.images import SUPPORTED_FORMATS
+
+    app_module = importlib.import_module("app")
+    registered = Image.registered_extensions()
+    for fmt in SUPPORTED_FORMATS:
+        assert any(registered.get(f".{ext}") == fmt for ext in app_module.IMAGE_TYPES), fmt
+
+
+def test_one_upload_limit_in_streamlit_megabytes():
+    import tomllib
+
+    app_module = importlib.import_module("app")
+    config = tomllib.loads((APP.parent / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["maxUploadSize"] == app_module.MAX_UPLOAD_MB
+    assert app_module.MAX_UPLOAD_BYTES == app_module.MAX_UPLOAD_MB * 1_000_000  # Streamlit's MB
 
 
 def test_starts_on_the_shipped_model_without_arguments(monkeypatch):
@@ -164,13 +185,13 @@ def test_bad_files_are_named_and_the_others_still_captioned(app, captioner, phot
     noisy = io.BytesIO()
     Image.effect_noise((128, 96), 60).convert("RGB").save(noisy, "JPEG")
     app_module = importlib.import_module("app")
-    too_big = b"\xff" * (app_module.MAX_UPLOAD_MB * 2**20 + 1)
+    too_big = b"\xff" * (app_module.MAX_UPLOAD_BYTES + 1)
     upload(app, [("notes.png", b"just some text"), ("good.jpg", photos[0]),
                  ("cut.jpg", noisy.getvalue()[: len(noisy.getvalue()) // 2]), ("empty.gif", b""),
                  ("huge.bmp", too_big)])
     errors = [e.value for e in app.error]
     expected = [("notes.png", "not a recognised image format"), ("cut.jpg", "truncated"), ("empty.gif", "empty"),
-                ("huge.bmp", f"file too large (20.0 MB; the limit is {app_module.MAX_UPLOAD_MB} MB)")]
+                ("huge.bmp", f"file too large ({app_module.MAX_UPLOAD_MB}.0 MB; the limit is {app_module.MAX_UPLOAD_MB} MB)")]
     assert len(errors) == len(expected)
     for error, (name, reason) in zip(errors, expected):
         assert error.startswith(f"Could not caption {name}: ") and reason in error, error
@@ -187,18 +208,21 @@ def test_gates_view_matches_the_api_and_follows_the_picked_word(app, captioner, 
 
     explanation = next(m.value for m in app.main.markdown if "cell state" in m.value)
     assert all(f"**{gate}**" in explanation for gate in ("forget", "input", "output", "cell change"))
-    [table] = tables(app, "cell change")
+    [table] = [e.value for e in app.main.expander[0].dataframe]
     assert list(table["word"]) == explain.step_words(expected)
     for gate in explain.GATES:
         np.testing.assert_allclose(table[gate], [getattr(r, gate) for r in rows], atol=1e-4)
     assert math.isnan(table["cell change"][0])
     np.testing.assert_allclose(table["cell change"][1:], [r.cell_change for r in rows[1:]], atol=1e-4)
-    [chart] = app.main.get("vega_lite_chart")
-    bars = convert_arrow_bytes_to_pandas_df(chart.proto.data.data)
-    assert len(bars) == 3 * len(rows) and set(bars["gate"]) == set(explain.GATES)
-    expected_bars = [getattr(rows[t], g) for t, g in zip(bars["step"], bars["gate"])]
-    np.testing.assert_allclose(bars["activation"], expected_bars, atol=1e-5)
-    assert json.loads(chart.proto.spec)["encoding"]["x"]["sort"] is None  # words stay in caption order
+    charts = app.main.get("vega_lite_chart")
+    assert len(charts) == 4  # forget, input, output, cell change
+    cells = explain.moving_cells(expected.gates, 16)
+    for chart, gate in zip(charts, explain.GATES):
+        heat = convert_arrow_bytes_to_pandas_df(chart.proto.data.data)
+        assert len(heat) == len(rows) * len(cells) and set(heat["quantity"]) == {gate}
+        np.testing.assert_allclose(heat["value"], expected.gates[gate][heat["step"], heat["cell"]], atol=1e-5)
+        assert json.loads(chart.proto.spec)["layer"][0]["encoding"]["y"]["sort"] is None  # caption order
+    assert explain.describe_resets(expected) in [m.value for m in app.main.markdown]
 
     picker = app.select_slider[0]
     assert list(picker.options) == labels
@@ -207,9 +231,9 @@ def test_gates_view_matches_the_api_and_follows_the_picked_word(app, captioner, 
     assert [i.value for i in app.main.info] == [explain.describe_word(rows[2])]
     [top] = tables(app, "change")
     assert list(top["cell"]) == [c.cell for c in explain.top_cells(expected, 2)]
-    [_, overlay] = app.main.image
+    [_, overlay, _legend] = app.main.image
     assert overlay.captions == [f"Attention for word {labels[2]}"]
-    assert explain.attention_summary(expected.attention[2]) in [c.value for c in app.main.caption]
+    assert any(c.value.startswith(explain.attention_summary(expected.attention[2])) for c in app.main.caption)
 
 
 def test_a_model_without_attention_still_shows_its_gates(tmp_path, monkeypatch, photos):
@@ -221,8 +245,9 @@ def test_a_model_without_attention_still_shows_its_gates(tmp_path, monkeypatch, 
     at = upload(AppTest.from_file(str(APP), default_timeout=60).run(), [("a.jpg", photos[0])])
     assert any("does not use attention" in i.value for i in at.main.info)
     assert len(at.main.image) == 1  # the photo, no overlay
-    [table] = tables(at, "cell change")
+    [table] = [e.value for e in at.main.expander[0].dataframe]
     assert len(table) == len(at.select_slider[0].options) > 0
+    assert len(at.main.get("vega_lite_chart")) == 4
 
 
 def test_only_new_files_are_decoded_in_one_batch_and_removed_files_forgotten(captioner, photos, monkeypatch):
@@ -233,7 +258,7 @@ def test_only_new_files_are_decoded_in_one_batch_and_removed_files_forgotten(cap
                         real_caption(images, **kw))
     settings = app_module.Settings(beam_size=2, n_best=2, max_length=5, length_penalty=0.0)
     a, b, c = (app_module.Upload(f"{k}.jpg", k, data) for k, data in zip("abc", photos))
-    huge = app_module.Upload("huge.jpg", "h", b"\0" * (app_module.MAX_UPLOAD_MB * 2**20 + 1))
+    huge = app_module.Upload("huge.jpg", "h", b"\0" * (app_module.MAX_UPLOAD_BYTES + 1))
     memo: dict = {}
     first = app_module.caption_uploads(captioner, [a, huge], settings, memo)
     assert batches == [1] and first[0].source == "a.jpg" and first[0].ok and "too large" in first[1].error
@@ -326,3 +351,71 @@ def test_attention_overlay_is_hot_where_the_model_looked():
     assert np.ptp(uniform.reshape(-1, 3), axis=0).max() == 0  # no attention preference, no hot spot
     assert explain.attention_summary(weights) == ("Peak: row 1, column 1 of the 7x7 grid with 100.0% of the "
                                                   "attention (uniform would be 2.0%).")
+
+
+def planted(steps: int = 4, hidden: int = 8) -> dict[str, np.ndarray]:
+    """Gates with middling values everywhere, a reset at word 2 cell 5 and cell 1 held at word 3."""
+    rng = np.random.default_rng(1)
+    gates = {g: rng.uniform(0.3, 0.7, size=(steps, hidden)) for g in ("input", "forget", "output")}
+    gates["cell"] = np.cumsum(rng.normal(scale=0.01, size=(steps, hidden)), axis=0)
+    gates["forget"][2, 5], gates["input"][2, 5] = 0.0001, 0.99
+    gates["cell"][2:, 5] += 3.0  # the rewritten cell jumps
+    gates["forget"][3, 1], gates["input"][3, 1] = 0.98, 0.02
+    return gates
+
+
+def test_resets_and_held_cells_find_the_planted_ones():
+    gates = planted()
+    assert [tuple(ix) for ix in np.argwhere(explain.resets(gates))] == [(2, 5)]
+    assert [tuple(ix) for ix in np.argwhere(explain.held(gates))] == [(3, 1)]
+    assert explain.moving_cells(gates, 3)[0] == 5 and len(explain.moving_cells(gates, 3)) == 3
+    caption = Caption(source="x", text="a dog runs", tokens=["a", "dog", "runs"], gates=gates)
+    assert explain.describe_resets(caption) == "Cells wiped and rewritten (reset) at: **runs** (word 3: 1 cell)."
+    heat = explain.gate_heatmap(caption, [5, 1])
+    marks = {(r["step"], r["cell"]): r["mark"] for r in heat}
+    assert marks[(2, 5)] == "reset" and marks[(3, 1)] == "held" and marks[(0, 5)] == ""
+    assert {r["word"] for r in heat} == {"1 a", "2 dog", "3 runs", "4 <end>"}
+    change = [r["value"] for r in heat if r["quantity"] == "cell change" and r["cell"] == 5]
+    assert change[0] is None and change[2] == pytest.approx(3.0, abs=0.1)
+    gates["forget"][2, 5] = 0.5
+    assert "No cell was reset" in explain.describe_resets(caption)
+
+
+def test_attention_colours_share_one_scale_across_words():
+    image = Image.new("RGB", (70, 70), (128, 128, 128))
+    uniform = np.full((7, 7), 1 / 49)
+    peaked = np.zeros((7, 7))
+    peaked[3, 3] = 1.0
+    alone = np.asarray(explain.attention_overlay(image, uniform), dtype=int)
+    shared = np.asarray(explain.attention_overlay(image, uniform, vmax=peaked.max()), dtype=int)
+    red, _, blue = shared[35, 35]
+    assert blue > red + 50  # uniform attention is cold on the caption's scale ...
+    red, _, blue = alone[35, 35]
+    assert red > blue  # ... but was hot when every map was scaled to its own maximum
+    legend = explain.attention_legend(0.05, 81)
+    assert legend.mode == "RGB" and legend.width > 4 * legend.height
+
+
+def test_alternatives_choice_survives_greedy_and_back(app):
+    sidebar_slider(app, "Alternatives (n-best)").set_value(2).run()
+    sidebar_slider(app, "Beam size").set_value(1).run()
+    assert "Alternatives (n-best)" not in [s.label for s in app.sidebar.slider]
+    sidebar_slider(app, "Beam size").set_value(3).run()
+    assert sidebar_slider(app, "Alternatives (n-best)").value == 2
+    sidebar_slider(app, "Beam size").set_value(2).run()  # fewer beams than alternatives: clamped
+    assert sidebar_slider(app, "Alternatives (n-best)").value == 2
+    assert not app.exception
+
+
+def test_captioner_app_command_line():
+    import argparse
+
+    from captioner.cli import app as app_cli
+
+    parser = argparse.ArgumentParser()
+    app_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["app", "--server.port", "8502", "--checkpoint", "m.safetensors"])
+    cmd, env = app_cli.command(args)
+    assert cmd[1:] == ["-m", "streamlit", "run", str(APP), "--server.port", "8502"]
+    assert env[ENV] == str(Path("m.safetensors").resolve())
+    assert app_cli.run(args) == 2  # the checkpoint does not exist: an error, no app started

@@ -1,0 +1,73 @@
+"""Plain data for the Streamlit app (no Streamlit here): the sidebar's model card, the gate heat maps' specs."""
+
+from __future__ import annotations
+
+from captioner.config import DecodeConfig
+
+
+def model_card(info: dict, decode: DecodeConfig) -> list[str]:
+    """The model card's fields as short sentences: name, data, training, the selection score and license.
+
+    The selection score is the one recorded when the epoch was picked during training, at the decode settings
+    of that moment (`selection.beam_size`, `selection.length_penalty`); when these differ from the checkpoint's
+    own decode defaults the line says so, since the README's headline is measured at the defaults.
+    """
+    if not isinstance(info, dict):
+        return [str(info)]
+    lines = []
+    if info.get("name"):
+        lines.append(f"**{info['name']}**")
+    data = info.get("data")
+    train, val = info.get("train_images"), info.get("val_images")
+    if train:
+        where = str(data).split(" (")[0] if data else "its training data"
+        sizes = f"{train:,} images" + (f", model selection on {val:,}" if val else "")
+        lines.append(f"Trained on {where} ({sizes}).")
+    if data:
+        lines.append(str(data) + ("" if str(data).endswith(".") else "."))
+    selection = info.get("selection")
+    if isinstance(selection, dict):
+        lines.append(_score_line(selection, info.get("epoch"), decode))
+    if info.get("license"):
+        lines.append(f"License: {info['license']}.")
+    return lines
+
+
+def _score_line(sel: dict, epoch, decode: DecodeConfig) -> str:
+    metric = sel.get("metric", "CIDEr")
+    value = sel.get(metric, sel.get(metric.replace("-D", "")))
+    if not isinstance(value, (int, float)):
+        return f"Selected by {metric} on {sel.get('split', 'the validation split')}."
+    beam, penalty = sel.get("beam_size"), sel.get("length_penalty")
+    at = ", ".join(s for s in (f"beam {beam}" if beam else "",
+                               f"length penalty {penalty}" if penalty is not None else "") if s)
+    text = f"{sel.get('split', 'validation')} {metric} {value:.3f}" + (f" at {at}" if at else "")
+    if epoch:
+        text += f": the score that picked epoch {epoch} during training"
+    text = text[0].upper() + text[1:] + "."
+    if penalty is not None and float(penalty) != float(decode.length_penalty):
+        text += f" This model decodes with length penalty {decode.length_penalty} by default."
+    return text
+
+
+def heatmap_spec(quantity: str, step: int) -> dict:
+    """Vega-Lite words x cells heat map of one quantity, with R/H marks and the picked word outlined."""
+    signed = quantity == "cell change"
+    color = ({"scheme": "redblue", "reverse": True, "domainMid": 0} if signed
+             else {"scheme": "viridis", "domain": [0, 1]})
+    title = ("cell change (new value - old value)" if signed else f"{quantity} gate (0 = closed, 1 = open)")
+    pos = {"x": {"field": "cell", "type": "ordinal", "sort": None, "title": "cell"},
+           "y": {"field": "word", "type": "ordinal", "sort": None, "title": None,
+                 "axis": {"labelOverlap": False}}}
+    return {"title": title, "height": {"step": 18}, "layer": [
+        {"mark": "rect", "encoding": {**pos, "color": {"field": "value", "type": "quantitative",
+                                                        "scale": color, "title": None},
+                                      "stroke": {"condition": {"test": f"datum.step == {step}", "value": "black"},
+                                                 "value": None},
+                                      "tooltip": [{"field": "word"}, {"field": "cell"},
+                                                  {"field": "value", "format": ".4f"}, {"field": "mark"}]}},
+        {"mark": {"type": "text", "fontWeight": "bold", "color": "white"},
+         "transform": [{"filter": "datum.mark != ''"}],
+         "encoding": {**pos, "text": {"field": "mark", "type": "nominal"}}},
+    ], "transform": [{"calculate": "datum.mark == 'reset' ? 'R' : datum.mark == 'held' ? 'H' : ''",
+                      "as": "mark"}]}
