@@ -3,12 +3,42 @@
     from captioner import Captioner
     cap = Captioner.load()                      # the shipped Flickr8k model
     print(cap.caption(["dog.jpg"])[0].text)
+
+The names below are loaded on first use (a module-level `__getattr__`, as in litgpt), so
+`import captioner.cli` and `captioner --help` do not import torch.
 """
 
-from captioner.api import Alternative, Caption, Captioner
-from captioner.config import ConfigError
-from captioner.images import ImageLoadError
-from captioner.models.checkpoint import CheckpointError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from captioner.api import Alternative, Caption, Captioner
+    from captioner.config import ConfigError
+    from captioner.images import ImageLoadError
+    from captioner.models.checkpoint import CheckpointError
+
+_LAZY = {
+    "Alternative": "captioner.api",
+    "Caption": "captioner.api",
+    "Captioner": "captioner.api",
+    "CheckpointError": "captioner.models.checkpoint",
+    "ConfigError": "captioner.config",
+    "ImageLoadError": "captioner.images",
+}
 
 __all__ = ["Alternative", "Caption", "Captioner", "CheckpointError", "ConfigError", "ImageLoadError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'captioner' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,20 +14,36 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `evaluate` and its options."""
-    p = sub.add_parser("evaluate", help="score a checkpoint with BLEU, METEOR, ROUGE-L and CIDEr-D")
-    p.add_argument("--checkpoint", help="model .safetensors (default: the shipped model)")
-    p.add_argument("--data", help="dataset folder (flickr8k) or annotation file (karpathy, csv, jsonl)")
-    p.add_argument("--format", default="flickr8k", choices=["flickr8k", "karpathy", "coco", "csv", "jsonl"])
-    p.add_argument("--annotations", help="annotation file (coco)")
-    p.add_argument("--images", help="image folder (coco, karpathy, csv, jsonl)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--length-penalty", type=float, default=None)
+    p = sub.add_parser("evaluate", help="score a checkpoint with BLEU, METEOR, ROUGE-L and CIDEr-D",
+                       description="Caption a dataset split with a checkpoint and score it against the "
+                                   "references (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; the scorer validation "
+                                   "uses). Prints the scores as JSON.",
+                       epilog="example: captioner evaluate --data ../shared/data/flickr8k --format flickr8k "
+                              "--split dev --output eval/")
+    p.add_argument("--checkpoint", metavar="FILE", help="model .safetensors (default: the shipped model)")
+    p.add_argument("--data", metavar="PATH",
+                   help="dataset folder (flickr8k) or annotation file (karpathy, coco, csv, jsonl)")
+    p.add_argument("--format", default="flickr8k", choices=["flickr8k", "karpathy", "coco", "csv", "jsonl"],
+                   help="dataset reader, as data.format in a training config (default: flickr8k)")
+    p.add_argument("--annotations", metavar="FILE", help="annotation file (coco, karpathy, csv, jsonl; "
+                                                          "overrides --data)")
+    p.add_argument("--images", metavar="DIR",
+                   help="image folder (coco, karpathy, csv, jsonl; default: the annotation file's folder)")
+    p.add_argument("--split", default="test",
+                   help="split to score: train, dev/val or test (default: test). flickr8k and karpathy read "
+                        "their split lists; coco, csv and jsonl score every image for test and the held-out "
+                        "share (data.val_fraction of the file) for dev")
+    p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the checkpoint's)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="exponent a in log p / length**a (default: the checkpoint's)")
     p.add_argument("--no-repeat-ngram", type=int, default=None,
-                   help="forbid repeating an n-gram within a caption (default: the checkpoint's setting; 0 = off)")
+                   help="forbid repeating an n-gram within a caption (default: the checkpoint's setting; "
+                        "0 = off)")
     p.add_argument("--batch-size", type=int, default=64, help="images per network batch")
-    p.add_argument("--max-images", type=int, default=0)
-    p.add_argument("--output", help="folder for scores.json and captions.jsonl (default: print only)")
+    p.add_argument("--max-images", type=int, default=0,
+                   help="score only the first N images of the split (0 = all)")
+    p.add_argument("--output", metavar="DIR",
+                   help="folder for scores.json and captions.jsonl (default: print only)")
     p.set_defaults(func=run)
 
 
@@ -52,13 +68,15 @@ def run(args: argparse.Namespace) -> int:
         samples = samples[: args.max_images]
     # Evaluation reads each image once: decode straight from the files through the public API.
     results = cap.caption([s.image for s in samples], beam_size=args.beam_size, batch_size=args.batch_size,
-                          length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, on_error="skip")
+                          length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
+                          on_error="skip")
     ids = [str(s.image) for s in samples]
     good = [i for i, r in enumerate(results) if r.ok]
     scores = score_captions({ids[i]: results[i].text for i in good},
                             {ids[i]: samples[i].captions for i in good})
+    beam_size = args.beam_size or cap.model.decode_cfg.beam_size
     report = {"checkpoint": str(args.checkpoint or "shipped"), "split": args.split, "images": len(good),
-              "failed": len(samples) - len(good), "beam_size": args.beam_size, "scores": scores}
+              "failed": len(samples) - len(good), "beam_size": beam_size, "scores": scores}
     print(json.dumps(report, indent=2))
     if args.output:
         out = Path(args.output)

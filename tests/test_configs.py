@@ -1,0 +1,118 @@
+"""Every recipe in configs/ loads and dry-runs, on a tiny generated dataset in the format it names."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captioner.cli import main
+from captioner.config import load_config
+from tests.conftest import write_images
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+N_IMAGES = 40
+WORDS = ["a", "dog", "cat", "runs", "sits", "on", "the", "grass", "red", "blue", "ball"]
+
+
+def _captions(i: int) -> list[str]:
+    return [f"a {WORDS[(i + k) % len(WORDS)]} {WORDS[(i * 3 + k) % len(WORDS)]} on the grass"
+            for k in range(2)]
+
+
+def make_dataset(fmt: str, root: Path) -> list[str]:
+    """Write N_IMAGES images and their captions in `fmt`; return the --set overrides that point at them."""
+    images = write_images(root / "images", N_IMAGES)
+    names = [p.name for p in images]
+    pairs = [(n, c) for i, n in enumerate(names) for c in _captions(i)]
+    if fmt == "flickr8k":
+        (root / "images").rename(root / "Images")
+        (root / "Flickr8k.token.txt").write_text("".join(f"{n}#{k}\t{c}\n" for k, (n, c) in enumerate(pairs)))
+        (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:30]) + "\n")
+        (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[30:]) + "\n")
+        return [f"data.root={root}"]
+    if fmt == "karpathy":
+        entries = [{"filename": n, "split": "train" if i < 25 else "restval" if i < 30 else "val",
+                    "sentences": [{"raw": c} for c in _captions(i)]} for i, n in enumerate(names)]
+        annotations = root / "dataset.json"
+        annotations.write_text(json.dumps({"images": entries}))
+    elif fmt == "coco":
+        annotations = root / "captions.json"
+        annotations.write_text(json.dumps({
+            "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+            "annotations": [{"id": k, "image_id": names.index(n), "caption": c}
+                            for k, (n, c) in enumerate(pairs)]}))
+    elif fmt == "csv":
+        annotations = root / "captions.csv"
+        with annotations.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image", "caption"])
+            writer.writerows(pairs)
+    elif fmt == "jsonl":
+        annotations = root / "captions.jsonl"
+        annotations.write_text("".join(json.dumps({"image": n, "caption": c}) + "\n" for n, c in pairs))
+    else:
+        raise AssertionError(f"no generator for format {fmt}")
+    # A held-out share big enough that 40 images always leave some for validation.
+    held_out = ["data.val_fraction=0.3"] if fmt in ("coco", "csv", "jsonl") else []
+    return [f"data.annotations={annotations}", f"data.images={root / 'images'}", *held_out]
+
+
+def _dry_run(config: Path, overrides: list[str], tmp_path: Path) -> list[str]:
+    sets = [*overrides, f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'run'}",
+            "data.min_word_count=1"]
+    return ["train", "--config", str(config), "--dry-run", *[a for s in sets for a in ("--set", s)]]
+
+
+def test_there_is_a_recipe_per_reader():
+    formats = {yaml.safe_load(c.read_text())["data"]["format"] for c in CONFIGS}
+    assert formats == {"flickr8k", "karpathy", "coco", "csv", "jsonl"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_recipe_dry_runs_on_generated_data(config, tmp_path, capsys):
+    fmt = load_config(config).data.format
+    overrides = make_dataset(fmt, tmp_path / "data")
+    assert main(_dry_run(config, overrides, tmp_path)) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out)  # the report is the resolved config; the data summary is in comments
+    assert resolved["data"]["format"] == fmt
+    assert resolved["train"]["out_dir"] == str(tmp_path / "run")
+    lines = {line.split(":")[0].lstrip("# "): line for line in out.splitlines() if line.startswith("# ")}
+    assert "0 missing" in lines[resolved["data"]["train_split"]]
+    assert "vocabulary" in lines
+    assert not (tmp_path / "cache").exists()  # no features extracted
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_dry_run_counts_what_training_reads(tmp_path, capsys):
+    config = next(c for c in CONFIGS if c.stem == "flickr8k")
+    overrides = make_dataset("flickr8k", tmp_path / "data")
+    assert main(_dry_run(config, overrides, tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "# train: 30 images, 60 captions, 0 missing" in out
+    assert "# dev: 10 images, 20 captions, 0 missing" in out
+    assert "# vocabulary: 15 words" in out  # the 11 words and the 4 special tokens
+
+
+def test_dry_run_reports_missing_images(tmp_path, capsys):
+    config = next(c for c in CONFIGS if c.stem == "csv")
+    overrides = make_dataset("csv", tmp_path / "data")
+    for image in sorted((tmp_path / "data" / "images").iterdir())[:3]:
+        image.unlink()
+    assert main(_dry_run(config, overrides, tmp_path)) == 2
+    assert "missing or empty" in capsys.readouterr().err
+    assert main(_dry_run(config, [*overrides, "data.on_missing=skip"], tmp_path)) == 0
+    out = capsys.readouterr().out
+    counted = [int(line.split(", ")[-1].split()[0]) for line in out.splitlines() if line.endswith(" missing")]
+    assert sum(counted) == 3  # across the train and the held-out split
+
+
+def test_dry_run_without_the_data_is_a_clear_error(tmp_path, capsys):
+    config = next(c for c in CONFIGS if c.stem == "csv")
+    assert main(_dry_run(config, [f"data.annotations={tmp_path / 'nope.csv'}"], tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "data.annotations" in err and "does not exist" in err
