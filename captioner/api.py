@@ -12,6 +12,7 @@ modules unchanged. `tests/test_speed_paths.py` states and checks how closely the
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -115,7 +116,8 @@ class Captioner:
 
         Args:
             path: a `.safetensors` checkpoint written by captioner.
-            encoder_weights: overrides the encoder weights file recorded in the checkpoint (resnet50).
+            encoder_weights: the encoder weights file, for encoders whose weights no installed package ships
+                (resnet50). The path recorded in a checkpoint is never opened.
             device: torch device to run on.
             precision: "auto", "bf16", "fp32", "int8" or "reference" (see `Captioner.__init__`); "int8" reads
                 the calibration file beside the checkpoint (`captioner.runtime.int8.calibration_path`).
@@ -132,7 +134,8 @@ class Captioner:
                     f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
         model = load_model(path)
         cfg = model.model_cfg
-        encoder = build_encoder(cfg.encoder, encoder_weights or cfg.encoder_weights, image_size=cfg.image_size,
+        # The checkpoint's own `encoder_weights` path is not followed: a file must not name other files to read.
+        encoder = build_encoder(cfg.encoder, encoder_weights, image_size=cfg.image_size,
                                 headless=bool(cfg.encoder_head))
         return cls(model, encoder, device, precision, int8_calibration=calibration_path(path))
 
@@ -200,6 +203,9 @@ class Captioner:
         `images` is consumed lazily too, and only about two batches are in memory at a time, so this scales to
         any number of images. `num_workers` threads decode the next batch while the network runs the current
         one; 0 decodes in the calling thread.
+
+        Raises:
+            ValueError: an argument is out of range (named in the message), at the call, before any work.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -208,12 +214,18 @@ class Captioner:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         d = self.model.decode_cfg
-        search = dict(beam_size=beam_size or d.beam_size, n_best=n_best,
-                      max_length=max_length or d.max_length,
+        beam_size = d.beam_size if beam_size is None else beam_size
+        max_length = d.max_length if max_length is None else max_length
+        _check_decode(beam_size, n_best, max_length, min_length, length_penalty, no_repeat_ngram)
+        search = dict(beam_size=beam_size, n_best=n_best, max_length=max_length,
                       min_length=d.min_length if min_length is None else min_length,
                       length_penalty=d.length_penalty if length_penalty is None else length_penalty,
                       no_repeat_ngram=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
                       return_attention=return_attention, return_gates=return_gates)
+        return self._stream(images, names, batch_size, num_workers, on_error, search)
+
+    def _stream(self, images: Iterable[ImageInput], names: Iterable[str] | None, batch_size: int,
+                num_workers: int, on_error: str, search: dict) -> Iterator[Caption]:
         labels = names if names is not None else itertools.repeat(None)
         indexed = ((i, item, name) for i, (item, name) in enumerate(zip(images, labels)))
         if num_workers == 0:
@@ -273,6 +285,19 @@ class Captioner:
         alternatives = [Alternative(" ".join(self.vocab.decode(h.tokens)), h.score, h.logprob) for h in hyps]
         return Caption(source=source, text=" ".join(words), tokens=words, score=best.score, logprob=best.logprob,
                        alternatives=alternatives, attention=attention, gates=gates)
+
+
+def _check_decode(beam_size: int, n_best: int, max_length: int, min_length: int | None,
+                  length_penalty: float | None, no_repeat_ngram: int | None) -> None:
+    """Raise ValueError naming the first decode argument out of range (None means the checkpoint's default)."""
+    for name, value, low in (("beam_size", beam_size, 1), ("n_best", n_best, 1), ("max_length", max_length, 1),
+                             ("min_length", min_length, 0), ("no_repeat_ngram", no_repeat_ngram, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if n_best > beam_size:
+        raise ValueError(f"n_best ({n_best}) must not exceed beam_size ({beam_size})")
+    if length_penalty is not None and not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

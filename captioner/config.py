@@ -7,6 +7,7 @@ ignored setting. `load_config` applies dotted `--set section.key=value` override
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,9 +16,15 @@ from typing import Any
 
 import yaml
 
+from captioner.config_io import YamlInputError, load_yaml, short_repr
+
 
 class ConfigError(ValueError):
     """A configuration is invalid; the message lists every problem found."""
+
+
+MAX_WIDTH = 8192
+"""Largest layer width a config (or a checkpoint's config) may ask for: the models here use 16 to 2048."""
 
 
 @dataclass
@@ -72,6 +79,9 @@ class ModelConfig:
         for name in ("dropout", "feature_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"model.{name} must be in [0, 1)")
+        for name in ("embed_dim", "hidden_dim", "attention_dim", "feature_dim", "encoder_head"):
+            if getattr(self, name) > MAX_WIDTH:
+                problems.append(f"model.{name} must be <= {MAX_WIDTH}, got {getattr(self, name)}")
         _raise(problems)
 
 
@@ -102,6 +112,10 @@ class DecodeConfig:
             problems.append("decode.no_repeat_ngram must be >= 0")
         if not 0.0 <= self.length_penalty <= 2.0:  # also refuses nan; the app's slider spans 0-2
             problems.append(f"decode.length_penalty must be in [0, 2], got {self.length_penalty}")
+        if self.max_length > 1000:
+            problems.append(f"decode.max_length must be <= 1000, got {self.max_length}")
+        if self.beam_size > 100:
+            problems.append(f"decode.beam_size must be <= 100, got {self.beam_size}")
         _raise(problems)
 
 
@@ -149,6 +163,8 @@ class DataConfig:
             problems.append("data.min_word_count must be >= 1")
         if not 0.0 < self.val_fraction < 1.0:
             problems.append("data.val_fraction must be in (0, 1)")
+        problems += _at_least(self, "data", {"max_caption_length": 1, "max_images": 0})
+        problems += _not_a_file(self.cache_dir, "data.cache_dir")
         _raise(problems)
 
 
@@ -212,8 +228,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "captions_per_image"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name} must be >= 1")
-        if self.lr <= 0:
-            problems.append("train.lr must be > 0")
+        if not self.lr > 0:  # also nan
+            problems.append(f"train.lr must be > 0, got {self.lr}")
         if self.encoder_head_lr < 0:
             problems.append("train.encoder_head_lr must be >= 0")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -224,6 +240,19 @@ class TrainConfig:
             problems.append(f"train.scst_candidates must be 'sample' or 'beam', got {self.scst_candidates!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append("train.ema_decay must be in [0, 1)")
+        problems += _finite(self, "train")
+        problems += _at_least(self, "train", {"warmup_steps": 0, "patience": 0, "val_max_images": 0,
+                                              "scst_epochs": 0, "scst_samples": 1, "num_workers": 0})
+        for name in ("weight_decay", "grad_clip", "attention_reg"):
+            if getattr(self, name) < 0:
+                problems.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.scst_lr <= 0:
+            problems.append(f"train.scst_lr must be > 0, got {self.scst_lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.out_dir:
+            problems.append("train.out_dir must not be empty")
+        problems += _not_a_file(self.out_dir, "train.out_dir")
         _raise(problems)
 
 
@@ -235,6 +264,22 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def _finite(obj: Any, section: str) -> list[str]:
+    """Problems for every float field of `obj` that is nan or infinite."""
+    return [f"{section}.{f.name} must be a finite number, got {getattr(obj, f.name)}"
+            for f in dataclasses.fields(obj)
+            if isinstance(getattr(obj, f.name), float) and not math.isfinite(getattr(obj, f.name))]
+
+
+def _at_least(obj: Any, section: str, lows: dict[str, int]) -> list[str]:
+    return [f"{section}.{name} must be >= {low}, got {getattr(obj, name)}" for name, low in lows.items()
+            if getattr(obj, name) < low]
+
+
+def _not_a_file(value: str, key: str) -> list[str]:
+    return [f"{key} {value} exists and is a file, not a folder"] if value and Path(value).is_file() else []
 
 
 def _raise(problems: list[str]) -> None:
@@ -256,7 +301,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"invalid config:\n  - {where}: expected {annotation}, got {value!r}")
+        raise ConfigError(f"invalid config:\n  - {where}: expected {annotation}, got {short_repr(value)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if annotation is float and isinstance(value, str):
@@ -265,12 +310,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         except ValueError:
             pass
     if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"invalid config:\n  - {where}: expected true/false, got {value!r}")
+        raise ConfigError(f"invalid config:\n  - {where}: expected true/false, got {short_repr(value)}")
     if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"invalid config:\n  - {where}: expected an integer, got {value!r}")
+        raise ConfigError(f"invalid config:\n  - {where}: expected an integer, got {short_repr(value)}")
     if not isinstance(value, annotation):
         raise ConfigError(
-            f"invalid config:\n  - {where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
+            f"invalid config:\n  - {where}: expected {annotation.__name__}, got {type(value).__name__} {short_repr(value)}"
         )
     return value
 
@@ -280,7 +325,7 @@ def dataclass_from_dict(cls: type, raw: Any, where: str = "") -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config:\n  - {where or 'top level'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"invalid config:\n  - {where or 'top level'}: expected a mapping, got {short_repr(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -316,14 +361,18 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"invalid config:\n  - override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(text)
+    try:
+        return key.strip().split("."), load_yaml(text)
+    except YamlInputError as exc:
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {exc}") from exc
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe, apply `section.key=value` overrides and validate the result.
 
     Raises:
-        ConfigError: the file is missing or not YAML, a key is unknown, or a value has the wrong type.
+        ConfigError: the file is missing, empty, not UTF-8 or not YAML, has a duplicate key or expands to an
+            absurd size (`captioner.config_io`), a key is unknown, or a value has the wrong type or range.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -331,9 +380,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"invalid config:\n  - config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"invalid config:\n  - {path} is not valid YAML: {exc}") from exc
+            raw = load_yaml(path.read_bytes())
+        except YamlInputError as exc:
+            raise ConfigError(f"invalid config:\n  - {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"invalid config:\n  - cannot read {path}: {exc.strerror}") from exc
+        if raw is None:
+            raise ConfigError(f"invalid config:\n  - {path} is empty")
         if not isinstance(raw, dict):
             raise ConfigError(f"invalid config:\n  - {path}: the top level must be a mapping")
     for item in overrides or []:

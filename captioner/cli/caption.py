@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from captioner.outputs import open_writer
+from captioner.outputs import FORMATS
+from captioner.runtime.precisions import PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,63 +18,139 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-best", type=int, default=1, help="alternatives per image")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images per network batch: larger batches step more beams per matrix product")
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None,
+                   help="most words per caption, the end token included (default: the model's)")
     p.add_argument("--num-workers", type=int, default=1,
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32", "int8", "reference"], default="auto",
-                   help="auto/fp32: fast CPU path, same captions as reference (the training-time modules); "
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): fp32 here, bf16-decoder on CPUs with native bf16 (AVX512-BF16 or AMX); "
+                        "fp32: fast CPU path, same captions as reference (the training-time modules); "
+                        "bf16-decoder: fp32 encoder, bf16 decoder products; "
                         "bf16: bf16 encoder and decoder products, faster on CPUs with bf16 instructions, "
                         "changes some captions; int8: int8 encoder (and bf16 decoder products where the CPU has "
-                        "bf16 instructions), the fastest, changes more captions, needs the checkpoint's "
+                        "bf16 instructions), changes more captions, needs the checkpoint's "
                         ".int8.json calibration (the shipped model has one)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the network (default: one per core); 1 is faster when other processes "
                         "keep the cores busy")
-    p.add_argument("--format", choices=["text", "jsonl", "csv"], default="text")
-    p.add_argument("--output", help="write here instead of stdout")
+    p.add_argument("--format", choices=FORMATS, default="text",
+                   help="text: path<TAB>caption lines; jsonl: one JSON record per image; csv: a header, then a row each")
+    p.add_argument("--output", help="write here instead of stdout (through a temporary file beside it, renamed "
+                                    "into place at the end or on Ctrl-C)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --output: keep the whole records already written (also those of a killed run), "
+                        "skip their images and append the rest")
     p.add_argument("--shard", help="I/N: caption only the I-th of N deterministic shards (0-based)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the numeric options, as one line naming the argument; None when all are valid."""
+    checks = [("--batch-size", args.batch_size, 1), ("--n-best", args.n_best, 1), ("--num-workers", args.num_workers, 0),
+              ("--beam-size", args.beam_size, 1), ("--max-length", args.max_length, 1), ("--threads", args.threads, 1)]
+    for name, value, low in checks:
+        if value is not None and value < low:
+            return f"{name} must be >= {low}, got {value}"
+    if args.beam_size is not None and args.n_best > args.beam_size:
+        return f"--n-best {args.n_best} is above --beam-size {args.beam_size}"
+    if args.resume and not args.output:
+        return "--resume needs --output"
+    return None
+
+
+def _expand(raw_paths: list[str]) -> tuple[list, list[str]]:
+    """Image paths under `raw_paths`, and the explicitly given paths that do not exist."""
+    from captioner.images import find_images
+
+    paths, missing = [], []
+    for raw in raw_paths:
+        try:
+            paths.extend(find_images([raw]))
+        except FileNotFoundError:
+            missing.append(raw)
+    return paths, missing
 
 
 def run(args: argparse.Namespace) -> int:
     """Caption files as a stream: each batch's records are written (and flushed) as soon as it is finished.
 
     Memory does not grow with the number of images (only the path list does). The first Ctrl-C stops at the
-    next record boundary, so the output holds only whole records; a second one stops at once.
+    next record boundary, so the output holds only whole records; a second one stops at once. Every argument is
+    checked before the output is touched; `--output` is written through `output_file.PartialOutput`.
     """
     import signal
     import threading
 
-    from tqdm import tqdm
-
-    from captioner.api import Captioner
-    from captioner.images import find_images
+    from captioner.cli.output_file import PartialOutput, same_file
+    from captioner.outputs import CaptionWriter, escape_path
     from captioner.sharding import parse_shard, take_shard
 
-    try:
-        paths = list(find_images(args.paths))
-    except FileNotFoundError as exc:
-        print(f"captioner: {exc}", file=sys.stderr)
+    problem = _check_args(args)
+    if problem:
+        print(f"captioner: error: {problem}", file=sys.stderr)
         return 2
+    paths, missing = _expand(args.paths)
+    for raw in missing:
+        print(f"captioner: {escape_path(raw)}: no such file or directory", file=sys.stderr)
     if args.shard:
         try:
             index, count = parse_shard(args.shard)
         except ValueError as exc:
-            print(f"captioner: {exc}", file=sys.stderr)
+            print(f"captioner: error: --shard: {exc}", file=sys.stderr)
             return 2
         paths = take_shard(paths, index, count)
     if not paths:
         print("captioner: no images found", file=sys.stderr)
         return 2
-    if args.num_workers < 0:
-        print("captioner: --num-workers must be >= 0", file=sys.stderr)
+    if args.output and any(same_file(p, args.output) for p in paths):
+        print(f"captioner: error: --output {escape_path(args.output)} is one of the input images", file=sys.stderr)
+        return 2
+    from captioner.api import Captioner
+
+    captioner = Captioner.load(args.checkpoint, precision=args.precision)
+    beam_size = args.beam_size or captioner.decode_defaults.beam_size
+    if args.n_best > beam_size:
+        print(f"captioner: error: --n-best {args.n_best} is above the beam size {beam_size} (--beam-size)",
+              file=sys.stderr)
         return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    captioner = Captioner.load(args.checkpoint, precision=args.precision)
+    output = PartialOutput(args.output, args.format, resume=args.resume) if args.output else None
+    if output is not None:
+        done = output.open()
+        paths = [p for p in paths if escape_path(p) not in done]
+        stream_out = output.stream
+        header = not done and not output.has_header
+    else:
+        stream_out, header = sys.stdout, True
+    writer = CaptionWriter(stream_out, args.format, args.n_best, header=header)
+    total = len(paths)
+    try:
+        code = _caption_all(captioner, paths, writer, args, signal, threading)
+    except BaseException as exc:  # a second Ctrl-C keeps the whole records; an error leaves the target as it was
+        if output is not None:
+            output.close(keep=isinstance(exc, KeyboardInterrupt))
+        raise
+    if output is not None:
+        output.close(keep=True)
+    if code == 130:
+        print(f"\ncaptioner: interrupted; {writer.count} of {total} records written", file=sys.stderr)
+        return 130
+    failures = code
+    if failures:
+        print(f"captioner: {failures} of {total} images failed", file=sys.stderr)
+    if missing:
+        print(f"captioner: {len(missing)} given path(s) not found", file=sys.stderr)
+    return 1 if failures or missing else 0
+
+
+def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signal, threading) -> int:
+    """Write every record; returns the number of failed images, or 130 when stopped by Ctrl-C."""
+    from tqdm import tqdm
+
     failures = 0
     show_bar = len(paths) > args.batch_size and not args.quiet
     stop: list[int] = []
@@ -86,9 +163,8 @@ def run(args: argparse.Namespace) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
     try:
-        with open_writer(args.output, args.format, args.n_best) as writer, \
-                tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr, dynamic_ncols=True,
-                     smoothing=0.1) as bar:
+        with tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr, dynamic_ncols=True,
+                  smoothing=0.1) as bar:
             stream = captioner.caption_iter(paths, beam_size=args.beam_size, n_best=args.n_best,
                                             batch_size=args.batch_size, max_length=args.max_length,
                                             on_error="skip", num_workers=args.num_workers)
@@ -104,14 +180,8 @@ def run(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 stream.close()
                 writer.flush()
-                bar.close()
-                print(f"\ncaptioner: interrupted; {writer.count} of {len(paths)} records written",
-                      file=sys.stderr)
                 return 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    if failures:
-        print(f"captioner: {failures} of {len(paths)} images failed", file=sys.stderr)
-        return 1
-    return 0
+    return failures

@@ -19,12 +19,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_dumps
 
-from captioner.config import DecodeConfig, ModelConfig, config_to_dict, dataclass_from_dict
+from captioner.config import MAX_WIDTH, DecodeConfig, ModelConfig, config_to_dict, dataclass_from_dict
 from captioner.models.decoder import build_decoder
 from captioner.models.vocab import Vocabulary
 
 FORMAT = "captioner"
 FORMAT_VERSION = 1
+MAX_VOCAB = 1_000_000
+"""Most words a checkpoint's vocabulary may hold."""
 
 
 class CheckpointError(ValueError):
@@ -115,6 +117,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         metadata = json.loads(raw["json"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: safetensors file without captioner metadata") from exc
+    except RecursionError as exc:
+        raise CheckpointError(f"{path}: metadata is nested too deeply") from exc
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: metadata must be a JSON object, got {type(metadata).__name__}")
     return tensors, metadata
 
 
@@ -150,10 +156,25 @@ def load_model(path: str | Path) -> CaptionModel:
     try:
         model_cfg = dataclass_from_dict(ModelConfig, meta["model"], "model")
         decode_cfg = dataclass_from_dict(DecodeConfig, meta["decode"], "decode")
-        vocab = Vocabulary(meta["vocab"])
-        encoder_dim = int(meta["encoder_dim"])
-    except (KeyError, ValueError, TypeError) as exc:
+        words = meta["vocab"]
+        if not (isinstance(words, list) and 4 <= len(words) <= MAX_VOCAB and all(isinstance(w, str) for w in words)):
+            raise ValueError(f"vocab must be a list of 4 to {MAX_VOCAB} strings")
+        vocab = Vocabulary(words)
+        encoder_dim = meta["encoder_dim"]
+        if isinstance(encoder_dim, bool) or not isinstance(encoder_dim, int) or not 1 <= encoder_dim <= MAX_WIDTH:
+            raise ValueError(f"encoder_dim must be an integer in 1..{MAX_WIDTH}, got {str(encoder_dim)[:40]}")
+        if not isinstance(meta.get("info", {}), dict):
+            raise ValueError("info must be a JSON object")
+    except (KeyError, ValueError, TypeError) as exc:  # ConfigError is a ValueError
         raise CheckpointError(f"{path}: metadata is incomplete or invalid ({exc})") from exc
+    with torch.device("meta"):  # shapes only, no memory: the stored tensors must fit before anything is allocated
+        shapes = {k: tuple(v.shape) for k, v in new_model(model_cfg, vocab, encoder_dim, decode_cfg)
+                  .decoder.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in tensors.items()}
+    if shapes != stored:
+        wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
+        raise CheckpointError(f"{path}: weights do not match the stored config (first differences: "
+                              f"{', '.join(wrong[:3])})")
     model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     try:

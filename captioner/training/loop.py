@@ -32,6 +32,10 @@ from captioner.training.run_state import Progress, load_state, save_state
 VAL_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint. Exit code 3."""
+
+
 def learning_rate(cfg: Config, step: int, total_steps: int) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_ratio."""
     t = cfg.train
@@ -119,6 +123,9 @@ def train_step(model: CaptionModel, trainer: torch.nn.Module, optimizer: torch.o
     """One teacher-forcing update on a batch already on the decoder's device; returns its loss."""
     with torch.autocast("cuda", enabled=batch.captions.device.type == "cuda", dtype=torch.bfloat16):
         loss = caption_loss(trainer, batch, model.vocab, cfg)
+    if not torch.isfinite(loss.detach()).item():  # before the update, so the weights (and checkpoints) stay good
+        raise TrainingError(f"training loss became {loss.item()} in a teacher-forcing step; the run "
+                            "stopped and its last checkpoint is kept (lower train.lr, or set train.grad_clip)")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.train.grad_clip:
@@ -160,6 +167,8 @@ def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
     barrier(dist)  # every rank has looked before rank 0 writes anything
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        for stale in run.glob(".*.tmp"):  # half-written checkpoints of a killed run (save_tensors' temp names)
+            stale.unlink(missing_ok=True)
         save_config(cfg, run / "config.yaml")
     return run
 

@@ -1,0 +1,84 @@
+"""`captioner caption --output F [--resume]`: write through a temporary file beside F, never destroying F early.
+
+Records go to `.F.partial` in F's folder; at the end of the run (and on Ctrl-C, which stops at a record
+boundary) it is renamed onto F atomically, so F is either its old self or a file of whole records. A run killed
+outright (SIGKILL, power loss) leaves `.F.partial`; `--resume` continues from it (or from F when there is none):
+the whole records are kept, a trailing partial line is dropped, and the images already captioned are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from captioner.outputs import record_key
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether `a` and `b` name the same existing file."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+class OutputResumeError(ValueError):
+    """The file to resume from is not a whole-records output of this format."""
+
+
+class PartialOutput:
+    """The temporary file behind `--output`; `open()` returns the keys of the records already done."""
+
+    def __init__(self, target: str | os.PathLike, fmt: str, resume: bool = False):
+        self.target = Path(target)
+        self.partial = self.target.with_name(f".{self.target.name}.partial")
+        self.fmt, self.resume = fmt, resume
+        self.has_header = False
+        self.stream = None
+
+    def open(self) -> set[str]:
+        """Open the temporary file for writing; returns the escaped paths of the records kept (resume only)."""
+        if self.target.is_dir():
+            raise IsADirectoryError(f"--output {self.target} is a folder")
+        kept, done = "", set()
+        if self.resume:
+            source = self.partial if self.partial.exists() else self.target
+            if source.exists():
+                raw = source.read_bytes()
+                raw = raw[:raw.rfind(b"\n") + 1]  # drop a trailing partial line
+                try:
+                    kept = raw.decode("utf-8")
+                    done = self._keys(kept)
+                except (UnicodeDecodeError, ValueError) as exc:
+                    raise OutputResumeError(f"--resume: {source} is not a whole {self.fmt} output: {exc}") from exc
+        self.stream = open(self.partial, "w", encoding="utf-8", newline="")
+        self.stream.write(kept)
+        self.stream.flush()
+        self.has_header = self.fmt == "csv" and bool(kept)
+        return done
+
+    def _keys(self, text: str) -> set[str]:
+        if self.fmt == "csv":
+            rows = list(csv.reader(io.StringIO(text)))
+            return {row[0] for row in rows[1:] if row}
+        keys = (record_key(line, self.fmt) for line in text.splitlines() if line)
+        return {k for k in keys if k is not None}
+
+    def close(self, keep: bool = True) -> None:
+        """Close; with `keep`, move the records onto the target (atomic rename), else leave the partial file."""
+        if self.stream is None:
+            return
+        stream, self.stream = self.stream, None
+        try:
+            stream.flush()
+            os.fsync(stream.fileno())
+        finally:
+            try:
+                stream.close()
+            except OSError:
+                if keep:
+                    raise
+        if keep:
+            os.replace(self.partial, self.target)

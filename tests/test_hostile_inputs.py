@@ -1,0 +1,347 @@
+"""Issue 20: nothing a user feeds the CLI or the API may crash a run, corrupt output or lose work."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from captioner.cli import main
+from tests.conftest import write_images
+
+
+def _caption(tmp_path, checkpoint, *args):
+    return main(["caption", *map(str, args), "--checkpoint", str(checkpoint), "--quiet"])
+
+
+def test_non_utf8_file_name_is_written_validly_and_losslessly(tmp_path, tiny_checkpoint, capsysbinary):
+    [img] = write_images(tmp_path / "src", 1)
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    bad = os.path.join(os.fsencode(folder), b"bad\xff.jpg")
+    shutil.copy(img, bad)
+    shutil.copy(img, folder / "z.jpg")
+    out = tmp_path / "o.jsonl"
+    assert _caption(tmp_path, tiny_checkpoint, folder, "--format", "jsonl", "--output", out) == 0
+    records = [json.loads(line) for line in out.read_bytes().decode("utf-8").splitlines()]
+    assert len(records) == 2
+    assert records[0]["path"] == f"{folder}/bad\\xff.jpg"
+    assert base64.b64decode(records[0]["path_bytes"]) == bad
+    assert "path_bytes" not in records[1] and records[1]["path"] == str(folder / "z.jpg")
+    for fmt in ("text", "csv", "jsonl"):  # stdout too is valid UTF-8
+        assert _caption(tmp_path, tiny_checkpoint, folder, "--format", fmt) == 0
+        text = capsysbinary.readouterr().out.decode("utf-8")
+        found = [json.loads(line)["path"] for line in text.splitlines()] if fmt == "jsonl" else [text]
+        assert any("bad\\xff.jpg" in f for f in found)
+
+
+def test_error_records_are_strict_json(tmp_path, tiny_checkpoint):
+    [good] = write_images(tmp_path, 1)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "o.jsonl"
+    assert _caption(tmp_path, tiny_checkpoint, good, bad, "--format", "jsonl", "--output", out,
+                    "--n-best", "2") == 1
+    lines = out.read_text().splitlines()
+    assert "NaN" not in out.read_text()
+    records = [json.loads(line) for line in lines]
+    assert records[1]["score"] is None and records[1]["error"]
+    for r in records:
+        json.dumps(r, allow_nan=False)
+
+
+def test_record_and_to_json_line_are_strict():
+    from captioner.api import Alternative, Caption
+    from captioner.outputs import record, to_json_line
+
+    rec = record(Caption(source="x", text="a", score=float("inf"),
+                         alternatives=[Alternative("a", float("nan"), -1.0)]))
+    assert rec["score"] is None and rec["logprob"] is None and rec["alternatives"][0]["score"] is None
+    assert json.loads(to_json_line(rec)) == rec
+    with pytest.raises(ValueError):
+        to_json_line({"score": float("nan")})
+
+
+@pytest.mark.parametrize("bad_args", [["--n-best", "5"], ["--batch-size", "0"], ["--max-length", "-1"],
+                                      ["--threads", "-2"], ["--beam-size", "0"], ["--n-best", "0"]])
+def test_bad_arguments_exit_2_before_touching_the_output(tmp_path, tiny_checkpoint, capsys, bad_args):
+    [img] = write_images(tmp_path, 1)
+    out = tmp_path / "precious.jsonl"
+    out.write_text("keep me\n")
+    assert _caption(tmp_path, tiny_checkpoint, img, "--format", "jsonl", "--output", out, *bad_args) == 2
+    err = capsys.readouterr().err
+    assert bad_args[0] in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "keep me\n"
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_output_equal_to_an_input_is_refused(tmp_path, tiny_checkpoint, capsys):
+    [img] = write_images(tmp_path, 1)
+    before = img.read_bytes()
+    assert _caption(tmp_path, tiny_checkpoint, img, "--output", img) == 2
+    assert img.read_bytes() == before
+    assert "input" in capsys.readouterr().err
+
+
+def test_output_replaced_atomically_only_at_the_end(tmp_path, tiny_checkpoint):
+    write_images(tmp_path / "in", 3)
+    out = tmp_path / "o.jsonl"
+    out.write_text("old\n")
+    assert _caption(tmp_path, tiny_checkpoint, tmp_path / "in", "--format", "jsonl", "--output", out) == 0
+    assert len(out.read_text().splitlines()) == 3 and not list(tmp_path.glob(".*.partial"))
+
+
+def test_api_rejects_out_of_range_decode_arguments(tmp_path, tiny_checkpoint):
+    from captioner.api import Captioner
+
+    [img] = write_images(tmp_path, 1)
+    cap = Captioner.load(tiny_checkpoint, precision="reference")
+    for kwargs, name in [({"beam_size": 0}, "beam_size"), ({"max_length": 0}, "max_length"),
+                         ({"length_penalty": float("nan")}, "length_penalty"), ({"n_best": 9}, "n_best"),
+                         ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(ValueError, match=name):
+            cap.caption_iter([img], **kwargs)  # raised at the call, not at the first record
+
+
+def test_missing_explicit_path_is_reported_and_the_rest_captioned(tmp_path, tiny_checkpoint, capsys):
+    [img] = write_images(tmp_path, 1)
+    assert _caption(tmp_path, tiny_checkpoint, tmp_path / "nope.jpg", img) == 1
+    captured = capsys.readouterr()
+    assert "nope.jpg: no such file" in captured.err and str(img) in captured.out
+
+
+def test_closed_stdout_ends_quietly(tmp_path, tiny_checkpoint):
+    write_images(tmp_path / "in", 40, size=(32, 32))
+    cmd = (f"{sys.executable} -m captioner caption {tmp_path / 'in'} --checkpoint {tiny_checkpoint} "
+           f"--precision reference --batch-size 2 --quiet | head -1")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert len(proc.stdout.splitlines()) == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def _run_and_kill(tmp_path, checkpoint, sig, out, n):
+    partial = out.with_name(f".{out.name}.partial")
+    proc = subprocess.Popen([sys.executable, "-m", "captioner", "caption", str(tmp_path / "in"), "--checkpoint",
+                             str(checkpoint), "--format", "jsonl", "--output", str(out), "--batch-size", "2",
+                             "--precision", "reference", "--quiet"], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 4):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_checkpoint, sig):
+    n = 80
+    write_images(tmp_path / "in", n, size=(32, 32))
+    full = tmp_path / "full.jsonl"
+    assert _caption(tmp_path, tiny_checkpoint, tmp_path / "in", "--format", "jsonl", "--output", full,
+                    "--precision", "reference", "--batch-size", "2") == 0
+    out = tmp_path / "o.jsonl"
+    code = _run_and_kill(tmp_path, tiny_checkpoint, sig, out, n)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    left = out if sig == signal.SIGINT else out.with_name(".o.jsonl.partial")
+    assert 4 <= len(left.read_text().splitlines()) < n
+    with open(left, "a") as fh:  # a record cut by the kill
+        fh.write('{"path": "half')
+    assert _caption(tmp_path, tiny_checkpoint, tmp_path / "in", "--format", "jsonl", "--output", out,
+                    "--precision", "reference", "--batch-size", "2", "--resume") == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = [json.loads(line) for line in full.read_text().splitlines()]
+    # the killed run used one thread, this process more: sums may differ in the last float bits
+    assert [(r["path"], r["caption"]) for r in got] == [(r["path"], r["caption"]) for r in want]
+    assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
+
+
+# ---- configs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.grad_clip=-1", "train.grad_clip"), ("train.lr=.inf", "train.lr"), ("train.lr=.nan", "train.lr"),
+    ("data.max_caption_length=0", "data.max_caption_length"), ("train.min_lr_ratio=5", "train.min_lr_ratio"),
+    ("train.warmup_steps=-1", "train.warmup_steps"), ("train.num_workers=-1", "train.num_workers"),
+    ("train.val_max_images=-1", "train.val_max_images"), ("data.max_images=-1", "data.max_images"),
+    ("train.weight_decay=-1", "train.weight_decay"), ("train.patience=-1", "train.patience"),
+    ("train.scst_samples=0", "train.scst_samples"), ("model.hidden_dim=20000", "model.hidden_dim"),
+    ("train.attention_reg=.nan", "train.attention_reg"),
+])
+def test_out_of_range_config_values_are_refused_by_key(tmp_path, override, key):
+    from captioner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    from captioner.config import ConfigError, load_config
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for i, name in enumerate("bcdefghi"):
+        prev = "abcdefghi"[i]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    # the anchors live inside a value (an unknown key would be refused before anything looks at it)
+    bomb.write_text("model:\n  encoder: [" + ", ".join(line.split(": ", 1)[1] for line in lines) + "]\n")
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(bomb)
+    assert time.monotonic() - start < 5 and len(str(info.value)) < 1000
+
+
+def test_bounded_message_for_a_huge_wrong_typed_value():
+    from captioner.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": {"encoder": list(range(50_000))}})
+    assert len(str(info.value)) < 1000
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"), (b"train:\n  lr: 0.1\n  lr: 0.2\n", "duplicate key"), (b"train:\n  out_dir: caf\xe9\n", "UTF-8"),
+])
+def test_bad_yaml_files_are_config_errors(tmp_path, content, message):
+    from captioner.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_out_dir_or_cache_dir_that_is_a_file_and_bad_set_values(tmp_path):
+    from captioner.config import ConfigError, load_config
+
+    existing = tmp_path / "file"
+    existing.write_text("x")
+    for override in (f"train.out_dir={existing}", f"data.cache_dir={existing}"):
+        with pytest.raises(ConfigError, match="is a file"):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match="override"):
+        load_config(None, ["train.lr=[1, 2"])
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_before_the_update(tiny_model, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from captioner.config import Config
+    from captioner.training import loop
+
+    monkeypatch.setattr(loop, "caption_loss", lambda *a: torch.tensor(float("nan"), requires_grad=True))
+    optimizer = torch.optim.AdamW(tiny_model.decoder.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in tiny_model.decoder.state_dict().items()}
+    batch = SimpleNamespace(captions=torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(loop.TrainingError, match="nan"):
+        loop.train_step(tiny_model, tiny_model.decoder, optimizer, batch, Config())
+    after = tiny_model.decoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_error_exits_3(tmp_path, monkeypatch, capsys):
+    from captioner.training import loop
+
+    def broken_fit(cfg, resume=False):
+        raise loop.TrainingError("training loss became nan")
+
+    monkeypatch.setattr(loop, "fit", broken_fit)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  out_dir: {tmp_path / 'run'}\n")
+    assert main(["train", "--config", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert "loss became nan" in err and "Traceback" not in err
+
+
+def test_stale_checkpoint_temp_files_are_removed_when_a_run_opens(tmp_path):
+    from captioner.config import config_from_dict
+    from captioner.training.distributed import Dist
+    from captioner.training.loop import _open_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".train_state.safetensors.abc123.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    keep = run / "best.safetensors"
+    keep.write_bytes(b"x")
+    _open_run(config_from_dict({"train": {"out_dir": str(run)}}), True, Dist())
+    assert not stale.exists() and keep.exists()
+
+
+def test_disk_full_while_writing_output_is_one_line_exit_4(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    import errno
+
+    from captioner.outputs import CaptionWriter
+
+    def full(self, caption):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(CaptionWriter, "write", full)
+    [img] = write_images(tmp_path, 1)
+    out = tmp_path / "o.jsonl"
+    out.write_text("old\n")
+    assert _caption(tmp_path, tiny_checkpoint, img, "--output", out) == 4
+    err = capsys.readouterr().err
+    assert "No space left" in err and "Traceback" not in err
+    assert out.read_text() == "old\n"  # the previous output is untouched
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def _rewrite_meta(src, dst, change):
+    from captioner.models.checkpoint import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(src)
+    save_tensors(dst, tensors, change(meta))
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda m: [], "JSON object"), (lambda m: None, "JSON object"),
+    (lambda m: {**m, "model": {**m["model"], "hidden_dim": 20000}}, "hidden_dim"),
+    (lambda m: {**m, "encoder_dim": 10**12}, "encoder_dim"),
+    (lambda m: {**m, "model": {**m["model"], "hidden_dim": 32}}, "do not match"),
+    (lambda m: {**m, "vocab": "abc"}, "vocab"),
+])
+def test_hostile_checkpoint_metadata_is_a_checkpoint_error(tmp_path, tiny_checkpoint, change, reason):
+    from captioner.models.checkpoint import CheckpointError, load_model
+
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_meta(tiny_checkpoint, bad, change)
+    with pytest.raises(CheckpointError, match=reason):
+        load_model(bad)
+
+
+def test_deeply_nested_metadata_is_a_checkpoint_error(tmp_path, tiny_checkpoint):
+    import torch
+    from safetensors.torch import save_file
+
+    from captioner.models.checkpoint import CheckpointError, load_tensors
+
+    bad = tmp_path / "deep.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad), metadata={"json": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(CheckpointError):
+        load_tensors(bad)
+
+
+def test_checkpoint_cannot_name_a_file_to_open(tmp_path, tiny_checkpoint, monkeypatch):
+    from captioner import api
+
+    seen = []
+    real = api.build_encoder
+    monkeypatch.setattr(api, "build_encoder", lambda name, weights, **kw: seen.append(weights) or real(name, None, **kw))
+    bad = tmp_path / "named.safetensors"
+    _rewrite_meta(tiny_checkpoint, bad, lambda m: {**m, "model": {**m["model"], "encoder_weights": "/etc/passwd"}})
+    api.Captioner.load(bad, precision="reference")
+    assert seen == [None]
