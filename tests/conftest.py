@@ -21,6 +21,15 @@ def private_runtime_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for tests that check behaviour, not speed, so they stay quick on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 WORDS = "a dog cat runs sits on the grass red blue ball man woman".split()
 
 

@@ -13,21 +13,13 @@ import threading
 import time
 
 import pytest
-import torch
 
 from captioner import Captioner
 from captioner.cli import main
 from captioner.models.encoder import build_encoder
 from tests.conftest import write_images
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and stay quick on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -72,17 +64,19 @@ def test_num_workers_decides_who_decodes(tmp_path, captioner, monkeypatch, worke
 def test_cli_writes_each_batch_before_the_next_is_captioned(tmp_path, tiny_checkpoint, monkeypatch):
     write_images(tmp_path / "in", 7)
     out = tmp_path / "out.jsonl"
+    partial = tmp_path / ".out.jsonl.partial"  # records go here until the run ends, then it is renamed onto out
     lines_seen = []
     original = Captioner._caption_batch
 
     def spy(self, loaded, on_error, search):
-        lines_seen.append(len(out.read_text().splitlines()) if out.exists() else 0)
+        lines_seen.append(len(partial.read_text().splitlines()) if partial.exists() else 0)
         return original(self, loaded, on_error, search)
 
     monkeypatch.setattr(Captioner, "_caption_batch", spy)
     assert main(["caption", str(tmp_path / "in"), "--checkpoint", str(tiny_checkpoint), "--format", "jsonl",
                  "--output", str(out), "--batch-size", "2", "--quiet"]) == 0
     assert lines_seen == [0, 2, 4, 6]  # batch k starts with the k earlier batches already on disk
+    assert len(out.read_text().splitlines()) == 7 and not partial.exists()
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "text"])
@@ -124,8 +118,9 @@ def test_real_sigint_to_the_console_script(tmp_path, tiny_checkpoint):
                              str(tiny_checkpoint), "--format", "jsonl", "--output", str(out), "--batch-size", "4",
                              "--precision", "reference"], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    partial = tmp_path / ".out.jsonl.partial"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 4):
+    while time.monotonic() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 4):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

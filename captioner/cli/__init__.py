@@ -14,28 +14,54 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from captioner.cli import caption, evaluate, train
+from captioner.cli import app, caption, evaluate, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (caption, train, evaluate):
+    for command in (caption, train, evaluate, app):
         command.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `captioner` console script; returns the exit code."""
+    """Entry point of the `captioner` console script; returns the exit code.
+
+    Exit codes: 0 done; 1 some images failed or a given path was missing; 2 usage, config, checkpoint or data
+    errors (one line on stderr); 3 training stopped on a non-finite loss; 4 a file could not be written (disk
+    full, permissions); 130 interrupted. A closed stdout (`captioner caption DIR | head -1`) ends quietly.
+    """
+    args = build_parser().parse_args(argv)  # first: --help and usage errors load nothing heavy
+    import errno
+    import os
+
+    from captioner.cli.output_file import OutputResumeError
     from captioner.config import ConfigError
     from captioner.data.readers import DatasetError
     from captioner.models.checkpoint import CheckpointError
     from captioner.models.encoder import EncoderError
     from captioner.runtime.int8 import CalibrationError
+    from captioner.training.loop import TrainingError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ConfigError, EncoderError, DatasetError, CalibrationError, FileNotFoundError) as exc:
+    except BrokenPipeError:
+        try:  # the reader went away: drop what is buffered, so the interpreter's final flush does not complain
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except (CheckpointError, ConfigError, EncoderError, DatasetError, CalibrationError, FileNotFoundError,
+            OutputResumeError) as exc:
         print(f"captioner: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"captioner: error: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG):
+            print(f"captioner: error: cannot write: {exc}", file=sys.stderr)
+            return 4
+        raise

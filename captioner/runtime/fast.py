@@ -25,7 +25,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,12 +34,11 @@ from captioner.models.conv_passes import fold_batchnorm, static_same_padding
 from captioner.models.decoder import AttentionDecoder
 from captioner.runtime import cache, int8, onnx_runtime
 from captioner.runtime.fused_decoder import FusedAttentionDecoder, Products
+from captioner.runtime.precisions import PRECISIONS, Precision  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from captioner.models.encoder import Encoder
 
-Precision = Literal["auto", "bf16", "bf16-decoder", "fp32", "int8", "reference"]
-PRECISIONS = ("auto", "bf16", "bf16-decoder", "fp32", "int8", "reference")
 CIDER_TOLERANCE = 0.01
 """How far below fp32's dev CIDEr-D (1,000 Flickr8k dev images, beam 3) a path may score to be chosen by "auto"."""
 ENCODER_CHUNK = 8
