@@ -10,11 +10,9 @@ UI only: every model operation goes through `captioner.Captioner`; the gate and 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ from captioner.explain import (
     top_cells,
 )
 from captioner.images import open_image
+from captioner.outputs import CaptionWriter, record
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
 # Per file, in Streamlit's megabytes (10^6 bytes); .streamlit/config.toml sets the same server.maxUploadSize.
@@ -116,26 +115,19 @@ def _md(text: str) -> str:
     return re.sub(r"([\\`*_\[\]$~|<>])", r"\\\1", text)
 
 
-def _clean(value):
-    """NaN -> None, so the JSON export is valid JSON."""
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def results_csv(captions: list[Caption]) -> str:
-    """One row per image: file, caption, score, log-probability, the n-best list and any error."""
+def results_csv(captions: list[Caption], n_best: int = 1) -> str:
+    """The CSV that `captioner caption --format csv` writes: one row per image (the one serialiser, outputs)."""
     out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["file", "caption", "score", "logprob", "alternatives", "error"])
+    writer = CaptionWriter(out, "csv", n_best)
     for c in captions:
-        alternatives = " | ".join(f"{a.text} ({a.score:.4f})" for a in c.alternatives)
-        writer.writerow([c.source, c.text, _clean(c.score), _clean(c.logprob), alternatives, c.error or ""])
+        writer.write(c)
     return out.getvalue()
 
 
 def results_json(captions: list[Caption], settings: Settings) -> str:
-    """The settings and one record per image (`Caption.to_dict`), NaN scores as null."""
-    records = [{k: _clean(v) for k, v in c.to_dict().items()} for c in captions]
-    return json.dumps({"settings": dataclasses.asdict(settings), "results": records}, indent=2)
+    """The settings and the CLI's JSON record per image (`captioner.outputs.record`): strict JSON, NaN as null."""
+    records = [record(c, settings.n_best) for c in captions]
+    return json.dumps({"settings": dataclasses.asdict(settings), "results": records}, indent=2, allow_nan=False)
 
 
 def load_ui() -> tuple[Captioner, str | None] | None:
@@ -201,7 +193,7 @@ def upload_ui() -> list[Upload]:
 
 def downloads_ui(captions: list[Caption], settings: Settings) -> None:
     left, right = st.columns(2)
-    left.download_button("Download CSV", results_csv(captions), "captions.csv", "text/csv", on_click="ignore")
+    left.download_button("Download CSV", results_csv(captions, settings.n_best), "captions.csv", "text/csv", on_click="ignore")
     right.download_button("Download JSON", results_json(captions, settings), "captions.json",
                           "application/json", on_click="ignore")
 

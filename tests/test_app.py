@@ -277,10 +277,10 @@ def test_exports_are_valid_csv_and_json(captioner, photos):
     bad = Caption(source="b.png", error="b.png: not a recognised image format")
     settings = app_module.Settings(beam_size=3, n_best=2, max_length=8, length_penalty=0.5)
 
-    rows = list(csv.DictReader(io.StringIO(app_module.results_csv([good, bad]))))
-    assert [r["file"] for r in rows] == ["a.jpg", "b.png"]
-    assert rows[0]["caption"] == good.text and float(rows[0]["score"]) == pytest.approx(good.score)
-    assert rows[0]["alternatives"].split(" | ")[0].startswith(good.text) and rows[0]["error"] == ""
+    rows = list(csv.DictReader(io.StringIO(app_module.results_csv([good, bad], n_best=2))))
+    assert [r["path"] for r in rows] == ["a.jpg", "b.png"]  # the columns of `captioner caption --format csv`
+    assert rows[0]["caption"] == good.text and float(rows[0]["score"]) == pytest.approx(good.score, abs=1e-4)
+    assert rows[0]["alternative_2"] == good.alternatives[1].text and rows[0]["error"] == ""
     assert rows[1]["caption"] == rows[1]["score"] == "" and rows[1]["error"] == bad.error
 
     def no_nan(constant):
@@ -288,7 +288,7 @@ def test_exports_are_valid_csv_and_json(captioner, photos):
 
     doc = json.loads(app_module.results_json([good, bad], settings), parse_constant=no_nan)
     assert doc["settings"] == {"beam_size": 3, "n_best": 2, "max_length": 8, "length_penalty": 0.5}
-    assert [r["source"] for r in doc["results"]] == ["a.jpg", "b.png"]
+    assert [r["path"] for r in doc["results"]] == ["a.jpg", "b.png"]
     assert [a["text"] for a in doc["results"][0]["alternatives"]] == [a.text for a in good.alternatives]
     assert doc["results"][1]["score"] is None and doc["results"][1]["error"] == bad.error
 
