@@ -76,6 +76,8 @@ def test_evaluate_command(trained, shapes, tmp_path, capsys):
     assert report["images"] > 0
     lines = (tmp_path / "ev" / "captions.jsonl").read_text().splitlines()
     assert len(lines) == report["images"]
+    first = json.loads(lines[0])  # the record of `captioner caption --format jsonl`, plus the references
+    assert {"path", "caption", "score", "error", "references"} <= set(first) and first["references"]
     assert json.loads(capsys.readouterr().out)["scores"] == report["scores"]
 
 

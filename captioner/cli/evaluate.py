@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from captioner.config import DataConfig
     from captioner.data.readers import check_images, read_dataset
     from captioner.evaluation.metrics import score_captions
+    from captioner.outputs import escape_path, record, to_json_line
 
     cap = Captioner.load(args.checkpoint)
     if args.format == "flickr8k":
@@ -84,6 +85,6 @@ def run(args: argparse.Namespace) -> int:
         (out / "scores.json").write_text(json.dumps(report, indent=2))
         with (out / "captions.jsonl").open("w", encoding="utf-8") as fh:
             for s, r in zip(samples, results):
-                fh.write(json.dumps({"image": str(s.image), "caption": r.text, "error": r.error,
-                                     "references": s.captions}) + "\n")
+                # The record `captioner caption --format jsonl` writes (strict JSON), with the references added.
+                fh.write(to_json_line({**record(r), "path": escape_path(s.image), "references": s.captions}))
     return 0 if len(good) == len(samples) else 1
