@@ -65,9 +65,11 @@ class Caption:
         return self.error is None
 
     def to_dict(self) -> dict:
-        """JSON-ready record (without attention and gates arrays)."""
-        return {"source": self.source, "caption": self.text, "score": self.score, "logprob": self.logprob,
-                "alternatives": [a.__dict__ for a in self.alternatives], "error": self.error}
+        """The JSON record `captioner caption` writes for this image (`captioner.outputs.record`: strict JSON,
+        with the alternatives; without attention and gates arrays)."""
+        from captioner.outputs import record  # outputs reads Caption; importing it here keeps one serialiser
+
+        return record(self, n_best=max(2, len(self.alternatives)))
 
 
 def default_model_path() -> Path:
