@@ -44,6 +44,14 @@ class Alternative:
     logprob: float
 
 
+@dataclass(frozen=True)
+class Tag:
+    """One ImageNet class the encoder's own classifier sees in the image, with its softmax probability."""
+
+    label: str
+    probability: float
+
+
 @dataclass
 class Caption:
     """The caption of one image. On a skipped failure `error` is set and `text` is empty."""
@@ -58,6 +66,9 @@ class Caption:
     """(L, g, g) attention over the encoder grid per generated token (<end> included when generated)."""
     gates: dict[str, np.ndarray] | None = None
     """input, forget, output gate activations and cell state, (L, H) each."""
+    tags: list[Tag] | None = None
+    """Top ImageNet labels from the encoder's classifier, most probable first; None unless asked for
+    (`return_tags=True`). They come from the same image as the caption and may disagree with it."""
     error: str | None = None
 
     @property
