@@ -36,14 +36,24 @@ captioner train --config configs/flickr8k.yaml --set train.lr=3e-4 --set data.ma
 captioner train --config configs/flickr8k.yaml --dry-run    # check the config and the data, print it
 ```
 
-Example recipes, one per dataset reader, are in `configs/`: `flickr8k.yaml` (the shipped model's recipe),
-`coco.yaml`, `karpathy.yaml`, `csv.yaml` and `jsonl.yaml`. Relative paths are read from the folder the command
+Example recipes, one per dataset reader, are in `configs/`: `general.yaml` (the default model's recipe: Flickr8k
+and COCO together, in `data.datasets`), `flickr8k.yaml` (the Flickr8k model's), `coco.yaml`, `karpathy.yaml`,
+`csv.yaml` and `jsonl.yaml`. Relative paths are read from the folder the command
 runs in. The resolved config is saved as `config.yaml` in `train.out_dir` beside every run.
 """
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring literal under each field of dataclass `cls`, by field name (whitespace collapsed)."""
+    """The docstring literal under each field of dataclass `cls` or a dataclass it extends, by field name
+    (whitespace collapsed)."""
+    docs = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            docs.update(_own_field_docs(base))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # the class statement's body
     docs = {}

@@ -25,6 +25,12 @@ def _captions(i: int) -> list[str]:
 
 def make_dataset(fmt: str, root: Path) -> list[str]:
     """Write N_IMAGES images and their captions in `fmt`; return the --set overrides that point at them."""
+    return [f"data.{key}={value}" for key, value in dataset_keys(fmt, root).items()]
+
+
+def dataset_keys(fmt: str, root: Path) -> dict[str, str]:
+    """Write N_IMAGES images and their captions in `fmt`; return the data keys that point at them (for coco also
+    split lists, as coco_small has)."""
     images = write_images(root / "images", N_IMAGES)
     names = [p.name for p in images]
     pairs = [(n, c) for i, n in enumerate(names) for c in _captions(i)]
@@ -33,7 +39,7 @@ def make_dataset(fmt: str, root: Path) -> list[str]:
         (root / "Flickr8k.token.txt").write_text("".join(f"{n}#{k}\t{c}\n" for k, (n, c) in enumerate(pairs)))
         (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names[:30]) + "\n")
         (root / "Flickr_8k.devImages.txt").write_text("\n".join(names[30:]) + "\n")
-        return [f"data.root={root}"]
+        return {"root": str(root)}
     if fmt == "karpathy":
         entries = [{"filename": n, "split": "train" if i < 25 else "restval" if i < 30 else "val",
                     "sentences": [{"raw": c} for c in _captions(i)]} for i, n in enumerate(names)]
@@ -56,9 +62,34 @@ def make_dataset(fmt: str, root: Path) -> list[str]:
         annotations.write_text("".join(json.dumps({"image": n, "caption": c}) + "\n" for n, c in pairs))
     else:
         raise AssertionError(f"no generator for format {fmt}")
+    keys = {"annotations": str(annotations), "images": str(root / "images")}
+    if fmt == "coco":  # split lists, as coco_small's train.txt / dev.txt
+        (root / "train.txt").write_text("\n".join(names[:30]) + "\n")
+        (root / "dev.txt").write_text("\n".join(names[30:]) + "\n")
+        return {**keys, "train_list": str(root / "train.txt"), "val_list": str(root / "dev.txt")}
     # A held-out share big enough that 40 images always leave some for validation.
-    held_out = ["data.val_fraction=0.3"] if fmt in ("coco", "csv", "jsonl") else []
-    return [f"data.annotations={annotations}", f"data.images={root / 'images'}", *held_out]
+    return {**keys, "val_fraction": "0.3"} if fmt in ("csv", "jsonl") else keys
+
+
+def formats_of(config: Path) -> list[str]:
+    """The reader of each dataset a recipe names (one, or those of `data.datasets`)."""
+    data = load_config(config).data
+    return [d.format for d in data.sources()]
+
+
+def generated_recipe(config: Path, tmp_path: Path) -> Path:
+    """A copy of `config` whose datasets are generated ones (each in its format), for a dry run."""
+    raw = yaml.safe_load(config.read_text())
+    if raw["data"].get("datasets"):
+        for i, entry in enumerate(raw["data"]["datasets"]):
+            entry.update(dataset_keys(entry["format"], tmp_path / f"data{i}"))
+    else:
+        for key in ("train_list", "val_list", "val_annotations", "val_fraction"):
+            raw["data"].pop(key, None)
+        raw["data"].update(dataset_keys(raw["data"]["format"], tmp_path / "data"))
+    out = tmp_path / config.name
+    out.write_text(yaml.safe_dump(raw))
+    return out
 
 
 def _dry_run(config: Path, overrides: list[str], tmp_path: Path) -> list[str]:
@@ -68,21 +99,24 @@ def _dry_run(config: Path, overrides: list[str], tmp_path: Path) -> list[str]:
 
 
 def test_there_is_a_recipe_per_reader():
-    formats = {yaml.safe_load(c.read_text())["data"]["format"] for c in CONFIGS}
+    formats = {f for c in CONFIGS for f in formats_of(c)}
     assert formats == {"flickr8k", "karpathy", "coco", "csv", "jsonl"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_recipe_dry_runs_on_generated_data(config, tmp_path, capsys):
-    fmt = load_config(config).data.format
-    overrides = make_dataset(fmt, tmp_path / "data")
-    assert main(_dry_run(config, overrides, tmp_path)) == 0
+    assert main(_dry_run(generated_recipe(config, tmp_path), [], tmp_path)) == 0
     out = capsys.readouterr().out
     resolved = yaml.safe_load(out)  # the report is the resolved config; the data summary is in comments
-    assert resolved["data"]["format"] == fmt
+    listed = [d["format"] for d in resolved["data"]["datasets"]] or [resolved["data"]["format"]]
+    assert listed == formats_of(config)
     assert resolved["train"]["out_dir"] == str(tmp_path / "run")
     lines = {line.split(":")[0].lstrip("# "): line for line in out.splitlines() if line.startswith("# ")}
-    assert "0 missing" in lines[resolved["data"]["train_split"]]
+    sources = load_config(config).data.sources()
+    for source in sources:
+        where = f"{source.label()} " if len(sources) > 1 else ""
+        assert "0 missing" in lines[where + source.train_split]
+        assert lines[where + source.val_split]
     assert "vocabulary" in lines
     assert not (tmp_path / "cache").exists()  # no features extracted
     assert not (tmp_path / "run").exists()  # nothing written

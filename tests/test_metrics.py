@@ -45,3 +45,12 @@ def test_fast_cider_d_equals_coco_caption():
 def test_predictions_need_references():
     with pytest.raises(ValueError, match="no references"):
         score_captions({"9": "a cat"}, REFS, use_java=False)
+
+
+def test_diversity_counts_distinct_words_and_shared_captions():
+    from captioner.evaluation.diversity import diversity
+
+    got = diversity({"a": "A dog runs.", "b": "a dog runs", "c": "a cat sits", "d": "two cats sit"})
+    # "a dog runs" is said of two images (after the tokenizer's lower-casing and punctuation split).
+    assert got == {"distinct_words": 8, "duplicate_share": 0.5, "distinct_captions": 3}
+    assert diversity({})["distinct_words"] == 0

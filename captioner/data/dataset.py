@@ -25,6 +25,8 @@ class CaptionSet:
     features: torch.Tensor | FeatureRows  # (I, N, D) fp16
     references: list[list[str]]  # raw reference captions per image
     mirrored: torch.Tensor | FeatureRows | None = None  # (I, N, D) fp16 features of the images flipped left-right, if extracted
+    weights: list[float] | None = None
+    """Per-image sampling weight (its dataset's `weight`): shown that often per epoch on average; None = all 1."""
 
     def __len__(self) -> int:
         return len(self.images)
@@ -37,14 +39,19 @@ class CaptionSet:
         if not count or count >= len(self):
             return self
         return CaptionSet(self.images[:count], self.features[:count], self.references[:count],
-                          None if self.mirrored is None else self.mirrored[:count])
+                          None if self.mirrored is None else self.mirrored[:count],
+                          None if self.weights is None else self.weights[:count])
 
     def to(self, device: torch.device) -> CaptionSet:
         """The same set with its features on `device`."""
         if self.features.device == device:
             return self
         return CaptionSet(self.images, self.features.to(device), self.references,
-                          None if self.mirrored is None else self.mirrored.to(device))
+                          None if self.mirrored is None else self.mirrored.to(device), self.weights)
+
+    def epoch_size(self) -> int:
+        """Images shown per epoch on average: the sum of the sampling weights."""
+        return len(self) if self.weights is None else max(1, round(sum(self.weights)))
 
 
 @dataclass
@@ -67,12 +74,25 @@ def rank_share(order: list[int], rank: int, world: int) -> list[int]:
     return order[: len(order) // world * world][rank::world] if world > 1 else order
 
 
+def epoch_order(data: CaptionSet, generator: torch.Generator) -> list[int]:
+    """The images of one epoch in shuffled order. Unweighted: a permutation. Weighted: image i appears
+    floor(w_i) times plus once more with probability frac(w_i), so a weight is the expected showings per epoch."""
+    if data.weights is None:
+        return torch.randperm(len(data), generator=generator).tolist()
+    weights = torch.tensor(data.weights, dtype=torch.float64)  # (I,)
+    whole = weights.floor()
+    counts = whole + (torch.rand(len(data), generator=generator, dtype=torch.float64) < weights - whole)
+    shown = torch.repeat_interleave(torch.arange(len(data)), counts.long())  # (S,)
+    return shown[torch.randperm(len(shown), generator=generator)].tolist()
+
+
 def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size: int, captions_per_image: int,
                     generator: torch.Generator, rank: int = 0, world: int = 1,
                     mirror_ids: Sequence[int] | None = None) -> Iterator[Batch]:
     """Shuffled batches of `batch_size` images; each image brings `captions_per_image` captions.
 
-    The order depends only on `generator`, so a seeded run (and a resumed one) sees the same batches. With
+    The order depends only on `generator`, so a seeded run (and a resumed one) sees the same batches; with
+    sampling weights (`CaptionSet.weights`, several datasets) an image is shown as often as its weight says. With
     `world` > 1 every rank draws the same permutation and takes every world-th image from `rank` on (the
     distributed sampler); the tail is dropped so that all ranks take the same number of steps.
     When `data` has mirrored features, each image is shown mirrored with probability 1/2, its captions mapped
@@ -80,7 +100,7 @@ def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size
     """
     if data.mirrored is not None and mirror_ids is None:
         raise ValueError("mirrored features need mirror_ids to mirror their captions")
-    order = torch.randperm(len(data), generator=generator).tolist()
+    order = epoch_order(data, generator)
     # Drawn for every image on every rank, so the generator advances identically everywhere.
     picks = {i: torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
              for i, caps in enumerate(encoded) if len(caps) > captions_per_image}

@@ -1,8 +1,9 @@
 """Readers for captioning datasets. Each returns a list of `Sample(image path, reference captions)`.
 
 Formats: the Flickr8k layout, Karpathy's split JSON (Flickr8k/Flickr30k/COCO), COCO captions JSON, and a plain
-CSV or JSONL of (image, caption) rows. Formats without a validation split hold out a deterministic share of
-images (by a hash of the file name) so that every run and every machine agrees on the split.
+CSV or JSONL of (image, caption) rows. COCO, CSV and JSONL take their splits from split lists (`train_list`,
+`val_list`: one file name per line), a second annotation file, or else hold out a deterministic share of images
+(by a hash of the file name) so that every run and every machine agrees on the split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from captioner.config import DataConfig
+from captioner.config import DatasetConfig
 
 
 class DatasetError(ValueError):
@@ -144,7 +145,36 @@ def _held_out(image: Path, fraction: float) -> bool:
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
-def read_dataset(cfg: DataConfig, split: str) -> list[Sample]:
+def read_split_list(path: str | Path) -> list[str]:
+    """Image names of a split list: one per line, blank lines and outer whitespace ignored."""
+    listed = _require_file(Path(path), "split list")
+    try:
+        names = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{listed}: not UTF-8 text ({exc.reason})") from exc
+    if not names:
+        raise DatasetError(f"{listed}: the split list is empty")
+    return names
+
+
+def _listed(samples: list[Sample], list_file: str, base: Path) -> list[Sample]:
+    """The samples a split list names, in the list's order. A name is the image's path relative to the image
+    folder (for COCO its `file_name`); a listed name without captions is an error, not a silent drop."""
+    by_name: dict[str, Sample] = {}
+    for s in samples:
+        try:
+            by_name[s.image.relative_to(base).as_posix()] = s
+        except ValueError:  # an absolute path outside the folder (CSV rows may hold those)
+            by_name[s.image.as_posix()] = s
+    names = read_split_list(list_file)
+    absent = [n for n in names if n not in by_name]
+    if absent:
+        raise DatasetError(f"{list_file}: {len(absent)} listed image(s) have no captions in the annotations, "
+                           f"e.g. {absent[:3]}")
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
     """Samples of `split` ("train", "dev"/"val" or "test") for the dataset `cfg` describes."""
     fmt = cfg.format
     if fmt == "flickr8k":
@@ -157,6 +187,13 @@ def read_dataset(cfg: DataConfig, split: str) -> list[Sample]:
     else:
         annotations = cfg.annotations
     samples = (read_coco(annotations, cfg.images) if fmt == "coco" else read_table(annotations, cfg.images or None))
+    if cfg.train_list or cfg.val_list:
+        list_file = {"train": cfg.train_list, "dev": cfg.val_list, "val": cfg.val_list}.get(split, "")
+        if not list_file:
+            raise DatasetError(f"{cfg.label()}: no split list for the {split!r} split (data.train_list is the train "
+                               "split's, data.val_list the dev split's)")
+        base = Path(cfg.images) if cfg.images or fmt == "coco" else Path(annotations).parent  # as the readers join
+        return _listed(samples, list_file, base)
     if cfg.val_annotations or split == "test":
         return samples
     return [s for s in samples if _held_out(s.image, cfg.val_fraction) == is_val]

@@ -1,6 +1,6 @@
 """`captioner train --dry-run`: check a recipe and its data as training would read them, without the work.
 
-Reads both splits with the same readers, limits and missing-image rule as `fit`, builds the vocabulary from
+Reads every dataset's two splits with the same readers, limits and missing-image rule as `fit`, builds the vocabulary from
 the training captions as `fit` does, and reports counts per split. No features are extracted and nothing is
 written.
 """
@@ -11,47 +11,50 @@ from dataclasses import dataclass
 
 import yaml
 
-from captioner.config import Config, config_to_dict
+from captioner.config import Config, DatasetConfig, config_to_dict
 from captioner.data.readers import DatasetError, check_images, read_dataset
 from captioner.models.vocab import Vocabulary
 
 
 @dataclass
 class SplitReport:
-    """What one split of the recipe's data holds."""
+    """What one split of one of the recipe's datasets holds."""
 
     split: str
     images: int
-    """Images listed by the annotations (after `data.max_images` / `train.val_max_images`)."""
+    """Images listed by the annotations (after `max_images` / `train.val_max_images`)."""
     captions: int
     """Reference captions of the usable images."""
     missing: int
     """Images missing or empty on disk (an error unless `data.on_missing: skip`)."""
+    dataset: str = ""
+    """The dataset's label (`name`, else its format)."""
 
 
 @dataclass
 class DryRunReport:
-    """The result of `dry_run`: one report per split and the vocabulary training would build."""
+    """The result of `dry_run`: a train and a validation report per dataset, and the vocabulary training would
+    build over all training captions."""
 
-    train: SplitReport
-    val: SplitReport
+    splits: list[SplitReport]
     vocabulary: int
     """Words in the vocabulary built from the training captions, special tokens included."""
 
 
-def _split(cfg: Config, split: str, limit: int) -> tuple[SplitReport, list[str]]:
-    samples = read_dataset(cfg.data, split)
+def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[SplitReport, list[str]]:
+    samples = read_dataset(source, split)
     if limit:
         samples = samples[:limit]
-    usable, missing = check_images(samples, cfg.data.on_missing, f"{split} split")
+    what = f"{source.label()} {split} split" if cfg.data.datasets else f"{split} split"
+    usable, missing = check_images(samples, cfg.data.on_missing, what)
     if not usable:  # as training would stop, after extracting the other split's features
-        raise DatasetError(f"the {split} split has no usable images")
+        raise DatasetError(f"the {what} has no usable images")
     captions = [c for s in usable for c in s.captions]
-    return SplitReport(split, len(samples), len(captions), len(missing)), captions
+    return SplitReport(split, len(samples), len(captions), len(missing), source.label()), captions
 
 
 def dry_run(cfg: Config) -> DryRunReport:
-    """Validate `cfg`'s data paths, read both splits and build the vocabulary, as `fit(cfg)` would.
+    """Validate `cfg`'s data paths, read every dataset's two splits and build the vocabulary, as `fit(cfg)` would.
 
     Raises:
         ConfigError: a data path the config names does not exist.
@@ -66,17 +69,24 @@ def dry_run(cfg: Config) -> DryRunReport:
     if cfg.model.encoder not in available_encoders():
         raise EncoderError(f"unknown encoder {cfg.model.encoder!r}; "
                            f"choose one of {', '.join(available_encoders())}")
-    train, train_captions = _split(cfg, cfg.data.train_split, cfg.data.max_images)
-    val, _ = _split(cfg, cfg.data.val_split, cfg.train.val_max_images)
+    splits, train_captions = [], []
+    for source in cfg.data.sources():
+        if source.weight:  # as `prepare_data`: weight 0 is validated, not trained on
+            train, captions = _split(cfg, source, source.train_split, source.max_images)
+            splits.append(train)
+            train_captions += captions
+        splits.append(_split(cfg, source, source.val_split, cfg.train.val_max_images)[0])
     vocab = Vocabulary.build(train_captions, cfg.data.min_word_count)
-    return DryRunReport(train, val, len(vocab))
+    return DryRunReport(splits, len(vocab))
 
 
 def format_report(cfg: Config, report: DryRunReport) -> str:
     """The resolved config as YAML, then the data summary as YAML comments (the whole text is valid YAML)."""
     lines = [yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), "",
              "# data check (no features extracted)"]
-    for s in (report.train, report.val):
-        lines.append(f"# {s.split}: {s.images} images, {s.captions} captions, {s.missing} missing")
-    lines.append(f"# vocabulary: {report.vocabulary} words (min_word_count {cfg.data.min_word_count})")
+    for s in report.splits:
+        where = f"{s.dataset} " if cfg.data.datasets else ""
+        lines.append(f"# {where}{s.split}: {s.images} images, {s.captions} captions, {s.missing} missing")
+    lines.append(f"# vocabulary: {report.vocabulary} words over all training captions "
+                 f"(min_word_count {cfg.data.min_word_count})")
     return "\n".join(lines) + "\n"

@@ -190,7 +190,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     started = time.time()
     data = prepare_data(cfg, dist)
     if dist.is_main:
-        log(f"features ready: {len(data.train)} train / {len(data.val)} val images ({time.time() - started:.0f}s)"
+        val_images = sum(len(v) for v in data.vals.values())
+        log(f"features ready: {len(data.train)} train / {val_images} val images ({time.time() - started:.0f}s)"
             + (f" on {dist.world} processes" if dist.enabled else ""))
     vocab = Vocabulary.build((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
@@ -219,9 +220,9 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     if ema is not None and extra:
         ema.load(extra)
     encoded = encode_captions(data.train, vocab, cfg.data.max_caption_length)
-    total_steps = math.ceil(len(data.train) / cfg.train.batch_size) * cfg.train.epochs
-    model.info = {"data": cfg.data.format, "train_images": len(data.train), "val_images": len(data.val),
-                  "recipe": config_to_dict(cfg)}
+    total_steps = math.ceil(data.train.epoch_size() / cfg.train.batch_size) * cfg.train.epochs
+    model.info = {"data": "+".join(data.vals), "train_images": len(data.train),
+                  "val_images": sum(len(v) for v in data.vals.values()), "recipe": config_to_dict(cfg)}
 
     while True:
         # Checked before each epoch rather than after it, so a run resumed after its early stop goes straight on.
@@ -251,26 +252,57 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     barrier(dist)
     best = load_model(run / "best.safetensors")
     if dist.is_main:
-        log(f"best epoch {progress.best_epoch}: CIDEr {progress.best_score:.4f}; total {time.time() - started:.0f}s")
+        what = "CIDEr" if len(data.vals) == 1 else "selection score (weighted CIDEr)"
+        log(f"best epoch {progress.best_epoch}: {what} {progress.best_score:.4f}; total {time.time() - started:.0f}s")
     return best
+
+
+def validation_scores(model: CaptionModel, data: Prepared, cfg: Config, dist: Dist) -> dict[str, float]:
+    """Beam-search scores on every dataset's validation split. One dataset: its scores (`CIDEr` selects).
+    Several: `<label>/<metric>` for each, and `selection`, the CIDEr-D mean weighted by `selection_weight`."""
+    per = {}
+    for label, val in data.vals.items():
+        # The Python PTB tokenizer gives the Java one's tokens on captions and saves two JVM starts per epoch.
+        per[label], _ = evaluate_set(model, val.to(dist.device), cfg.decode, VAL_METRICS, use_java=False)
+    if len(per) == 1:
+        return next(iter(per.values()))
+    scores = {f"{label}/{k}": v for label, s in per.items() for k, v in s.items()}
+    total = sum(data.selection.values())
+    scores["selection"] = sum(w * per[label]["CIDEr"] for label, w in data.selection.items()) / total
+    return scores
+
+
+def _per_dataset(scores: dict[str, float], cfg: Config) -> dict[str, dict]:
+    """{label: {"split": ..., metric: value}} from the flat `<label>/<metric>` validation scores."""
+    out = {}
+    for source in cfg.data.sources():
+        label = source.label()
+        out[label] = {"split": source.val_split,
+                      **{k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith(label + "/")}}
+    return out
 
 
 def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
                              generator: torch.Generator, data: Prepared, cfg: Config, dist: Dist, phase: str, loss: float,
                              seconds: float, ema: WeightAverage | None = None) -> None:
-    """Rank 0 decodes the validation split with beam search, scores it and checkpoints; all ranks agree after.
+    """Rank 0 decodes every validation split with beam search, scores them and checkpoints; all ranks agree after.
 
     With weight averaging on, the averaged weights are the ones validated and kept as the best model."""
     scores = None
     if dist.is_main:
-        # The Python PTB tokenizer gives the Java one's tokens on captions and saves two JVM starts per epoch.
         with averaged(ema, model.decoder):
-            scores, _ = evaluate_set(model, data.val.to(dist.device), cfg.decode, VAL_METRICS, use_java=False)
+            scores = validation_scores(model, data, cfg, dist)
     scores = broadcast(scores, dist)
-    improved = scores["CIDEr"] > progress.best_score
+    selection = scores["selection"] if "selection" in scores else scores["CIDEr"]
+    improved = selection > progress.best_score
     if improved:
-        progress.best_score, progress.best_epoch, progress.bad_epochs = scores["CIDEr"], progress.epoch, 0
-        model.info["metrics"] = {"split": cfg.data.val_split, "beam_size": cfg.decode.beam_size, **scores}
+        progress.best_score, progress.best_epoch, progress.bad_epochs = selection, progress.epoch, 0
+        if len(data.vals) == 1:
+            model.info["metrics"] = {"split": cfg.data.sources()[0].val_split, "beam_size": cfg.decode.beam_size,
+                                     **scores}
+        else:
+            model.info["metrics"] = {"beam_size": cfg.decode.beam_size, "selection": selection,
+                                     "selection_weights": data.selection, "datasets": _per_dataset(scores, cfg)}
         model.info["epoch"] = progress.epoch
     else:
         progress.bad_epochs += 1

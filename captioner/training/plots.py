@@ -25,10 +25,13 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
                   label="self-critical reward (CIDEr-D)")
     left.set(title="training", xlabel="epoch")
     left.legend()
-    for key in ("CIDEr", "Bleu_4", "ROUGE_L", "METEOR"):
+    # One dataset: CIDEr, Bleu_4, ...; several: "<dataset>/CIDEr", ... for each, and the selection score.
+    keys = [k for k in dict.fromkeys(k for row in history for k in row)
+            if k.rsplit("/", 1)[-1] in ("CIDEr", "Bleu_4", "ROUGE_L", "METEOR") or k == "selection"]
+    for key in keys:
         values = [row.get(key) for row in history]
-        if any(v is not None for v in values):
-            right.plot(epochs, values, marker="o", label=key)
+        right.plot(epochs, values, marker="o" if key != "selection" else "s", label=key,
+                   linestyle="--" if key == "selection" else "-")
     right.set(title="validation (beam search)", xlabel="epoch")
     right.legend()
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""From a config to cached features: read the splits, check the images, run the encoder once per image.
+"""From a config to cached features: read each dataset's splits, check the images, run the encoder once per image.
 
 Under torchrun each rank encodes its share of the images into its own shard of the shared feature store; every
 rank then reads all of them. The splits hold views of the store (`FeatureRows`): batches read their rows from disk.
@@ -6,15 +6,15 @@ rank then reads all of them. The splits hold views of the store (`FeatureRows`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from captioner.config import Config, ConfigError
+from captioner.config import Config, ConfigError, DatasetConfig
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
-from captioner.data.readers import DatasetError, check_images, read_dataset
+from captioner.data.readers import DatasetError, Sample, check_images, read_dataset
 from captioner.models.encoder import build_encoder
 from captioner.training.distributed import Dist, gather
 from captioner.training.log import log
@@ -23,20 +23,38 @@ from captioner.training.log import log
 @dataclass
 class Prepared:
     train: CaptionSet
-    val: CaptionSet
+    """Every dataset's training images in one set, each with its dataset's sampling weight."""
+    vals: dict[str, CaptionSet]
+    """Validation set per dataset, by its label, in the config's order."""
     encoder_dim: int
     encoder_head: torch.nn.Linear | None = None
     """The pretrained head cut off the encoder (`model.encoder_head`), for the decoder to start from."""
+    selection: dict[str, float] = field(default_factory=dict)
+    """Weight of each dataset's validation CIDEr-D in the selection score, by label."""
+
+    @property
+    def val(self) -> CaptionSet:
+        """The first dataset's validation set (the only one of a single-dataset recipe)."""
+        return next(iter(self.vals.values()))
 
 
-def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: Dist,
-                mirrored: FeatureCache | None = None) -> CaptionSet:
-    samples = read_dataset(cfg.data, split)
+def _read(cfg: Config, source: DatasetConfig, split: str, limit: int, dist: Dist) -> list[Sample]:
+    """One dataset's split as training reads it: the first `limit` images, missing files checked."""
+    samples = read_dataset(source, split)
     if limit:
         samples = samples[:limit]
-    samples, missing = check_images(samples, cfg.data.on_missing, f"{split} split")
+    what = f"{source.label()} {split} split" if cfg.data.datasets else f"{split} split"
+    samples, missing = check_images(samples, cfg.data.on_missing, what)
     if missing and dist.is_main:
-        log(f"skipping {len(missing)} missing images of the {split} split (data.on_missing=skip)")
+        log(f"skipping {len(missing)} missing images of the {what} (data.on_missing=skip)")
+    return samples
+
+
+def _extract(cfg: Config, cache: FeatureCache, samples: list[Sample], what: str, dist: Dist,
+             mirrored: FeatureCache | None = None, weights: list[float] | None = None) -> CaptionSet:
+    """Encode (or reuse) the images of `samples` and return them as a CaptionSet reading the feature store;
+    `weights` are the samples' sampling weights (kept for the usable ones)."""
+    weight_of = dict(zip((id(s) for s in samples), weights or [1.0] * len(samples)))
     images = [s.image for s in samples]
     # Each rank encodes its share of the images; afterwards every rank reads all of them from the cache.
     mine = cache.extract(images[dist.rank::dist.world], num_workers=max(1, cfg.train.num_workers),
@@ -44,22 +62,24 @@ def _load_split(cfg: Config, cache: FeatureCache, split: str, limit: int, dist: 
     failures = [f for part in gather(mine, dist) for f in part]
     if failures:
         if cfg.data.on_missing == "error":
-            raise DatasetError(f"{len(failures)} unreadable image(s) in the {split} split:{_listed(failures)}")
+            raise DatasetError(f"{len(failures)} unreadable image(s) in the {what}:{_listed(failures)}")
         if dist.is_main:
-            log(f"skipping {len(failures)} unreadable images of the {split} split")
+            log(f"skipping {len(failures)} unreadable images of the {what}")
         bad = {p for p, _ in failures}
         samples = [s for s in samples if s.image not in bad]
     if not samples:
-        raise DatasetError(f"the {split} split has no usable images")
+        raise DatasetError(f"the {what} has no usable images")
     images = [s.image for s in samples]
     if mirrored is not None:  # the readable images, mirrored left-right
         mine = mirrored.extract(images[dist.rank::dist.world], num_workers=max(1, cfg.train.num_workers),
                                 progress=dist.is_main)
         lost = [f for part in gather(mine, dist) for f in part]  # also every rank's share done before reading
         if lost:  # read a moment ago: the files changed under the run
-            raise DatasetError(f"{len(lost)} image(s) of the {split} split became unreadable:{_listed(lost)}")
+            raise DatasetError(f"{len(lost)} image(s) of the {what} became unreadable:{_listed(lost)}")
+    kept = [weight_of[id(s)] for s in samples]
     return CaptionSet(images, cache.load(images), [s.captions for s in samples],
-                      mirrored.load(images) if mirrored is not None else None)
+                      mirrored.load(images) if mirrored is not None else None,
+                      weights=None if all(w == 1.0 for w in kept) else kept)
 
 
 def _listed(failures: list[tuple[Path, str]]) -> str:
@@ -68,7 +88,10 @@ def _listed(failures: list[tuple[Path, str]]) -> str:
 
 
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
-    """Read both splits, check images, and extract (or reuse) their encoder features."""
+    """Read every dataset's two splits, check images, and extract (or reuse) their encoder features.
+
+    The training images of all datasets form one set (each image keeps its dataset's sampling weight); each
+    dataset keeps its own validation set."""
     dist = dist or Dist()
     encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights, image_size=cfg.model.image_size,
                             headless=bool(cfg.model.encoder_head))
@@ -77,24 +100,43 @@ def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
                           f"last 1x1 convolution has {encoder.head.out_features} channels")
     cache = FeatureCache(cfg.data.cache_dir, encoder)
     mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
-    train = _load_split(cfg, cache, cfg.data.train_split, cfg.data.max_images, dist, mirrored)
-    val = _load_split(cfg, cache, cfg.data.val_split, cfg.train.val_max_images, dist)
-    return Prepared(train, val, encoder.feature_dim, encoder.head)
+    sources = cfg.data.sources()
+    train_samples: list[Sample] = []
+    weights: list[float] = []
+    for source in sources:
+        if source.weight:  # weight 0: validated and logged, not trained on
+            samples = _read(cfg, source, source.train_split, source.max_images, dist)
+            train_samples += samples
+            weights += [source.weight] * len(samples)
+    what = "training split" if len(sources) > 1 else f"{sources[0].train_split} split"
+    train = _extract(cfg, cache, train_samples, what, dist, mirrored, weights)
+    vals = {}
+    for source in sources:
+        what = f"{source.label()} {source.val_split} split" if len(sources) > 1 else f"{source.val_split} split"
+        vals[source.label()] = _extract(cfg, cache, _read(cfg, source, source.val_split, cfg.train.val_max_images,
+                                                          dist), what, dist)
+    return Prepared(train, vals, encoder.feature_dim, encoder.head,
+                    selection={source.label(): source.selection_weight for source in sources})
 
 
 def validate_paths(cfg: Config) -> None:
     """Fail before any work when the data the config names does not exist."""
+    many = bool(cfg.data.datasets)
     problems = []
-    if cfg.data.format == "flickr8k":
-        if not Path(cfg.data.root).is_dir():
-            problems.append(f"data.root {cfg.data.root!r} is not a folder")
-    else:
-        if not Path(cfg.data.annotations).is_file():
-            problems.append(f"data.annotations {cfg.data.annotations!r} does not exist")
-        if cfg.data.val_annotations and not Path(cfg.data.val_annotations).is_file():
-            problems.append(f"data.val_annotations {cfg.data.val_annotations!r} does not exist")
-    if cfg.data.images and not Path(cfg.data.images).is_dir():
-        problems.append(f"data.images {cfg.data.images!r} is not a folder")
+    for i, source in enumerate(cfg.data.sources()):
+        where = f"data.datasets[{i}]" if many else "data"
+        if source.format == "flickr8k":
+            if not Path(source.root).is_dir():
+                problems.append(f"{where}.root {source.root!r} is not a folder")
+        else:
+            if not Path(source.annotations).is_file():
+                problems.append(f"{where}.annotations {source.annotations!r} does not exist")
+            for key in ("val_annotations", "train_list", "val_list"):
+                value = getattr(source, key)
+                if value and not Path(value).is_file():
+                    problems.append(f"{where}.{key} {value!r} does not exist")
+        if source.images and not Path(source.images).is_dir():
+            problems.append(f"{where}.images {source.images!r} is not a folder")
     if cfg.model.encoder_weights and not Path(cfg.model.encoder_weights).is_file():
         problems.append(f"model.encoder_weights {cfg.model.encoder_weights!r} does not exist")
     if problems:

@@ -1,0 +1,104 @@
+"""The models that ship inside the package, by name: `Captioner.load("general")`, `captioner models`.
+
+A name maps to a checkpoint in `captioner/weights/`; anything else given to `Captioner.load` is a path. The
+listing reads only each checkpoint's JSON header (no tensors, no torch), so `captioner models` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SHIPPED: dict[str, str] = {
+    "general": "general.safetensors",
+    "flickr8k": "flickr8k.safetensors",
+}
+"""Shipped model name -> file in captioner/weights/."""
+
+DEFAULT = "general"
+"""What `Captioner.load()`, the CLI and the app use when no model is named."""
+
+
+class UnknownModelError(ValueError):
+    """A model name is neither a shipped model nor an existing checkpoint file; the message lists the names."""
+
+
+@dataclass
+class ModelSummary:
+    """One shipped model as `captioner models` lists it."""
+
+    name: str
+    path: Path
+    size_mb: float
+    data: str
+    encoder: str
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Selection scores per dataset (dev split): {"flickr8k": {"CIDEr": ..., "Bleu_4": ...}, ...}."""
+    default: bool = False
+
+
+def weights_dir() -> Path:
+    """The package's weights folder."""
+    return Path(str(resources.files("captioner") / "weights"))
+
+
+def shipped_path(name: str) -> Path:
+    """The checkpoint file of shipped model `name` (it may be absent from a source checkout without weights)."""
+    return weights_dir() / SHIPPED[name]
+
+
+def resolve(model: str | os.PathLike | None) -> Path:
+    """A shipped model's name, a checkpoint path, or None (the default model) -> checkpoint path.
+
+    A name wins over a file of the same name in the current folder only when it has no suffix and no folder, so
+    `general` is the shipped model and `./general` or `general.safetensors` are files.
+
+    Raises:
+        UnknownModelError: `model` is neither a shipped name nor an existing file; the message lists the names.
+    """
+    if model is None:
+        return shipped_path(DEFAULT)
+    text = os.fspath(model)
+    if text in SHIPPED:
+        return shipped_path(text)
+    path = Path(text)
+    if path.suffix or path.parent != Path(".") or path.exists():
+        return path  # a path: a missing file is the checkpoint loader's error to report, with the path
+    raise UnknownModelError(f"unknown model {text!r}; shipped models: {', '.join(SHIPPED)} "
+                            "(or give the path of a .safetensors checkpoint)")
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The captioner metadata of a safetensors file, read from its JSON header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as fh:
+        return json.loads((fh.metadata() or {}).get("json", "{}"))
+
+
+def _scores(info: dict[str, Any], label: str) -> dict[str, dict[str, float]]:
+    """Per-dataset selection scores of a checkpoint's info (multi-dataset layout, or one dataset's scores,
+    given `label`)."""
+    selection = info.get("selection") or info.get("metrics") or {}
+    if "datasets" in selection:
+        return {label: {k: v for k, v in s.items() if isinstance(v, float)}
+                for label, s in selection["datasets"].items()}
+    return {label: {k: v for k, v in selection.items() if isinstance(v, float) and k != "length_penalty"}}
+
+
+def list_models() -> list[ModelSummary]:
+    """Every shipped model whose checkpoint is installed, the default first."""
+    out = []
+    for name in sorted(SHIPPED, key=lambda n: n != DEFAULT):
+        path = shipped_path(name)
+        if not path.is_file():
+            continue
+        meta = _header(path)
+        info = meta.get("info", {})
+        out.append(ModelSummary(name, path, path.stat().st_size / 1e6, str(info.get("data", "")),
+                                str(meta.get("model", {}).get("encoder", "")), _scores(info, name), name == DEFAULT))
+    return out
