@@ -33,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="split to score: train, dev/val or test (default: test). flickr8k and karpathy read "
                         "their split lists; coco, csv and jsonl score every image for test and the held-out "
                         "share (data.val_fraction of the file) for dev")
+    p.add_argument("--split-list", metavar="FILE",
+                   help="coco, csv, jsonl: score the images this file lists (one file name per line, as the "
+                        "annotations name them; e.g. coco_small's dev.txt) instead of a held-out share")
     p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the checkpoint's)")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="exponent a in log p / length**a (default: the checkpoint's)")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from captioner.api import Captioner
     from captioner.config import DataConfig
     from captioner.data.readers import check_images, read_dataset
+    from captioner.evaluation.diversity import diversity
     from captioner.evaluation.metrics import score_captions
     from captioner.outputs import escape_path, record, to_json_line
 
@@ -60,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
         data_cfg = DataConfig(format="flickr8k", root=args.data or "")
     else:
         annotations = args.annotations or args.data or ""
-        data_cfg = DataConfig(format=args.format, annotations=annotations, images=args.images or "")
-    samples = read_dataset(data_cfg, args.split)
+        lists = {"train_list": args.split_list} if args.split == "train" else {"val_list": args.split_list}
+        data_cfg = DataConfig(format=args.format, annotations=annotations, images=args.images or "",
+                              **(lists if args.split_list else {}))
+    # A split list names the split's images whatever it is called: read it as the list of its kind.
+    listed_as = "train" if args.split == "train" else "dev"
+    samples = read_dataset(data_cfg, listed_as if args.split_list and args.format != "flickr8k" else args.split)
     samples, missing = check_images(samples, "skip", f"{args.split} split")
     if missing:
         print(f"captioner: skipping {len(missing)} missing images, e.g. {missing[0]}", file=sys.stderr)
@@ -77,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                             {ids[i]: samples[i].captions for i in good})
     beam_size = args.beam_size or cap.model.decode_cfg.beam_size
     report = {"checkpoint": str(args.checkpoint or "shipped"), "split": args.split, "images": len(good),
-              "failed": len(samples) - len(good), "beam_size": beam_size, "scores": scores}
+              "failed": len(samples) - len(good), "beam_size": beam_size, "scores": scores,
+              "diversity": diversity({ids[i]: results[i].text for i in good})}
     print(json.dumps(report, indent=2))
     if args.output:
         out = Path(args.output)
