@@ -21,7 +21,7 @@ import streamlit as st
 from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError
-from captioner.app_views import heatmap_spec, model_card
+from captioner.app_views import TAGS_HINT, heatmap_spec, model_card, tags_line
 from captioner.explain import (
     GATE_HELP,
     attention_legend,
@@ -98,7 +98,8 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
                               max_length=settings.max_length,
                               min_length=min(cap.decode_defaults.min_length, settings.max_length),
                               length_penalty=settings.length_penalty, return_attention=True,
-                              return_gates=True, on_error="skip", names=[u.name for _, u in new])
+                              return_gates=True, return_tags=cap.supports_tags, on_error="skip",
+                              names=[u.name for _, u in new])
         for (key, _), result in zip(new, results):
             memo[key] = result
     for key, upload in zip(keys, uploads):
@@ -211,6 +212,9 @@ def caption_ui(number: int, upload: Upload, caption: Caption) -> None:
         with right:
             st.markdown(f"### {caption.text or '(empty caption)'}")
             st.caption(f"score {caption.score:.3f} | log-probability {caption.logprob:.3f}")
+            if caption.tags:  # beside the caption, so a disagreement between the two is seen
+                st.markdown(_md(tags_line(caption.tags)))
+                st.caption(TAGS_HINT)
         # Full width below the picture, so no column is cut off.
         alternatives = [{"rank": rank, "caption": a.text, "score": round(a.score, 4),
                          "log-probability": round(a.logprob, 4)} for rank, a in enumerate(caption.alternatives, 1)]

@@ -14,7 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from captioner.api import Alternative, Caption, Captioner
+    from captioner.api import Alternative, Caption, Captioner, Tag
     from captioner.config import ConfigError
     from captioner.images import ImageLoadError
     from captioner.models.checkpoint import CheckpointError
@@ -26,9 +26,10 @@ _LAZY = {
     "CheckpointError": "captioner.models.checkpoint",
     "ConfigError": "captioner.config",
     "ImageLoadError": "captioner.images",
+    "Tag": "captioner.api",
 }
 
-__all__ = ["Alternative", "Caption", "Captioner", "CheckpointError", "ConfigError", "ImageLoadError"]
+__all__ = ["Alternative", "Caption", "Captioner", "CheckpointError", "ConfigError", "ImageLoadError", "Tag"]
 __version__ = "0.1.0"
 
 

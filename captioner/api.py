@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from captioner.decoding import Hypothesis, beam_search
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.encoder import Encoder, build_encoder
+from captioner.models.tags import TagError, TagHead, imagenet_classifier, timm_info_dir
 from captioner.runtime.fast import FastPaths, Precision, resolve_precision
 from captioner.runtime.int8 import CalibrationError, calibration_path
 
@@ -121,6 +123,8 @@ class Captioner:
             self.encoder, self.decoder, self.precision, calibration=int8_calibration)
         if self.precision == "int8":  # about a second: a bad calibration fails here, not at the first image
             self._fast.get()
+        self._tag_head: TagHead | None = None  # built on the first request for tags
+        self._tag_lock = threading.Lock()
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, encoder_weights: str | None = None,
@@ -168,6 +172,29 @@ class Captioner:
         """What beam search drives: the fused decoder on the fast path, else the model's own decoder."""
         return self._fast.get()[1] if self._fast is not None else self.decoder
 
+    @property
+    def supports_tags(self) -> bool:
+        """Whether `return_tags=True` works: the encoder keeps its ImageNet classifier (EfficientNet, not
+        resnet50) and timm's label files are installed."""
+        try:
+            imagenet_classifier(self.encoder)
+            timm_info_dir()
+        except TagError:
+            return False
+        return True
+
+    def tag_head(self) -> TagHead:
+        """The encoder's ImageNet classifier over grid features (`captioner.models.tags`), built once.
+
+        Raises:
+            TagError: (a ValueError) the encoder has no ImageNet classifier, or timm's label files are missing.
+        """
+        if self._tag_head is None:
+            with self._tag_lock:
+                if self._tag_head is None:
+                    self._tag_head = TagHead.from_encoder(self.encoder).to(self.device)
+        return self._tag_head
+
     def warmup(self, batch_size: int = 1) -> None:
         """Build the fast paths and run one dummy batch, so the first real request pays no set-up cost."""
         size = self.encoder.preprocess.size
@@ -184,15 +211,20 @@ class Captioner:
                 batch_size: int = 64, max_length: int | None = None, min_length: int | None = None,
                 length_penalty: float | None = None, return_attention: bool = False, return_gates: bool = False,
                 on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2,
-                names: Sequence[str] | None = None, no_repeat_ngram: int | None = None) -> list[Caption]:
+                names: Sequence[str] | None = None, no_repeat_ngram: int | None = None,
+                return_tags: bool = False, top_tags: int = 5) -> list[Caption]:
         """Caption images given as paths, bytes, PIL images, or a mixed list; one Caption per input, in order.
 
         Decoding defaults (beam size, lengths, length penalty, the no-repeat n-gram rule) come from the checkpoint.
         `names` (one per image) replaces the default source names ("<bytes #i>" for bytes) in `Caption.source` and
-        in errors.
+        in errors. `return_tags=True` fills `Caption.tags` with the `top_tags` ImageNet classes the encoder's own
+        classifier sees, from the same forward pass: one more 1x1 convolution per grid cell and a pooled classifier,
+        a few percent of the time of captioning.
 
         Raises:
             ImageLoadError: an image cannot be read and `on_error="raise"`.
+            TagError: (a ValueError) tags asked for and the encoder has no ImageNet classifier, or timm's label
+                files are not installed.
         """
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if names is not None and len(names) != len(items):
@@ -203,14 +235,16 @@ class Captioner:
                                          max_length=max_length, min_length=min_length,
                                          length_penalty=length_penalty, return_attention=return_attention,
                                          return_gates=return_gates, on_error=on_error, num_workers=num_workers,
-                                         names=names, no_repeat_ngram=no_repeat_ngram))
+                                         names=names, no_repeat_ngram=no_repeat_ngram,
+                                         return_tags=return_tags, top_tags=top_tags))
 
     def caption_iter(self, images: Iterable[ImageInput], *, beam_size: int | None = None, n_best: int = 1,
                      batch_size: int = 64, max_length: int | None = None, min_length: int | None = None,
                      length_penalty: float | None = None, return_attention: bool = False,
                      return_gates: bool = False, on_error: Literal["raise", "skip"] = "raise",
                      num_workers: int = 2, names: Iterable[str] | None = None,
-                     no_repeat_ngram: int | None = None) -> Iterator[Caption]:
+                     no_repeat_ngram: int | None = None, return_tags: bool = False,
+                     top_tags: int = 5) -> Iterator[Caption]:
         """Like `caption`, but lazily: yields Captions in input order as each batch finishes.
 
         `images` is consumed lazily too, and only about two batches are in memory at a time, so this scales to
@@ -219,6 +253,7 @@ class Captioner:
 
         Raises:
             ValueError: an argument is out of range (named in the message), at the call, before any work.
+            TagError: (a ValueError) as in `caption`, also at the call.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -230,20 +265,27 @@ class Captioner:
         beam_size = d.beam_size if beam_size is None else beam_size
         max_length = d.max_length if max_length is None else max_length
         _check_decode(beam_size, n_best, max_length, min_length, length_penalty, no_repeat_ngram)
+        if return_tags:
+            if isinstance(top_tags, bool) or not isinstance(top_tags, int) or top_tags < 1:
+                raise ValueError(f"top_tags must be an integer >= 1, got {top_tags!r}")
+            self.tag_head()  # no classifier or no label files: fail here, before any image is read
         search = dict(beam_size=beam_size, n_best=n_best, max_length=max_length,
                       min_length=d.min_length if min_length is None else min_length,
                       length_penalty=d.length_penalty if length_penalty is None else length_penalty,
                       no_repeat_ngram=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
                       return_attention=return_attention, return_gates=return_gates)
-        return self._stream(images, names, batch_size, num_workers, on_error, search)
+        tags = top_tags if return_tags else 0
+        return self._stream(images, names, batch_size, num_workers, on_error, search, tags)
 
     def _stream(self, images: Iterable[ImageInput], names: Iterable[str] | None, batch_size: int,
-                num_workers: int, on_error: str, search: dict) -> Iterator[Caption]:
+                num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
+        """`tags`: how many ImageNet tags per image, 0 for none."""
         labels = names if names is not None else itertools.repeat(None)
         indexed = ((i, item, name) for i, (item, name) in enumerate(zip(images, labels)))
         if num_workers == 0:
             for batch in _batches(indexed, batch_size):
-                yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search)
+                yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search,
+                                               tags)
             return
         pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="captioner-decode")
         try:
@@ -252,10 +294,10 @@ class Captioner:
                 # Submit the next batch's decoding before running the network on the current one.
                 futures = [pool.submit(self._safe_preprocess, item) for item in batch]
                 if pending is not None:
-                    yield from self._caption_batch([f.result() for f in pending], on_error, search)
+                    yield from self._caption_batch([f.result() for f in pending], on_error, search, tags)
                 pending = futures
             if pending is not None:
-                yield from self._caption_batch([f.result() for f in pending], on_error, search)
+                yield from self._caption_batch([f.result() for f in pending], on_error, search, tags)
         finally:  # also when the consumer stops early: drop queued decoding instead of finishing it
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -271,7 +313,7 @@ class Captioner:
             return source, exc
 
     def _caption_batch(self, loaded: list[tuple[str, torch.Tensor | ImageLoadError]], on_error: str,
-                       search: dict) -> list[Caption]:
+                       search: dict, tags: int = 0) -> list[Caption]:
         good = [(i, x) for i, (_, x) in enumerate(loaded) if isinstance(x, torch.Tensor)]
         for source, x in loaded:
             if isinstance(x, ImageLoadError) and on_error == "raise":
@@ -281,13 +323,19 @@ class Captioner:
         if good:
             pixels = self.encoder.preprocess.normalize(torch.stack([x for _, x in good]))  # (B, 3, H, W)
             features = self.encode(pixels)  # (B, N, D)
+            # The encoder's classifier reads the very features the decoder gets, whatever path made them.
+            image_tags = self._tags(features, tags) if tags else [None] * len(good)
             hyps = beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
                                banned_ids=self.vocab.banned_ids, **search)
-            for (i, _), image_hyps in zip(good, hyps):
-                out[i] = self._to_caption(loaded[i][0], image_hyps)
+            for (i, _), image_hyps, tag_list in zip(good, hyps, image_tags):
+                out[i] = self._to_caption(loaded[i][0], image_hyps, tag_list)
         return out
 
-    def _to_caption(self, source: str, hyps: list[Hypothesis]) -> Caption:
+    def _tags(self, features: torch.Tensor, k: int) -> list[list[Tag]]:
+        """(B, N, D) grid features -> per image its k most probable ImageNet classes, as Tags."""
+        return [[Tag(label, float(p)) for label, p in row] for row in self.tag_head().tags(features, k)]
+
+    def _to_caption(self, source: str, hyps: list[Hypothesis], tags: list[Tag] | None = None) -> Caption:
         best = hyps[0]
         words = self.vocab.decode(best.tokens)
         g = self.encoder.grid_size
@@ -297,7 +345,7 @@ class Captioner:
         gates = {k: v.float().cpu().numpy() for k, v in best.gates.items()} if best.gates is not None else None
         alternatives = [Alternative(" ".join(self.vocab.decode(h.tokens)), h.score, h.logprob) for h in hyps]
         return Caption(source=source, text=" ".join(words), tokens=words, score=best.score, logprob=best.logprob,
-                       alternatives=alternatives, attention=attention, gates=gates)
+                       alternatives=alternatives, attention=attention, gates=gates, tags=tags)
 
 
 def _check_decode(beam_size: int, n_best: int, max_length: int, min_length: int | None,

@@ -1,8 +1,18 @@
-"""Plain data for the Streamlit app (no Streamlit here): the sidebar's model card, the gate heat maps' specs."""
+"""Plain data for the Streamlit app (no Streamlit here): the sidebar's model card, the tags line, the gate heat
+maps' specs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from captioner.config import DecodeConfig
+
+if TYPE_CHECKING:
+    from captioner.api import Tag
+
+TAGS_HINT = ("ImageNet classes that the encoder's own classifier sees, not part of the caption: the two can "
+             "disagree (ImageNet has no plain \"person\" class, for one).")
 
 
 def model_card(info: dict, decode: DecodeConfig) -> list[str]:
@@ -48,6 +58,16 @@ def _score_line(sel: dict, epoch, decode: DecodeConfig) -> str:
     if penalty is not None and float(penalty) != float(decode.length_penalty):
         text += f" This model decodes with length penalty {decode.length_penalty} by default."
     return text
+
+
+def tags_line(tags: Sequence[Tag]) -> str:
+    """"The encoder sees: pizza 93%, plate 4%, ...": the tags with their probabilities, most probable first, so
+    that a caption at odds with what the encoder recognises shows it beside the caption."""
+    return "The encoder sees: " + ", ".join(f"{t.label} {_percent(t.probability)}" for t in tags)
+
+
+def _percent(p: float) -> str:
+    return "<1%" if p < 0.005 else f"{p:.0%}"
 
 
 def heatmap_spec(quantity: str, step: int) -> dict:
