@@ -18,7 +18,6 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -30,11 +29,12 @@ from captioner.decoding import Hypothesis, beam_search
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.encoder import Encoder, build_encoder
+from captioner.models.shipped import SHIPPED
+from captioner.models.shipped import resolve as resolve_model
 from captioner.models.tags import TagError, TagHead, imagenet_classifier, timm_info_dir
 from captioner.runtime.fast import FastPaths, Precision, resolve_precision
 from captioner.runtime.int8 import CalibrationError, calibration_path
 
-DEFAULT_MODEL = "flickr8k.safetensors"
 
 
 @dataclass
@@ -86,8 +86,8 @@ class Caption:
 
 
 def default_model_path() -> Path:
-    """Where the shipped model lives inside the installed package."""
-    return Path(str(resources.files("captioner") / "weights" / DEFAULT_MODEL))
+    """Where the default shipped model (`captioner.models.shipped.DEFAULT`) lives inside the installed package."""
+    return resolve_model(None)
 
 
 class Captioner:
@@ -129,10 +129,11 @@ class Captioner:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, encoder_weights: str | None = None,
              device: str | torch.device = "cpu", precision: Precision = "auto") -> Captioner:
-        """Load a checkpoint, or the shipped Flickr8k model when `path` is None.
+        """Load a shipped model by name, a checkpoint by path, or the default shipped model ("general").
 
         Args:
-            path: a `.safetensors` checkpoint written by captioner.
+            path: a shipped model's name (`captioner models` lists them: "general", "flickr8k"), a
+                `.safetensors` checkpoint written by captioner, or None for the default model.
             encoder_weights: the encoder weights file, for encoders whose weights no installed package ships
                 (resnet50). The path recorded in a checkpoint is never opened.
             device: torch device to run on.
@@ -140,15 +141,16 @@ class Captioner:
                 the calibration file beside the checkpoint (`captioner.runtime.int8.calibration_path`).
 
         Raises:
+            UnknownModelError: `path` is neither a shipped model's name nor a file; the message lists the names.
             CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.
             CalibrationError: precision "int8" and the checkpoint's calibration file is missing, damaged or was
                 measured for another encoder.
         """
-        if path is None:
-            path = default_model_path()
-            if not path.is_file():
-                raise CheckpointError(
-                    f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
+        shipped = path is None or os.fspath(path) in SHIPPED
+        path = default_model_path() if path is None else resolve_model(path)
+        if shipped and not path.is_file():
+            raise CheckpointError(
+                f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
         model = load_model(path)
         cfg = model.model_cfg
         # The checkpoint's own `encoder_weights` path is not followed: a file must not name other files to read.

@@ -4,6 +4,9 @@
         --list ../shared/data/flickr8k/Flickr_8k.trainImages.txt [--checkpoint captioner/weights/flickr8k.safetensors]
         [--count 256] [--seed 0]
 
+`--images`/`--list` may be given several times, in pairs (a model trained on several datasets: its training
+images of each); the images are drawn from all of them together.
+
 Writes `<checkpoint>.int8.json` (beside the checkpoint), which `--precision int8` / `precision="int8"` reads.
 Use training images only: the ranges are a choice made from data, like the weights. `--count` images are drawn
 with `--seed` from the list (every image of `--images` without one), preprocessed as captioning does.
@@ -27,27 +30,33 @@ from captioner.runtime.int8 import calibrate, calibration_path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=Path, required=True, help="folder of images")
-    parser.add_argument("--list", type=Path, help="file names to draw from, one per line (a training split)")
+    parser.add_argument("--images", type=Path, required=True, action="append", help="folder of images (repeatable)")
+    parser.add_argument("--list", type=Path, action="append",
+                        help="file names to draw from, one per line (a training split); one per --images")
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
     parser.add_argument("--count", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     checkpoint = args.checkpoint or default_model_path()
-    names = ([line.strip() for line in args.list.read_text().splitlines() if line.strip()] if args.list
-             else sorted(p.name for p in args.images.iterdir() if p.is_file()))
+    lists = args.list or [None] * len(args.images)
+    if len(lists) != len(args.images):
+        parser.error("give one --list per --images, or none")
+    names = []
+    for folder, listed in zip(args.images, lists):
+        names += [folder / n for n in ([line.strip() for line in listed.read_text().splitlines() if line.strip()]
+                                       if listed else sorted(p.name for p in folder.iterdir() if p.is_file()))]
     chosen = random.Random(args.seed).sample(names, min(args.count, len(names)))
     cap = Captioner.load(checkpoint, precision="reference")
 
     def batches():
         for i in range(0, len(chosen), args.batch_size):
-            pixels = torch.stack([cap.preprocess(args.images / n) for n in chosen[i:i + args.batch_size]])
+            pixels = torch.stack([cap.preprocess(n) for n in chosen[i:i + args.batch_size]])
             yield pixels.numpy().astype(np.float32)
 
     out = calibration_path(checkpoint)
     seen = calibrate(export_onnx(cap.encoder), batches(), cap.encoder.cache_key(), out)
-    print(f"{out}: ranges from {seen} images of {args.list or args.images}")
+    print(f"{out}: ranges from {seen} images of {', '.join(map(str, args.list or args.images))}")
     return 0
 
 

@@ -19,7 +19,7 @@ SHIPPED: dict[str, str] = {
 }
 """Shipped model name -> file in captioner/weights/."""
 
-DEFAULT = "general"
+DEFAULT = "flickr8k"  # TEMP until the general model is shipped
 """What `Captioner.load()`, the CLI and the app use when no model is named."""
 
 
@@ -82,7 +82,10 @@ def _header(path: Path) -> dict[str, Any]:
 
 def _scores(info: dict[str, Any], label: str) -> dict[str, dict[str, float]]:
     """Per-dataset selection scores of a checkpoint's info (multi-dataset layout, or one dataset's scores,
-    given `label`)."""
+    given `label`): the shipped weights' own evaluation (`dev_scores`) where recorded, else the scores the
+    epoch was selected on."""
+    if isinstance(info.get("dev_scores"), dict):
+        return {label: {k: v for k, v in s.items() if isinstance(v, float)} for label, s in info["dev_scores"].items()}
     selection = info.get("selection") or info.get("metrics") or {}
     if "datasets" in selection:
         return {label: {k: v for k, v in s.items() if isinstance(v, float)}
