@@ -76,8 +76,8 @@ def imagenet_classifier(encoder: Encoder) -> nn.Linear:
 class TagHead(nn.Module):
     """(B, N, D) encoder grid features -> (B, 1000) ImageNet logits: timm's `forward_head` on the features.
 
-    Headless encoders (D = 320 or 352, the last stage's width): the original 1x1 head (folded with its batch norm) and ReLU6 per cell first,
-    then the average over cells; otherwise (D = 1280, already after the head's ReLU6) the average alone. Runs in
+    Headless encoders (D = 320 or 352, the last stage's width): the original 1x1 head (folded with its batch
+    norm) and ReLU6 per cell first, then the average over cells; otherwise (D = 1280, already after the head's ReLU6) the average alone. Runs in
     fp32 on fp32 copies of the weights, whatever precision produced the features.
     """
 
