@@ -77,8 +77,8 @@ class TagHead(nn.Module):
     """(B, N, D) encoder grid features -> (B, 1000) ImageNet logits: timm's `forward_head` on the features.
 
     Headless encoders (D = 320 or 352, the last stage's width): the original 1x1 head (folded with its batch
-    norm) and ReLU6 per cell first, then the average over cells; otherwise (D = 1280, already after the head's ReLU6) the average alone. Runs in
-    fp32 on fp32 copies of the weights, whatever precision produced the features.
+    norm) and ReLU6 per cell first, then the average over cells; otherwise (D = 1280, already after the head's
+    ReLU6) the average alone. Runs in fp32 on fp32 copies of the weights, whatever precision made the features.
     """
 
     def __init__(self, classifier: nn.Linear, head: nn.Linear | None = None, labels: tuple[str, ...] = ()):
