@@ -36,6 +36,7 @@ from captioner.explain import (
     top_cells,
 )
 from captioner.images import open_image
+from captioner.models.shipped import list_models
 from captioner.outputs import CaptionWriter, record
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
@@ -131,9 +132,22 @@ def results_json(captions: list[Caption], settings: Settings) -> str:
     return json.dumps({"settings": dataclasses.asdict(settings), "results": records}, indent=2, allow_nan=False)
 
 
-def load_ui() -> tuple[Captioner, str | None] | None:
-    """Load the model named by $CAPTIONER_CHECKPOINT, else the shipped one; explain any failure."""
+def choose_model_ui() -> str | None:
+    """The checkpoint named by $CAPTIONER_CHECKPOINT, else the shipped model picked in the sidebar (the default
+    model first); None when no shipped model is installed (load_ui then explains)."""
     path = os.environ.get(CHECKPOINT_ENV) or None
+    if path:
+        return path
+    names = [m.name for m in list_models()]
+    if len(names) < 2:
+        return names[0] if names else None
+    return st.sidebar.selectbox("Model", names, key="model", help="Shipped models (`captioner models`); "
+                                "the first is the default of the API and the CLI.")
+
+
+def load_ui() -> tuple[Captioner, str | None] | None:
+    """Load the model named by $CAPTIONER_CHECKPOINT, else the chosen shipped one; explain any failure."""
+    path = choose_model_ui()
     try:
         return load_captioner(path), path
     except CheckpointError as exc:
@@ -283,7 +297,8 @@ def main() -> None:
     if not uploads:
         st.info("Upload one or more images to caption them.")
         return
-    captions = caption_uploads(cap, uploads, settings, st.session_state.setdefault("captions", {}))
+    # One memo per model: switching models in the sidebar captions again instead of showing the other's captions.
+    captions = caption_uploads(cap, uploads, settings, st.session_state.setdefault(f"captions:{path}", {}))
     failed = sum(not c.ok for c in captions)
     st.caption(f"{len(captions) - failed} of {len(captions)} images captioned"
                + (f"; {failed} could not be read." if failed else "."))

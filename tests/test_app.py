@@ -90,9 +90,9 @@ def sidebar_slider(at: AppTest, label: str):
 ])
 def test_no_usable_model_is_a_clear_error_not_a_traceback(case, says, tmp_path, monkeypatch):
     path = tmp_path / "model.safetensors"
-    if case == "shipped":  # no env var: the app asks Captioner.load() for the shipped model
+    if case == "shipped":  # no env var and no shipped model installed: the app asks Captioner.load() for one
         monkeypatch.delenv(ENV, raising=False)
-        monkeypatch.setattr("captioner.api.default_model_path", lambda: path)
+        monkeypatch.setattr("captioner.models.shipped.weights_dir", lambda: tmp_path)
     else:
         if case == "damaged":
             path.write_text("not a checkpoint")
