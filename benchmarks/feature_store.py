@@ -4,15 +4,21 @@ Writes a synthetic store of `--images` fp16 (N, D) rows (the real COCO shape is 
 an old-layout cache of `--old-images` files, then in a fresh process per layout reads one epoch of random batches
 the way training does (`data.features[chosen].float()`): the new store through `FeatureRows`, the old cache as
 today's `FeatureCache.load` did (np.load every file, np.stack, then index the in-memory tensor). Peak RSS is the
-process's high-water mark (VmHWM); growth is that minus the RSS after the imports. The page cache is not dropped
-(no root): read times are warm-cache times unless the data outgrows memory.
+process's high-water mark (VmHWM); growth is that minus the RSS after the imports.
 
-    python benchmarks/feature_store.py --images 120000 --old-images 10000
+Page cache: before the first epoch the written files are fsynced and evicted from the page cache with
+posix_fadvise(POSIX_FADV_DONTNEED) (per file, no root needed, nothing else's cache is touched), so epoch 1 reads
+cold from disk; `--epochs 2` then runs a second epoch in the same process, as warm as the free memory allows (a
+store larger than the page cache stays partly cold). The synthetic rows are one block of 256 random rows written
+over and over: generation costs no CPU, the write is I/O-bound.
+
+    python benchmarks/feature_store.py --images 120000 --old-images 10000 --epochs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -43,6 +49,25 @@ def build_old(folder: Path, images: int, grid: tuple[int, int]) -> None:
         np.save(folder / f"img{i}.npy", block[i % 256], allow_pickle=False)
 
 
+def evict(folder: Path) -> None:
+    """fsync every file under `folder` and drop its pages from the page cache (the next read is cold)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _meminfo_mb(field: str) -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
 def _rss_mb(field: str) -> float:
     """A /proc/self/status memory line in MB (VmHWM is this process's own peak; ru_maxrss inherits the parent's)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -51,8 +76,8 @@ def _rss_mb(field: str) -> float:
     raise KeyError(field)
 
 
-def epoch(kind: str, folder: Path, images: int, batch: int) -> None:
-    """One epoch of random batches in this process; prints 'peak_mb growth_mb load_s mean_batch_ms'."""
+def epoch(kind: str, folder: Path, images: int, batch: int, epochs: int) -> None:
+    """Epochs of random batches in this process; prints 'peak_mb growth_mb load_s ms_epoch1 ms_epoch2 ...'."""
     import torch
 
     base = _rss_mb("VmRSS")
@@ -65,15 +90,27 @@ def epoch(kind: str, folder: Path, images: int, batch: int) -> None:
         features = torch.from_numpy(np.stack([np.load(folder / f"img{i}.npy", allow_pickle=False)
                                               for i in range(images)]))
     load_s = time.perf_counter() - started
-    order = torch.randperm(images).tolist()
-    times = []
-    for start in range(0, images, batch):
-        t = time.perf_counter()
-        x = features[order[start:start + batch]].float()  # (b, N, D), as iterate_batches + the training step
-        times.append(time.perf_counter() - t)
-        del x
+    means = []
+    for e in range(epochs):
+        order = torch.randperm(images).tolist()
+        times = []
+        epoch_started = time.perf_counter()
+        for start in range(0, images, batch):
+            t = time.perf_counter()
+            x = features[order[start:start + batch]].float()  # (b, N, D), as iterate_batches + the training step
+            times.append(time.perf_counter() - t)
+            del x
+            if len(times) % 500 == 0:
+                print(f"  {kind} epoch {e + 1}: {len(times)} batches, {time.perf_counter() - epoch_started:.0f} s, "
+                      f"RSS {_rss_mb('VmRSS'):.0f} MB, page cache {_meminfo_mb('Cached') / 1024:.1f} GB",
+                      file=sys.stderr, flush=True)
+        means.append(1000 * np.mean(times))
+        print(f"  {kind} epoch {e + 1}: {len(times)} batches in {time.perf_counter() - epoch_started:.0f} s, "
+              f"mean {means[-1]:.2f} ms, p50 {1000 * np.median(times):.2f} ms, "
+              f"p99 {1000 * np.percentile(times, 99):.2f} ms, peak RSS {_rss_mb('VmHWM'):.0f} MB",
+              file=sys.stderr, flush=True)
     peak = _rss_mb("VmHWM")
-    print(f"{peak:.0f} {peak - base:.0f} {load_s:.2f} {1000 * np.mean(times):.2f}")
+    print(f"{peak:.0f} {peak - base:.0f} {load_s:.2f} " + " ".join(f"{m:.2f}" for m in means))
 
 
 def main() -> None:
@@ -83,38 +120,49 @@ def main() -> None:
     parser.add_argument("--grid", type=int, default=81, help="N, grid cells per image")
     parser.add_argument("--dim", type=int, default=1280, help="D, channels per cell")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=2, help="epoch 1 cold (files evicted), later ones warm")
     parser.add_argument("--dir", default=None, help="scratch folder (default: a temporary one, removed after)")
     parser.add_argument("--_epoch", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._epoch:
         kind, folder, images = args._epoch
-        return epoch(kind, Path(folder), int(images), args.batch)
+        return epoch(kind, Path(folder), int(images), args.batch, args.epochs)
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="feature-store-bench-"))
     grid = (args.grid, args.dim)
     row_mb = args.grid * args.dim * 2 / 2**20
     try:
         rows = []
+        print(f"{os.cpu_count()} CPUs, MemTotal {_meminfo_mb('MemTotal') / 1024:.1f} GB, "
+              f"MemAvailable {_meminfo_mb('MemAvailable') / 1024:.1f} GB", file=sys.stderr, flush=True)
         for kind, count, build in (("store", args.images, build_store), ("old", args.old_images, build_old)):
+            if count <= 0:
+                continue
             folder = root / kind
             t = time.perf_counter()
             build(folder, count, grid)
             write_s = time.perf_counter() - t
+            evict(folder)
+            print(f"  {kind}: wrote {count} rows in {write_s:.0f} s; evicted from the page cache", file=sys.stderr,
+                  flush=True)
             out = subprocess.run([sys.executable, __file__, "--_epoch", kind, str(folder), str(count),
-                                  "--batch", str(args.batch)], capture_output=True, text=True, check=True).stdout
-            peak, grown, load_s, batch_ms = out.split()
+                                  "--batch", str(args.batch), "--epochs", str(args.epochs)],
+                                 stdout=subprocess.PIPE, text=True, check=True).stdout
+            peak, grown, load_s, *batch_ms = out.split()
             rows.append((kind, count, count * row_mb / 1024, write_s, load_s, peak, grown, batch_ms))
             shutil.rmtree(folder)
-        print(f"rows of {args.grid}x{args.dim} fp16 ({row_mb:.3f} MB), batch {args.batch}, one epoch of random batches")
-        print(f"{'layout':<22}{'images':>8}{'GB':>7}{'write s':>9}{'open s':>8}{'peak RSS MB':>13}"
-              f"{'RSS growth MB':>15}{'ms/batch':>10}")
+        print(f"rows of {args.grid}x{args.dim} fp16 ({row_mb:.3f} MB), batch {args.batch}, random batches; "
+              f"epoch 1 cold (files evicted from the page cache), later epochs warm")
+        print(f"{'layout':<22}{'images':>8}{'GiB':>7}{'write s':>9}{'open s':>8}{'peak RSS MB':>13}"
+              f"{'RSS growth MB':>15}" + "".join(f"{f'ms/batch e{e + 1}':>15}" for e in range(args.epochs)))
         names = {"store": "feature store (new)", "old": "one .npy per image"}
         for kind, count, gb, write_s, load_s, peak, grown, batch_ms in rows:
             print(f"{names[kind]:<22}{count:>8}{gb:>7.1f}{write_s:>9.1f}{float(load_s):>8.2f}{peak:>13}{grown:>15}"
-                  f"{batch_ms:>10}")
-        old = rows[1]
-        print(f"old layout scaled to {args.images} images: RSS growth ~{int(old[6]) * args.images / old[1]:.0f} MB "
-              f"(it holds every row in memory)")
+                  + "".join(f"{m:>15}" for m in batch_ms))
+        old = [r for r in rows if r[0] == "old"]
+        if old:
+            print(f"old layout scaled to {args.images} images: RSS growth ~{int(old[0][6]) * args.images / old[0][1]:.0f}"
+                  f" MB (it holds every row in memory)")
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)

@@ -345,3 +345,177 @@ def test_checkpoint_cannot_name_a_file_to_open(tmp_path, tiny_checkpoint, monkey
     _rewrite_meta(tiny_checkpoint, bad, lambda m: {**m, "model": {**m["model"], "encoder_weights": "/etc/passwd"}})
     api.Captioner.load(bad, precision="reference")
     assert seen == [None]
+
+
+# ---- damaged JPEGs that libjpeg decodes without an error (issue 20 item 9) -----------------------------------
+
+
+def _photo(size=(320, 240), seed=0):
+    """A photo-like image: smooth colour waves under noise (no flat areas, nothing exactly grey)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    waves = np.stack([128 + 90 * np.sin(x / 29 + c) * np.cos(y / 17 - c) for c in range(3)], -1)
+    noise = np.random.default_rng(seed).normal(0, 16, waves.shape)
+    return Image.fromarray(np.clip(waves + noise, 0, 255).astype(np.uint8))
+
+
+def _jpeg(image, **kwargs) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **kwargs)
+    return buffer.getvalue()
+
+
+def _patch_frame_size(data: bytes, width: int, height: int) -> bytes:
+    import struct
+
+    sof = next(i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    return data[: sof + 5] + struct.pack(">HH", height, width) + data[sof + 9:]
+
+
+def _damaged_jpegs() -> dict[str, bytes]:
+    """Each decodes with PIL without an error to a mostly grey image (checked in the test below)."""
+    baseline, progressive = _jpeg(_photo()), _jpeg(_photo(), progressive=True)
+    return {
+        "half_plus_eoi.jpg": baseline[: len(baseline) // 2] + b"\xff\xd9",
+        "sof_7000x9000.jpg": _patch_frame_size(baseline, 7000, 9000),
+        "sof_640x480.jpg": _patch_frame_size(baseline, 640, 480),  # too few blocks' data, not absurdly few
+        # cut inside its first AC scans (PIL's progression: DC, then AC bands; the last scan is ~the back half)
+        "progressive_cut_plus_eoi.jpg": progressive[: len(progressive) // 3] + b"\xff\xd9",
+        "progressive_dc_cut_plus_eoi.jpg": progressive[: len(progressive) // 50] + b"\xff\xd9",
+    }
+
+
+def _good_jpegs() -> dict[str, bytes]:
+    from PIL import Image
+
+    grey_bottom = _photo()
+    grey_bottom.paste((128, 128, 128), (0, 120, 320, 240))  # a photo of a grey wall, in exactly the fill colour
+    return {
+        "grey.jpg": _jpeg(Image.new("RGB", (320, 240), (128, 128, 128))),
+        "grey_progressive.jpg": _jpeg(Image.new("RGB", (320, 240), (128, 128, 128)), progressive=True),
+        "grey_gray.jpg": _jpeg(Image.new("L", (320, 240), 128)),
+        "grey_bottom.jpg": _jpeg(grey_bottom),
+        "photo.jpg": _jpeg(_photo()),
+        "photo_progressive.jpg": _jpeg(_photo(), progressive=True),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_damaged_jpegs()))
+def test_damaged_jpeg_is_refused_not_captioned_as_grey(tmp_path, name):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from captioner.images import ImageLoadError, open_image
+
+    data = _damaged_jpegs()[name]
+    with Image.open(io.BytesIO(data)) as plain:  # PIL alone: no error, and much of the picture is grey
+        plain.draft("RGB", (224, 224))
+        grey = (np.asarray(plain.convert("RGB")) == 128).all(-1).mean()
+    if name == "progressive_cut_plus_eoi.jpg":  # the DC scan is whole: no grey, the lower part lacks detail
+        assert grey == 0
+    else:
+        assert grey > 0.2
+    path = tmp_path / name
+    path.write_bytes(data)
+    for item in (path, data):
+        for target_size in (224, 1000):  # with and without reduced-size decoding
+            with pytest.raises(ImageLoadError, match="incomplete scan data") as info:
+                open_image(item, target_size)
+            assert "grey" in info.value.reason or "need at least" in info.value.reason
+    with pytest.raises(ImageLoadError, match=f"{name}: damaged JPEG"):
+        open_image(path)
+
+
+def test_frame_header_claiming_far_more_pixels_than_the_data_holds_is_refused_before_decoding(monkeypatch):
+    from PIL import ImageFile
+
+    from captioner.images import ImageLoadError, open_image
+
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size))
+    with pytest.raises(ImageLoadError, match=r"7000x9000 pixels, which need at least [\d,]+ bytes"):
+        open_image(_damaged_jpegs()["sof_7000x9000.jpg"])
+    assert decoded == []
+
+
+@pytest.mark.parametrize("name", sorted(_good_jpegs()))
+def test_complete_jpegs_in_the_fill_colour_still_load_unchanged(name):
+    import io
+
+    from PIL import Image
+
+    from captioner.images import open_image
+
+    data = _good_jpegs()[name]
+    with Image.open(io.BytesIO(data)) as plain:
+        want = plain.convert("RGB").tobytes()
+    for target_size in (224, 1000):  # 1000: full size, so the pixels can be compared with PIL's own decode
+        image = open_image(data, target_size)
+        assert image.size == (320, 240) and image.mode == "RGB"
+    assert image.tobytes() == want
+
+
+def test_normal_photos_are_decoded_once_a_grey_one_twice(monkeypatch):
+    """The cheap test (the bottom-right pixel) keeps the second decode off ordinary photos."""
+    from PIL import ImageFile
+
+    from captioner.images import open_image
+
+    loads = []
+    original = ImageFile.ImageFile.load
+
+    def load(self):  # counts decodes: PIL calls load() again on loaded images, which have no tiles left
+        if self.tile:
+            loads.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    good = _good_jpegs()
+    open_image(good["photo.jpg"])
+    assert len(loads) == 1
+    open_image(good["grey.jpg"])
+    assert len(loads) == 3
+
+
+def test_damaged_jpegs_are_error_captions_in_the_api(tmp_path, tiny_checkpoint):
+    from captioner.api import Captioner
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, data in {**_damaged_jpegs(), **_good_jpegs()}.items():
+        (folder / name).write_bytes(data)
+    paths = sorted(folder.iterdir())
+    results = Captioner.load(tiny_checkpoint, precision="reference").caption(paths, batch_size=4, on_error="skip")
+    assert [r.source for r in results] == [str(p) for p in paths]
+    for path, result in zip(paths, results, strict=True):
+        if path.name in _damaged_jpegs():
+            assert not result.ok and result.text == ""
+            assert result.error.startswith(f"{path}: damaged JPEG, incomplete scan data"), result.error
+        else:
+            assert result.ok and result.text, result.error
+
+
+def test_damaged_jpegs_are_error_records_and_exit_1_in_the_cli(tmp_path, tiny_checkpoint, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    damaged = _damaged_jpegs()
+    for name, data in damaged.items():
+        (folder / name).write_bytes(data)
+    (folder / "photo.jpg").write_bytes(_good_jpegs()["photo.jpg"])
+    out = tmp_path / "o.jsonl"
+    assert _caption(tmp_path, tiny_checkpoint, folder, "--format", "jsonl", "--output", out) == 1
+    records = {json.loads(line)["path"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert records[str(folder / "photo.jpg")]["error"] is None and records[str(folder / "photo.jpg")]["caption"]
+    for name in damaged:
+        record = records[str(folder / name)]
+        assert not record["caption"] and "damaged JPEG, incomplete scan data" in record["error"]
+    err = capsys.readouterr().err
+    assert all(any(name in line and "incomplete scan data" in line for line in err.splitlines()) for name in damaged)
+    assert f"{len(damaged)} of {len(damaged) + 1} images failed" in err

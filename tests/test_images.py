@@ -216,6 +216,44 @@ def test_truncated_jpeg_is_an_error_not_a_grey_image(tmp_path, keep):
             open_image(path, target_size)
 
 
+def noisy_image(size=(240, 180), seed=0) -> Image.Image:
+    """Photo-like: every pixel different, nothing exactly mid-grey."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    waves = np.stack([128 + 90 * np.sin(x / 23 + c) * np.cos(y / 13 - c) for c in range(3)], -1)
+    return Image.fromarray(np.clip(waves + rng.normal(0, 16, waves.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("subsampling", [0, 2])  # 4:4:4 and 4:2:0
+def test_jpeg_cut_anywhere_with_an_end_marker_is_refused(subsampling):
+    """libjpeg decodes these without an error, the missing part as exact grey; all but the last blocks count."""
+    data = encode(noisy_image(), "JPEG", quality=90, subsampling=subsampling)
+    for keep in [i / 20 for i in range(1, 20)] + [0.98]:
+        cut = data[: int(len(data) * keep)] + b"\xff\xd9"
+        for target_size in (64, 1000):  # reduced-size (1/2) and full-size decoding
+            with pytest.raises(ImageLoadError, match="incomplete scan data"):
+                open_image(cut, target_size)
+
+
+def test_progressive_jpeg_cut_before_its_last_scan_is_refused():
+    data = encode(noisy_image(), "JPEG", quality=90, progressive=True)
+    for keep in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5):  # the first scan starts at 1%, the last one at 60%
+        with pytest.raises(ImageLoadError, match="incomplete scan data"):
+            open_image(data[: int(len(data) * keep)] + b"\xff\xd9")
+
+
+def test_known_gaps_of_the_damaged_jpeg_checks_are_as_documented():
+    """docs/robustness.md lists these as not detected: they decode to a whole, not a grey, picture."""
+    baseline = encode(noisy_image(), "JPEG", quality=90)
+    progressive = encode(noisy_image(), "JPEG", quality=90, progressive=True)
+    # inside the last scan of a progressive file: every block is there, the lower part lacks its last detail bit
+    assert open_image(progressive[: int(len(progressive) * 0.9)] + b"\xff\xd9").size == (240, 180)
+    # only the last block or so lost: too little grey to tell from a grey corner without a second decode
+    assert open_image(baseline[:-12] + b"\xff\xd9").size == (240, 180)
+
+
 def test_truncated_png_is_an_error():
     data = encode(quadrant_image(), "PNG")
     with pytest.raises(ImageLoadError, match="truncated"):
