@@ -1,8 +1,21 @@
-"""The one record serialiser: text, JSON lines and CSV, one complete record per image, flushed per record.
+"""The one record serialiser: text, JSON lines, CSV and Parquet, one complete record per image.
 
-Record schema (`record(caption) -> dict`, used by the CLI; the app and evaluation are meant to use it too):
-`path` (where the image came from; for inputs that are not files this is the API's `Caption.source` label,
-e.g. "<bytes #3>"), `caption`, `score`, `logprob`, `alternatives` (list of {text, score, logprob}) and `error`.
+Record schema (`record(caption) -> dict`, used by the CLI, its Ray front end and the app; evaluation is meant to
+use it too): `path` (where the image came from; for inputs that are not files this is the API's `Caption.source`
+label, e.g. "<bytes #3>"), `caption`, `score`, `logprob`, `alternatives` (list of {text, score, logprob}; with
+n_best > 1), `tags` (list of {label, probability}, most probable first; only when the caption carries tags, i.e.
+`captioner caption --tags` / `return_tags=True`) and `error`.
+
+Every format is rendered from this record (`CaptionWriter.write_record`), so whatever produced the records (the
+local loop or Ray actors, `captioner.integrations.ray_data`) writes the same bytes:
+- jsonl: the record as one JSON line.
+- csv: a header, then `path, caption, score, error`, then `alternative_2..alternative_N` (with n_best > 1) and
+  `tags` (with --tags) as `label:probability` pairs joined by `;`, e.g. `pizza:0.931;plate:0.041`.
+- text: `path<TAB>caption`, and with --tags a TAB and the tags in brackets, `[pizza 0.93, plate 0.04]`; a failed
+  image is `path<TAB>ERROR reason`; with n_best > 1 one `path<TAB>  alt SCORE: text` line per alternative follows.
+- parquet (`ParquetCaptionWriter`, needs pyarrow): one row per image, the record's fields as columns; nested
+  `alternatives` and `tags` as list-of-struct columns (not JSON strings); `path_bytes` is a column that is null
+  unless the name is not valid UTF-8, and `tags` is null for a failed image.
 
 Strict output:
 - Non-finite floats (the score of a failed image is NaN) are written as JSON `null` / an empty CSV cell, so every
@@ -12,8 +25,8 @@ Strict output:
   `escape_path`); JSON records of such files also carry `path_bytes`, the exact file name bytes in base64
   (lossless). A name that is valid UTF-8 is written unchanged.
 
-Each record is rendered first and then handed to the stream in a single write, so a run stopped between records
-(Ctrl-C, see `captioner.cli.caption`) leaves a valid partial file.
+Each text record is rendered first and then handed to the stream in a single write, so a run stopped between
+records (Ctrl-C, see `captioner.cli.caption`) leaves a valid partial file.
 """
 
 from __future__ import annotations
@@ -32,7 +45,13 @@ from typing import IO, TYPE_CHECKING
 if TYPE_CHECKING:
     from captioner.api import Caption
 
-FORMATS = ("text", "jsonl", "csv")
+TEXT_FORMATS = ("text", "jsonl", "csv")
+"""The line-based formats: streamed record by record, to stdout or a file, and resumable (`--resume`)."""
+FORMATS = TEXT_FORMATS + ("parquet",)
+"""Every `captioner caption --format`; parquet needs pyarrow and a file (`--output`)."""
+RECORD_FIELDS = ("path", "caption", "score", "logprob", "alternatives", "tags", "error", "path_bytes")
+"""Every field a record can have, in the order `record` writes them (alternatives, tags and path_bytes are
+present only in some records)."""
 
 
 def escape_path(path: str | os.PathLike) -> str:
@@ -55,12 +74,16 @@ def _finite(x: float | None) -> float | None:
 
 
 def record(caption: Caption, n_best: int = 2) -> dict:
-    """The JSON-ready record of one Caption (strict: no NaN, paths valid UTF-8); `alternatives` only if n_best > 1."""
+    """The JSON-ready record of one Caption (strict: no NaN, paths valid UTF-8); `alternatives` only if n_best > 1,
+    `tags` only if the caption has them (`caption.tags is not None`)."""
     rec = {"path": escape_path(caption.source), "caption": caption.text, "score": _finite(caption.score),
            "logprob": _finite(caption.logprob)}
     if n_best > 1:
         rec["alternatives"] = [{"text": a.text, "score": _finite(a.score), "logprob": _finite(a.logprob)}
                                for a in caption.alternatives]
+    tags = getattr(caption, "tags", None)
+    if tags is not None:
+        rec["tags"] = [{"label": t.label, "probability": _finite(t.probability)} for t in tags]
     rec["error"] = None if caption.error is None else escape_path(caption.error)
     if _has_undecodable(caption.source):
         rec["path_bytes"] = base64.b64encode(caption.source.encode("utf-8", "surrogateescape")).decode("ascii")
@@ -83,23 +106,48 @@ def record_key(line: str, fmt: str) -> str | None:
     return None if rest.startswith("  alt ") else path
 
 
-def csv_header(n_best: int) -> list[str]:
+def csv_header(n_best: int, tags: bool = False) -> list[str]:
+    """The CSV columns: path, caption, score, error, then alternative_2..N (n_best > 1), then tags (--tags)."""
     header = ["path", "caption", "score", "error"]
-    return header + [f"alternative_{i}" for i in range(2, n_best + 1)] if n_best > 1 else header
+    if n_best > 1:
+        header += [f"alternative_{i}" for i in range(2, n_best + 1)]
+    return header + ["tags"] if tags else header
+
+
+def _flat(label: str) -> str:
+    """A tag label on one line (the text format is line-based; labels never hold tabs or newlines in practice)."""
+    return " ".join(str(label).split())
+
+
+def _tags_text(tags: list[dict]) -> str:
+    """`[pizza 0.93, plate 0.04]`: the text format's tag column."""
+    return "[" + ", ".join(f"{_flat(t['label'])} {_num(t['probability'], 2)}" for t in tags) + "]"
+
+
+def _tags_csv(tags: list[dict] | None) -> str:
+    """`pizza:0.931;plate:0.041`: the CSV tags cell (empty without tags, e.g. for a failed image)."""
+    return ";".join(f"{_flat(t['label'])}:{_num(t['probability'], 3)}" for t in tags or [])
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "nan" if x is None else f"{x:.{digits}f}"
 
 
 class CaptionWriter:
-    """Writes Captions as text (`path<TAB>caption`), JSON lines, or CSV."""
+    """Writes records as text (`path<TAB>caption`), JSON lines, or CSV (the formats: the module docstring).
 
-    def __init__(self, stream: IO[str], fmt: str, n_best: int = 1, header: bool = True):
-        if fmt not in FORMATS:
+    `tags=True` (--tags) adds the CSV `tags` column; the text and jsonl forms show tags whenever a record has them.
+    """
+
+    def __init__(self, stream: IO[str], fmt: str, n_best: int = 1, header: bool = True, tags: bool = False):
+        if fmt not in TEXT_FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose text, jsonl or csv")
-        self.stream, self.fmt, self.n_best = stream, fmt, n_best
+        self.stream, self.fmt, self.n_best, self.tags = stream, fmt, n_best, tags
         self.count = 0
         self._buffer = io.StringIO()
         self._csv = csv.writer(self._buffer) if fmt == "csv" else None
         if self._csv is not None and header:
-            self._csv.writerow(csv_header(n_best))
+            self._csv.writerow(csv_header(n_best, tags))
             self.stream.write(self._take())
             self.stream.flush()
 
@@ -111,31 +159,119 @@ class CaptionWriter:
 
     def render(self, caption: Caption) -> str:
         """The whole record for one image, newline included."""
+        return self.render_record(record(caption, self.n_best))
+
+    def render_record(self, rec: dict) -> str:
+        """The whole record (`record(caption, n_best)`) for one image, newline included."""
         if self.fmt == "jsonl":
-            return to_json_line(record(caption, self.n_best))
-        path = escape_path(caption.source)
-        error = None if caption.error is None else escape_path(caption.error)
+            return to_json_line(rec)
+        path, error = rec["path"], rec["error"]
+        alternatives = (rec.get("alternatives") or []) if self.n_best > 1 else []
         if self._csv is not None:
-            score = _finite(caption.score)
-            row = [path, caption.text, "" if error or score is None else f"{score:.4f}", error or ""]
+            score = rec["score"]
+            row = [path, rec["caption"], "" if error or score is None else f"{score:.4f}", error or ""]
             if self.n_best > 1:
-                alts = [a.text for a in caption.alternatives[1:]]
+                alts = [a["text"] for a in alternatives[1:]]
                 row += alts + [""] * (self.n_best - 1 - len(alts))
+            if self.tags:
+                row.append(_tags_csv(rec.get("tags")))
             self._csv.writerow(row)
             return self._take()
-        text = f"ERROR {error}" if error else caption.text
+        text = f"ERROR {error}" if error else rec["caption"]
+        if not error and rec.get("tags") is not None:
+            text += "\t" + _tags_text(rec["tags"])
         lines = [f"{path}\t{text}\n"]
-        for alt in caption.alternatives[1:] if self.n_best > 1 else []:
-            lines.append(f"{path}\t  alt {alt.score:.3f}: {alt.text}\n")
+        for alt in alternatives[1:]:
+            lines.append(f"{path}\t  alt {_num(alt['score'], 3)}: {alt['text']}\n")
         return "".join(lines)
 
     def write(self, caption: Caption) -> None:
-        self.stream.write(self.render(caption))
+        self.write_record(record(caption, self.n_best))
+
+    def write_record(self, rec: dict) -> None:
+        """Write one record (as `record(caption, n_best)` gives it) and flush."""
+        self.stream.write(self.render_record(rec))
         self.stream.flush()
         self.count += 1
 
     def flush(self) -> None:
         self.stream.flush()
+
+    def close(self) -> None:
+        """Nothing to finish for the line formats (the stream is the caller's); see ParquetCaptionWriter.close."""
+        self.flush()
+
+
+def parquet_schema(n_best: int = 1, tags: bool = False):
+    """The Arrow schema of the Parquet output: the record's fields as columns, nested lists as list<struct>."""
+    import pyarrow as pa
+
+    fields = [("path", pa.string()), ("caption", pa.string()), ("score", pa.float64()), ("logprob", pa.float64())]
+    if n_best > 1:
+        fields.append(("alternatives", pa.list_(pa.struct([("text", pa.string()), ("score", pa.float64()),
+                                                            ("logprob", pa.float64())]))))
+    if tags:
+        fields.append(("tags", pa.list_(pa.struct([("label", pa.string()), ("probability", pa.float64())]))))
+    fields += [("error", pa.string()), ("path_bytes", pa.string())]
+    return pa.schema(fields)
+
+
+class ParquetCaptionWriter:
+    """Writes records as Parquet, one row per image, in row groups of `row_group_size` records.
+
+    Columns: `parquet_schema` (path, caption, score, logprob, [alternatives], [tags], error, path_bytes); the nested
+    `alternatives` (n_best > 1) and `tags` (--tags) are list<struct> columns, `path_bytes` is null unless the name is
+    not valid UTF-8. Reading the file back (`pyarrow.parquet.read_table(f).to_pylist()`) gives the jsonl records,
+    with `path_bytes: None` where the record has no path_bytes and (with tags) `tags: None` where it has no tags
+    (a failed image). The file is valid only after `close()` (its
+    footer); a killed run leaves no readable file, so parquet output cannot be resumed.
+
+    Raises:
+        ImportError: pyarrow is not installed.
+    """
+
+    def __init__(self, sink, n_best: int = 1, tags: bool = False, row_group_size: int = 1024):
+        import pyarrow.parquet as pq
+
+        self.n_best, self.tags = n_best, tags
+        self.schema = parquet_schema(n_best, tags)
+        self._writer = pq.ParquetWriter(sink, self.schema)
+        self._rows: list[dict] = []
+        self.row_group_size = row_group_size
+        self.count = 0
+
+    def write(self, caption: Caption) -> None:
+        self.write_record(record(caption, self.n_best))
+
+    def write_record(self, rec: dict) -> None:
+        self._rows.append({name: rec.get(name) for name in self.schema.names})
+        self.count += 1
+        if len(self._rows) >= self.row_group_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered records as a row group."""
+        if self._rows:
+            import pyarrow as pa
+
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
+    def close(self) -> None:
+        """Write the last row group and the footer (the sink itself stays open: it is the caller's)."""
+        if self._writer is not None:
+            self.flush()
+            self._writer.close()
+            self._writer = None
+
+
+def pyarrow_missing() -> str | None:
+    """Why Parquet cannot be written here (one line), or None when pyarrow is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        return "--format parquet needs pyarrow: pip install pyarrow (or the ray extra: pip install -e '.[ray]')"
+    return None
 
 
 @contextmanager

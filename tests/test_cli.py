@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from captioner.cli import main
 from tests.conftest import write_images
 
@@ -52,3 +54,42 @@ def test_console_script_text_output(tmp_path, tiny_checkpoint):
     lines = proc.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
     assert all(line.split("\t")[1] for line in lines)
+
+
+def test_parquet_output_equals_the_jsonl_records(tmp_path, tiny_checkpoint):
+    pq = pytest.importorskip("pyarrow.parquet")
+    good = write_images(tmp_path / "in", 3)
+    (tmp_path / "in" / "zero.jpg").write_bytes(b"")
+    args = ["caption", str(tmp_path / "in"), "--checkpoint", str(tiny_checkpoint), "--n-best", "2", "--quiet"]
+    assert main([*args, "--format", "jsonl", "--output", str(tmp_path / "o.jsonl")]) == 1
+    assert main([*args, "--format", "parquet", "--output", str(tmp_path / "o.parquet")]) == 1
+    want = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    rows = pq.read_table(tmp_path / "o.parquet").to_pylist()
+    assert [{k: v for k, v in r.items() if k != "path_bytes"} for r in rows] == want
+    assert [r["path"] for r in rows] == [*map(str, good), str(tmp_path / "in" / "zero.jpg")]
+
+
+def test_tags_in_every_format_and_resume(tmp_path, tiny_checkpoint):
+    write_images(tmp_path / "in", 3)
+    (tmp_path / "in" / "zero.jpg").write_bytes(b"")
+    args = ["caption", str(tmp_path / "in"), "--checkpoint", str(tiny_checkpoint), "--tags", "--quiet"]
+    out = {}
+    for fmt in ("jsonl", "csv", "text"):
+        assert main([*args, "--format", fmt, "--output", str(tmp_path / f"o.{fmt}")]) == 1
+        out[fmt] = (tmp_path / f"o.{fmt}").read_text()
+    records = [json.loads(line) for line in out["jsonl"].splitlines()]
+    assert all(r["tags"] and r["tags"][0]["probability"] >= r["tags"][-1]["probability"] for r in records[:3])
+    assert "tags" not in records[3] and records[3]["error"]
+    rows = list(csv.DictReader(out["csv"].splitlines()))
+    assert rows[0]["tags"] == ";".join(f"{t['label']}:{t['probability']:.3f}" for t in records[0]["tags"])
+    assert rows[3]["tags"] == ""
+    line = out["text"].splitlines()[0]
+    assert line.split("\t")[2] == "[" + ", ".join(f"{t['label']} {t['probability']:.2f}"
+                                                  for t in records[0]["tags"]) + "]"
+    # --resume with the tags column: a cut csv is completed to the same file
+    cut = tmp_path / "cut.csv"
+    cut.write_text("".join(out["csv"].splitlines(keepends=True)[:3]))
+    assert main([*args, "--format", "csv", "--output", str(cut), "--resume"]) == 1
+    assert cut.read_text() == out["csv"]
+    # ... but not without --tags (other columns)
+    assert main([*args[:-2], "--quiet", "--format", "csv", "--output", str(cut), "--resume"]) == 2

@@ -89,6 +89,7 @@ def test_no_import_cycles():
     ("captioner.data", ("captioner.training", "captioner.api", "captioner.cli")),
     ("captioner.evaluation", ("captioner.training", "captioner.api", "captioner.cli")),
     ("captioner.training", ("captioner.api", "captioner.cli")),
+    ("captioner.integrations", ("captioner.cli", "captioner.training", "captioner.data", "captioner.evaluation")),
 ])
 def test_stages_import_one_way(stage, forbidden):
     offenders = [f"{module} imports {target}" for module, targets in import_graph().items()

@@ -68,9 +68,9 @@ def test_cli_writes_each_batch_before_the_next_is_captioned(tmp_path, tiny_check
     lines_seen = []
     original = Captioner._caption_batch
 
-    def spy(self, loaded, on_error, search):
+    def spy(self, loaded, on_error, search, *rest):
         lines_seen.append(len(partial.read_text().splitlines()) if partial.exists() else 0)
-        return original(self, loaded, on_error, search)
+        return original(self, loaded, on_error, search, *rest)
 
     monkeypatch.setattr(Captioner, "_caption_batch", spy)
     assert main(["caption", str(tmp_path / "in"), "--checkpoint", str(tiny_checkpoint), "--format", "jsonl",

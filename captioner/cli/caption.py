@@ -1,8 +1,13 @@
-"""`captioner caption`: caption files and folders as a stream of records (text, JSON lines or CSV)."""
+"""`captioner caption`: caption files and folders as a stream of records (text, JSON lines, CSV or Parquet).
+
+`--ray [ADDRESS]` captions on a Ray cluster instead (`captioner.cli.caption_ray`): the same files, the same
+records in the same order, in every format.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from captioner.outputs import FORMATS
@@ -34,13 +39,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="threads for the network (default: one per core); 1 is faster when other processes "
                         "keep the cores busy")
     p.add_argument("--format", choices=FORMATS, default="text",
-                   help="text: path<TAB>caption lines; jsonl: one JSON record per image; csv: a header, then a row each")
+                   help="text: path<TAB>caption lines; jsonl: one JSON record per image; csv: a header, then a row "
+                        "each; parquet: one row per image, alternatives and tags as list-of-struct columns "
+                        "(needs pyarrow and --output)")
+    p.add_argument("--tags", action="store_true",
+                   help="add the encoder's top ImageNet tags to every record: jsonl/parquet a tags list of "
+                        "{label, probability}; csv a tags column (pizza:0.931;plate:0.041); text a TAB and "
+                        "[pizza 0.93, plate 0.04] after the caption")
     p.add_argument("--output", help="write here instead of stdout (through a temporary file beside it, renamed "
                                     "into place at the end or on Ctrl-C)")
     p.add_argument("--resume", action="store_true",
                    help="with --output: keep the whole records already written (also those of a killed run), "
                         "skip their images and append the rest")
     p.add_argument("--shard", help="I/N: caption only the I-th of N deterministic shards (0-based)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="caption on Ray Data actors (needs the ray extra): without ADDRESS a local Ray "
+                        "(ray.init()), with one the cluster there (HOST:PORT); same records and order as without. "
+                        "Write it after the paths, or as --ray=ADDRESS")
+    p.add_argument("--ray-actors", type=int, default=None, metavar="N",
+                   help="with --ray: actors in the pool, one model each (default 1); each reserves --threads CPUs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -56,6 +73,14 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--n-best {args.n_best} is above --beam-size {args.beam_size}"
     if args.resume and not args.output:
         return "--resume needs --output"
+    if args.format == "parquet" and not args.output:
+        return "--format parquet needs --output (a Parquet file is not a stream)"
+    if args.format == "parquet" and args.resume:
+        return "--resume does not work with --format parquet (the file is complete only at the end of a run)"
+    if args.ray_actors is not None and args.ray is None:
+        return "--ray-actors needs --ray"
+    if args.ray_actors is not None and args.ray_actors < 1:
+        return f"--ray-actors must be >= 1, got {args.ray_actors}"
     return None
 
 
@@ -77,16 +102,24 @@ def run(args: argparse.Namespace) -> int:
 
     Memory does not grow with the number of images (only the path list does). The first Ctrl-C stops at the
     next record boundary, so the output holds only whole records; a second one stops at once. Every argument is
-    checked before the output is touched; `--output` is written through `output_file.PartialOutput`.
+    checked before the output is touched; `--output` is written through `output_file.PartialOutput`. With `--ray`
+    the records come from Ray actors (`caption_ray.records`), everything else is the same; the model is still
+    loaded here once, so a bad checkpoint or option is refused before the cluster is touched.
     """
     import signal
     import threading
 
     from captioner.cli.output_file import PartialOutput, same_file
-    from captioner.outputs import CaptionWriter, escape_path
+    from captioner.outputs import escape_path, pyarrow_missing
     from captioner.sharding import parse_shard, take_shard
 
     problem = _check_args(args)
+    if not problem and args.format == "parquet":
+        problem = pyarrow_missing()
+    if not problem and args.ray is not None:
+        from captioner.cli import caption_ray
+
+        problem = caption_ray.check(args)
     if problem:
         print(f"captioner: error: {problem}", file=sys.stderr)
         return 2
@@ -114,24 +147,68 @@ def run(args: argparse.Namespace) -> int:
         print(f"captioner: error: --n-best {args.n_best} is above the beam size {beam_size} (--beam-size)",
               file=sys.stderr)
         return 2
+    if args.tags:
+        try:
+            captioner.caption_iter([], return_tags=True)  # raises at the call when this model cannot tag
+        except ValueError as exc:
+            print(f"captioner: error: --tags: {exc}", file=sys.stderr)
+            return 2
+    if args.ray is not None:
+        del captioner  # the actors load their own
+        try:
+            with caption_ray.cluster(args.ray or None):
+                return _write(None, paths, missing, args, signal, threading, PartialOutput)
+        except caption_ray.RayStartError as exc:
+            print(f"captioner: error: {exc}", file=sys.stderr)
+            return 2
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    return _write(captioner, paths, missing, args, signal, threading, PartialOutput)
+
+
+def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace, signal, threading,
+           PartialOutput) -> int:
+    """Open the output, caption `paths` (locally with `captioner`, or on Ray when it is None), close the output."""
+    from captioner.outputs import CaptionWriter, ParquetCaptionWriter, csv_header, escape_path
+
     output = PartialOutput(args.output, args.format, resume=args.resume) if args.output else None
     if output is not None:
-        done = output.open()
+        done = output.open(csv_header(args.n_best, args.tags) if args.format == "csv" else None)
         paths = [p for p in paths if escape_path(p) not in done]
         stream_out = output.stream
         header = not done and not output.has_header
     else:
         stream_out, header = sys.stdout, True
-    writer = CaptionWriter(stream_out, args.format, args.n_best, header=header)
     total = len(paths)
     try:
-        code = _caption_all(captioner, paths, writer, args, signal, threading)
+        if args.format == "parquet":
+            writer = ParquetCaptionWriter(stream_out, args.n_best, args.tags)
+        else:
+            writer = CaptionWriter(stream_out, args.format, args.n_best, header=header, tags=args.tags)
+        if captioner is None:
+            from captioner.cli.caption_ray import RayJobError
+
+            try:
+                code = _caption_all(None, paths, writer, args, signal, threading)
+            except RayJobError as exc:
+                writer.close()
+                if output is not None:
+                    output.close(keep=False)  # the whole records so far stay in the partial file, for --resume
+                print(f"captioner: error: the Ray job failed: {exc}", file=sys.stderr)
+                where = "" if output is None else f" to {escape_path(output.partial)}" + (
+                    "; --resume continues" if args.format != "parquet" else "")
+                print(f"captioner: {writer.count} of {total} records written{where}", file=sys.stderr)
+                return 5
+        else:
+            code = _caption_all(captioner, paths, writer, args, signal, threading)
+        writer.close()
     except BaseException as exc:  # a second Ctrl-C keeps the whole records; an error leaves the target as it was
-        if output is not None:
+        if output is not None and output.stream is not None:
+            if isinstance(exc, KeyboardInterrupt) and args.format == "parquet":
+                with contextlib.suppress(Exception):  # best effort: the footer makes the records a readable file
+                    writer.close()
             output.close(keep=isinstance(exc, KeyboardInterrupt))
         raise
     if output is not None:
@@ -148,7 +225,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signal, threading) -> int:
-    """Write every record; returns the number of failed images, or 130 when stopped by Ctrl-C."""
+    """Write every record; returns the number of failed images, or 130 when stopped by Ctrl-C.
+
+    `captioner` None: the records come from Ray (`caption_ray.records`), already in input order.
+    """
     from tqdm import tqdm
 
     failures = 0
@@ -165,15 +245,26 @@ def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signa
     try:
         with tqdm(total=len(paths), unit="img", disable=not show_bar, file=sys.stderr, dynamic_ncols=True,
                   smoothing=0.1) as bar:
-            stream = captioner.caption_iter(paths, beam_size=args.beam_size, n_best=args.n_best,
-                                            batch_size=args.batch_size, max_length=args.max_length,
-                                            on_error="skip", num_workers=args.num_workers)
+            if captioner is None:
+                from captioner.cli.caption_ray import records
+
+                stream = records(args, paths)
+            else:
+                extra = {"return_tags": True} if args.tags else {}
+                stream = captioner.caption_iter(paths, beam_size=args.beam_size, n_best=args.n_best,
+                                                batch_size=args.batch_size, max_length=args.max_length,
+                                                on_error="skip", num_workers=args.num_workers, **extra)
             try:
-                for caption in stream:
-                    writer.write(caption)
-                    if caption.error:
+                for item in stream:
+                    if captioner is None:
+                        writer.write_record(item)
+                        error = item["error"]
+                    else:
+                        writer.write(item)
+                        error = item.error
+                    if error:
                         failures += 1
-                        bar.write(f"captioner: failed: {caption.error}", file=sys.stderr)
+                        bar.write(f"captioner: failed: {error}", file=sys.stderr)
                     bar.update(1)
                     if stop:
                         raise KeyboardInterrupt

@@ -4,6 +4,8 @@ Records go to `.F.partial` in F's folder; at the end of the run (and on Ctrl-C, 
 boundary) it is renamed onto F atomically, so F is either its old self or a file of whole records. A run killed
 outright (SIGKILL, power loss) leaves `.F.partial`; `--resume` continues from it (or from F when there is none):
 the whole records are kept, a trailing partial line is dropped, and the images already captioned are skipped.
+A CSV is resumed only when its header is the one this run writes (same --n-best, same --tags). Parquet output
+goes through the same temporary file (binary) but cannot be resumed: its footer is written only at the end.
 """
 
 from __future__ import annotations
@@ -38,10 +40,18 @@ class PartialOutput:
         self.has_header = False
         self.stream = None
 
-    def open(self) -> set[str]:
-        """Open the temporary file for writing; returns the escaped paths of the records kept (resume only)."""
+    def open(self, csv_header: list[str] | None = None) -> set[str]:
+        """Open the temporary file for writing; returns the escaped paths of the records kept (resume only).
+
+        `csv_header`: the header this run writes; a CSV to resume must start with it.
+        """
         if self.target.is_dir():
             raise IsADirectoryError(f"--output {self.target} is a folder")
+        if self.fmt == "parquet":
+            if self.resume:
+                raise OutputResumeError("--resume does not work with --format parquet")
+            self.stream = open(self.partial, "wb")
+            return set()
         kept, done = "", set()
         if self.resume:
             source = self.partial if self.partial.exists() else self.target
@@ -51,6 +61,7 @@ class PartialOutput:
                 try:
                     kept = raw.decode("utf-8")
                     done = self._keys(kept)
+                    self._check_header(kept, csv_header)
                 except (UnicodeDecodeError, ValueError) as exc:
                     raise OutputResumeError(f"--resume: {source} is not a whole {self.fmt} output: {exc}") from exc
         self.stream = open(self.partial, "w", encoding="utf-8", newline="")
@@ -58,6 +69,14 @@ class PartialOutput:
         self.stream.flush()
         self.has_header = self.fmt == "csv" and bool(kept)
         return done
+
+    def _check_header(self, kept: str, header: list[str] | None) -> None:
+        if self.fmt != "csv" or header is None or not kept:
+            return
+        found = next(csv.reader(io.StringIO(kept)), [])
+        if found != header:
+            raise ValueError(f"its columns are {','.join(found)}, this run writes {','.join(header)} "
+                             "(use the --n-best and --tags of the first run)")
 
     def _keys(self, text: str) -> set[str]:
         if self.fmt == "csv":

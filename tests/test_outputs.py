@@ -1,0 +1,113 @@
+"""The one record serialiser (`captioner.outputs`): tags in every format, Parquet, and resuming with a tags column.
+
+Captions are built by hand here (no model), so these tests do not depend on `caption_iter(return_tags=True)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from captioner.api import Alternative, Caption, Tag
+from captioner.cli.output_file import OutputResumeError, PartialOutput
+from captioner.outputs import RECORD_FIELDS, CaptionWriter, csv_header, record, record_key, to_json_line
+
+
+def _tagged(source="a/pizza.jpg", text="a pizza on a plate") -> Caption:
+    return Caption(source=source, text=text, score=-1.5, logprob=-3.0,
+                   alternatives=[Alternative(text, -1.5, -3.0), Alternative("a pizza", -1.75, -2.5)],
+                   tags=[Tag("pizza", 0.9312), Tag("plate", 0.0414)])
+
+
+def _failed(source="a/bad.jpg") -> Caption:
+    return Caption(source=source, error=f"{source}: empty file (0 bytes)")
+
+
+def _render(fmt: str, captions, n_best: int = 1, tags: bool = True) -> str:
+    out = io.StringIO()
+    writer = CaptionWriter(out, fmt, n_best, tags=tags)
+    for c in captions:
+        writer.write(c)
+    return out.getvalue()
+
+
+def test_record_has_tags_only_when_the_caption_has_them():
+    rec = record(_tagged(), n_best=2)
+    assert rec["tags"] == [{"label": "pizza", "probability": 0.9312}, {"label": "plate", "probability": 0.0414}]
+    assert list(rec) == ["path", "caption", "score", "logprob", "alternatives", "tags", "error"]
+    assert "tags" not in record(_failed()) and "tags" not in record(Caption(source="x", text="a"))
+    assert record(Caption(source="x", text="a", tags=[]))["tags"] == []
+    strict = record(Caption(source="x", text="a", tags=[Tag("odd", float("nan"))]))
+    assert strict["tags"] == [{"label": "odd", "probability": None}]
+    json.loads(to_json_line(strict))  # strict JSON: NaN became null
+
+
+def test_record_fields_are_in_record_order():
+    every = record(Caption(source="bad\udcff.jpg", text="a", alternatives=[Alternative("a", -1.0, -1.0)],
+                           tags=[Tag("pizza", 0.5)]), n_best=2)
+    assert tuple(every) == RECORD_FIELDS
+
+
+def test_csv_tags_column():
+    text = _render("csv", [_tagged(), _failed()], n_best=2)
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["path", "caption", "score", "error", "alternative_2", "tags"] == csv_header(2, tags=True)
+    assert rows[1] == ["a/pizza.jpg", "a pizza on a plate", "-1.5000", "", "a pizza", "pizza:0.931;plate:0.041"]
+    assert rows[2][-1] == "" and rows[2][3]
+    assert csv_header(1) == ["path", "caption", "score", "error"]  # without --tags: unchanged
+    assert "tags" not in _render("csv", [_tagged()], tags=False)
+
+
+def test_text_tags_after_a_tab_and_keys_still_found():
+    lines = _render("text", [_tagged(), _failed()], n_best=2).splitlines(keepends=True)
+    assert lines[0] == "a/pizza.jpg\ta pizza on a plate\t[pizza 0.93, plate 0.04]\n"
+    assert lines[1] == "a/pizza.jpg\t  alt -1.750: a pizza\n"
+    assert lines[2] == "a/bad.jpg\tERROR a/bad.jpg: empty file (0 bytes)\n"
+    assert [record_key(line, "text") for line in lines] == ["a/pizza.jpg", None, "a/bad.jpg"]
+    label = Caption(source="x", text="a", tags=[Tag("two\twords\n", 0.5)])
+    assert _render("text", [label]) == "x\ta\t[two words 0.50]\n"  # a label never breaks the line
+
+
+def test_jsonl_tags():
+    [line] = _render("jsonl", [_tagged()]).splitlines()
+    assert json.loads(line)["tags"][0] == {"label": "pizza", "probability": 0.9312}
+    assert record_key(line, "jsonl") == "a/pizza.jpg"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "text"])
+def test_resume_keeps_the_records_of_a_tagged_output(tmp_path, fmt):
+    target = tmp_path / f"o.{fmt}"
+    target.write_text(_render(fmt, [_tagged("p/1.jpg"), _failed("p/2.jpg")], n_best=2) + "p/3.jp", encoding="utf-8")
+    out = PartialOutput(target, fmt, resume=True)
+    assert out.open(csv_header(2, tags=True) if fmt == "csv" else None) == {"p/1.jpg", "p/2.jpg"}
+    out.close(keep=False)
+
+
+def test_resume_refuses_a_csv_with_other_columns(tmp_path):
+    target = tmp_path / "o.csv"
+    target.write_text(_render("csv", [_tagged()], tags=False), encoding="utf-8")
+    with pytest.raises(OutputResumeError, match="--tags"):
+        PartialOutput(target, "csv", resume=True).open(csv_header(1, tags=True))
+
+
+def test_parquet_rows_are_the_records(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from captioner.outputs import ParquetCaptionWriter
+
+    captions = [_tagged(), _failed(), _tagged("odd\udcff.jpg")]
+    path = tmp_path / "o.parquet"
+    with open(path, "wb") as fh:
+        writer = ParquetCaptionWriter(fh, n_best=2, tags=True, row_group_size=2)
+        for c in captions:
+            writer.write(c)
+        writer.close()
+    table = pq.read_table(path)
+    assert table.schema.field("tags").type.value_type.names == ["label", "probability"]  # list<struct>
+    assert pq.ParquetFile(path).num_row_groups == 2
+    rows = [{k: v for k, v in r.items() if v is not None or k != "path_bytes"} for r in table.to_pylist()]
+    want = [record(c, 2) for c in captions]
+    assert rows[0] == want[0] and rows[2] == want[2]
+    assert rows[1] == {**want[1], "tags": None}  # a failed image has no tags: a null cell
