@@ -23,12 +23,12 @@ IMAGES = [scene(c, s, 3) for c, s in SCENES[::3]]  # 6 generated scenes
 
 @pytest.fixture(scope="module")
 def reference() -> Captioner:
-    return Captioner.load(precision="reference")
+    return Captioner.load("flickr8k", precision="reference")  # lite0: compared with timm's tf_efficientnet_lite0
 
 
 @pytest.fixture(scope="module")
 def fast() -> Captioner:
-    return Captioner.load(precision="fp32")
+    return Captioner.load("flickr8k", precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_fp32_fast_path_tags_match_the_reference(reference, fast):
 
 def test_int8_path_gives_finite_tags():
     pytest.importorskip("onnxruntime")
-    results = Captioner.load(precision="int8").caption(IMAGES[:3], return_tags=True, batch_size=2)
+    results = Captioner.load("flickr8k", precision="int8").caption(IMAGES[:3], return_tags=True, batch_size=2)
     for r in results:
         assert len(r.tags) == 5 and all(math.isfinite(t.probability) and 0 < t.probability <= 1 for t in r.tags)
 
