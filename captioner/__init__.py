@@ -27,9 +27,12 @@ _LAZY = {
     "ConfigError": "captioner.config",
     "ImageLoadError": "captioner.images",
     "Tag": "captioner.api",
+    "TagError": "captioner.models.tags",
+    "UnknownModelError": "captioner.models.shipped",
 }
 
-__all__ = ["Alternative", "Caption", "Captioner", "CheckpointError", "ConfigError", "ImageLoadError", "Tag"]
+__all__ = ["Alternative", "Caption", "Captioner", "CheckpointError", "ConfigError", "ImageLoadError", "Tag", "TagError",
+           "UnknownModelError"]
 __version__ = "0.1.0"
 
 

@@ -36,7 +36,6 @@ from captioner.runtime.fast import FastPaths, Precision, resolve_precision
 from captioner.runtime.int8 import CalibrationError, calibration_path
 
 
-
 @dataclass
 class Alternative:
     """One of the n-best sentences."""

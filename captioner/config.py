@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -172,6 +173,8 @@ class DatasetConfig:
             problems.append(f"{where}.train_list/val_list are for coco, csv and jsonl; {self.format} has its own splits")
         if self.val_list and self.val_annotations:
             problems.append(f"{where}: give val_list or val_annotations, not both")
+        if self.name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):
+            problems.append(f"{where}.name must be 1-64 letters, digits, '_', '.' or '-', got {short_repr(self.name)}")
         problems += [p.replace("section.", f"{where}.") for p in _finite(self, "section")]
         problems += _at_least(self, where, {"max_images": 0})
         if not 0.0 <= self.weight <= 100.0:
@@ -427,7 +430,8 @@ def _entry(cls: type, raw: Any, where: str) -> Any:
     try:
         return dataclass_from_dict(cls, raw, where)
     except ConfigError as exc:  # DatasetConfig's own checks name the section "data"
-        raise ConfigError(str(exc).replace("- data.", f"- {where}.").replace("- data:", f"- {where}:")) from None
+        # Only the bare "data" prefix of DatasetConfig's own checks; type errors already name the entry.
+        raise ConfigError(re.sub(r"- data(?=[.:])(?!\.datasets\[)", f"- {where}", str(exc))) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -448,6 +452,24 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         return key.strip().split("."), load_yaml(text)
     except YamlInputError as exc:
         raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {exc}") from exc
+
+
+def _index(node: list, key: str, item: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {key} is not an entry of that list "
+                          f"(0..{len(node) - 1})")
+    return int(key)
+
+
+def _step(node: Any, key: str, item: str) -> Any:
+    """One step of a dotted override: into a section, or by position into a list (`data.datasets.1.weight`)."""
+    if isinstance(node, list):
+        node = node[_index(node, key, item)]
+    else:
+        node = node.setdefault(key, {})
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {key} is not a section")
+    return node
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -474,12 +496,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"invalid config:\n  - {path}: the top level must be a mapping")
     for item in overrides or []:
         keys, value = _parse_override(item)
-        node = raw
+        node: Any = raw
         for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"invalid config:\n  - override {item!r}: {key} is not a section")
-        node[keys[-1]] = value
+            node = _step(node, key, item)
+        if isinstance(node, list):  # data.datasets.1=...: a whole entry
+            node[_index(node, keys[-1], item)] = value
+        else:
+            node[keys[-1]] = value
     return config_from_dict(raw)
 
 

@@ -41,7 +41,7 @@ def _coco(folder: Path, samples: list[tuple[str, list[str]]], images: Path) -> d
 def two_datasets(tmp_path_factory):
     """A CSV dataset of the shapes on white, and a COCO one of those on black whose captions say "photo"."""
     root = tmp_path_factory.mktemp("two")
-    csv_path, samples = make_shapes_dataset(root / "images", copies=3)
+    _, samples = make_shapes_dataset(root / "images", copies=3)
     white = [s for s in samples if "_white_" in s[0]]
     black = [(n, [c.replace("picture", "photo") for c in caps]) for n, caps in samples if "_black_" in n]
     table = root / "white.csv"
@@ -161,3 +161,54 @@ def test_recipe_errors_name_the_dataset(two_datasets, tmp_path):
         load({"datasets": [{**first, "selection_weight": 0}, {**second, "selection_weight": 0}]})
     with pytest.raises(ConfigError, match=r"data\.datasets: expected a list"):
         load({"datasets": {"format": "csv"}})
+
+
+def test_a_type_error_inside_an_entry_is_named_once(two_datasets, tmp_path):
+    _, first, second = two_datasets
+    path = tmp_path / "typed.yaml"
+    path.write_text(yaml.safe_dump({"data": {"datasets": [first, {**second, "weight": "abc"}]}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "- data.datasets[1].weight: expected float" in str(info.value)
+    assert "datasets[1].datasets" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"data\.datasets\[0\]\.name must be"):
+        load_config(path, ["data.datasets.1.weight=1", "data.datasets.0.name=a/b"])
+
+
+def test_dotted_overrides_reach_into_the_list_of_datasets(two_datasets, tmp_path):
+    _, first, second = two_datasets
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"data": {"datasets": [first, second]}}))
+    cfg = load_config(path, ["data.datasets.1.weight=3", "data.datasets.0.max_images=5"])
+    assert [d.weight for d in cfg.data.datasets] == [1.0, 3.0] and cfg.data.datasets[0].max_images == 5
+    with pytest.raises(ConfigError, match="2 is not an entry of that list"):
+        load_config(path, ["data.datasets.2.weight=1"])
+
+
+def test_one_split_list_leaves_the_other_split_the_rest(two_datasets):
+    _, _, second = two_datasets
+    only_train = DataConfig(**{**second, "val_list": ""})
+    train, dev = read_dataset(only_train, "train"), read_dataset(only_train, "dev")
+    assert [s.image.name for s in train] == Path(second["train_list"]).read_text().split()
+    assert {s.image.name for s in dev} == set(Path(second["val_list"]).read_text().split())
+
+
+def test_weighted_batches_draw_captions_and_flips_per_showing():
+    """An image shown twice in an epoch gets its own captions and its own left-right flip each time."""
+    from captioner.data.dataset import iterate_batches
+
+    n = 4
+    data = CaptionSet([Path(f"{i}.jpg") for i in range(n)], torch.zeros(n, 1, 2), [["x"] * 6] * n,
+                      mirrored=torch.ones(n, 1, 2), weights=[3.0] * n)
+    encoded = [[[1, 10 + k, 2] for k in range(6)] for _ in range(n)]  # six distinct captions per image
+    batches = list(iterate_batches(data, encoded, 64, 1, torch.Generator().manual_seed(0),
+                                   mirror_ids=list(range(20))))
+    [batch] = batches
+    assert batch.images.tolist().count(0) == 3 and len(batch.images) == 3 * n
+    firsts = {}
+    for row, image in enumerate(batch.images.tolist()):
+        words = batch.captions[batch.image_index == row][:, 1].tolist()
+        firsts.setdefault(image, set()).update(words)
+    assert any(len(words) > 1 for words in firsts.values())  # not the same caption every time
+    flips = batch.features[:, 0, 0].tolist()  # 1.0: the mirrored features were shown
+    assert 0.0 in flips and 1.0 in flips

@@ -53,3 +53,24 @@ def test_load_by_name_is_load_by_path():
     by_name, by_path = Captioner.load("flickr8k"), Captioner.load(weights_dir() / SHIPPED["flickr8k"])
     assert by_name.vocab.itos == by_path.vocab.itos
     assert by_name.model.info == by_path.model.info
+
+
+def test_a_relative_path_is_a_path_not_a_name():
+    assert resolve("./general") == Path("general")
+    assert resolve("models/general") == Path("models/general")
+
+
+def test_captioner_models_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from captioner.cli import main; main(['models']); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "False"
+
+
+def test_evaluate_refuses_a_split_list_for_readers_with_their_own(tmp_path, capsys):
+    listed = tmp_path / "dev.txt"
+    listed.write_text("a.jpg\n")
+    assert main(["evaluate", "--data", str(tmp_path), "--format", "flickr8k", "--split-list", str(listed)]) == 2
+    assert "--split-list is for coco, csv and jsonl" in capsys.readouterr().err

@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     written so far are kept for --resume); 130 interrupted. A closed stdout (`captioner caption DIR | head -1`) ends quietly.
     """
     args = build_parser().parse_args(argv)  # first: --help and usage errors load nothing heavy
+    if getattr(args, "light", False):  # commands that need no library errors (`models`): no torch imported
+        return args.func(args)
     import errno
     import os
 

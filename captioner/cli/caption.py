@@ -18,7 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `caption` and its options."""
     p = sub.add_parser("caption", help="caption image files and folders")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--checkpoint", help="model .safetensors (default: the shipped model)")
+    p.add_argument("--checkpoint", metavar="MODEL",
+                   help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
+                        "(default: the general model)")
     p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the model's)")
     p.add_argument("--n-best", type=int, default=1, help="alternatives per image")
     p.add_argument("--batch-size", type=int, default=64,

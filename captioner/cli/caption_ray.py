@@ -20,6 +20,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from captioner.models.shipped import SHIPPED
+
 
 class RayJobError(RuntimeError):
     """The Ray job failed after it started (an actor died, a node was lost); the records so far are kept."""
@@ -106,7 +108,9 @@ def records(args: argparse.Namespace, paths: list) -> Iterator[dict]:
         items = [{"index": i, "path": os.fsencode(p), "file": os.fsencode(os.path.abspath(p))}
                  for i, p in enumerate(paths)]
         ds = ray.data.from_items(items)
-        checkpoint = os.path.abspath(args.checkpoint) if args.checkpoint else None
+        # A shipped model's name travels as it is (every node has the package); a path becomes absolute.
+        checkpoint = (args.checkpoint if args.checkpoint is None or args.checkpoint in SHIPPED
+                      else os.path.abspath(args.checkpoint))
         out = caption_dataset(ds, actors=args.ray_actors or 1, batch_size=args.batch_size, threads=args.threads,
                               checkpoint=checkpoint, precision=args.precision, beam_size=args.beam_size,
                               n_best=args.n_best, return_tags=args.tags, max_length=args.max_length,

@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "uses). Prints the scores as JSON.",
                        epilog="example: captioner evaluate --data ../shared/data/flickr8k --format flickr8k "
                               "--split dev --output eval/")
-    p.add_argument("--checkpoint", metavar="FILE", help="model .safetensors (default: the shipped model)")
+    p.add_argument("--checkpoint", metavar="MODEL",
+                   help="a shipped model's name or a .safetensors file (default: the general model)")
     p.add_argument("--data", metavar="PATH",
                    help="dataset folder (flickr8k) or annotation file (karpathy, coco, csv, jsonl)")
     p.add_argument("--format", default="flickr8k", choices=["flickr8k", "karpathy", "coco", "csv", "jsonl"],
@@ -59,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from captioner.evaluation.metrics import score_captions
     from captioner.outputs import escape_path, record, to_json_line
 
+    if args.split_list and args.format in ("flickr8k", "karpathy"):
+        print(f"captioner: error: --split-list is for coco, csv and jsonl; {args.format} reads its own split "
+              "lists", file=sys.stderr)
+        return 2
     cap = Captioner.load(args.checkpoint)
     if args.format == "flickr8k":
         data_cfg = DataConfig(format="flickr8k", root=args.data or "")
@@ -87,11 +92,11 @@ def run(args: argparse.Namespace) -> int:
     report = {"checkpoint": str(args.checkpoint or "shipped"), "split": args.split, "images": len(good),
               "failed": len(samples) - len(good), "beam_size": beam_size, "scores": scores,
               "diversity": diversity({ids[i]: results[i].text for i in good})}
-    print(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2, allow_nan=False))
     if args.output:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "scores.json").write_text(json.dumps(report, indent=2))
+        (out / "scores.json").write_text(json.dumps(report, indent=2, allow_nan=False))
         with (out / "captions.jsonl").open("w", encoding="utf-8") as fh:
             for s, r in zip(samples, results):
                 # The record `captioner caption --format jsonl` writes (strict JSON), with the references added.

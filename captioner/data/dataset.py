@@ -82,6 +82,8 @@ def epoch_order(data: CaptionSet, generator: torch.Generator) -> list[int]:
     weights = torch.tensor(data.weights, dtype=torch.float64)  # (I,)
     whole = weights.floor()
     counts = whole + (torch.rand(len(data), generator=generator, dtype=torch.float64) < weights - whole)
+    if not counts.any():  # weights all below 1 and none drawn: show one image rather than an empty epoch
+        counts[torch.randint(len(data), (1,), generator=generator)] = 1
     shown = torch.repeat_interleave(torch.arange(len(data)), counts.long())  # (S,)
     return shown[torch.randperm(len(shown), generator=generator)].tolist()
 
@@ -101,18 +103,26 @@ def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size
     if data.mirrored is not None and mirror_ids is None:
         raise ValueError("mirrored features need mirror_ids to mirror their captions")
     order = epoch_order(data, generator)
-    # Drawn for every image on every rank, so the generator advances identically everywhere.
-    picks = {i: torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
-             for i, caps in enumerate(encoded) if len(caps) > captions_per_image}
-    flipped = (torch.rand(len(data), generator=generator) < 0.5 if data.mirrored is not None
-               else torch.zeros(len(data), dtype=torch.bool))
-    order = rank_share(order, rank, world)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
+    if data.weights is None:
+        # Drawn for every image on every rank, so the generator advances identically everywhere.
+        by_image = {i: torch.randperm(len(caps), generator=generator)[:captions_per_image].tolist()
+                    for i, caps in enumerate(encoded) if len(caps) > captions_per_image}
+        picks = [by_image.get(i) for i in order]
+        flips = (torch.rand(len(data), generator=generator) < 0.5)[order] if data.mirrored is not None else None
+    else:  # an image shown twice gets its own captions and its own flip each time
+        picks = [torch.randperm(len(encoded[i]), generator=generator)[:captions_per_image].tolist()
+                 if len(encoded[i]) > captions_per_image else None for i in order]
+        flips = torch.rand(len(order), generator=generator) < 0.5 if data.mirrored is not None else None
+    if flips is None:
+        flips = torch.zeros(len(order), dtype=torch.bool)
+    positions = rank_share(list(range(len(order))), rank, world)
+    for start in range(0, len(positions), batch_size):
+        mine = positions[start:start + batch_size]
+        chosen = [order[p] for p in mine]
         seqs, owners = [], []
-        for row, i in enumerate(chosen):
-            caps = [encoded[i][j] for j in picks[i]] if i in picks else encoded[i]
-            if flipped[i]:
+        for row, (p, i) in enumerate(zip(mine, chosen)):
+            caps = [encoded[i][j] for j in picks[p]] if picks[p] is not None else encoded[i]
+            if flips[p]:
                 caps = [[mirror_ids[t] for t in c] for c in caps]
             seqs += caps
             owners += [row] * len(caps)
@@ -123,6 +133,6 @@ def iterate_batches(data: CaptionSet, encoded: list[list[list[int]]], batch_size
             captions[r, : len(seqs[j])] = torch.tensor(seqs[j])
         features = data.features[chosen]
         if data.mirrored is not None:
-            features = torch.where(flipped[chosen, None, None], data.mirrored[chosen], features)
+            features = torch.where(flips[mine][:, None, None], data.mirrored[chosen], features)
         yield Batch(features=features.float(), captions=captions, lengths=lengths,
                     image_index=torch.tensor(owners)[sort], images=torch.tensor(chosen))

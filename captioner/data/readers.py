@@ -187,13 +187,19 @@ def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
     else:
         annotations = cfg.annotations
     samples = (read_coco(annotations, cfg.images) if fmt == "coco" else read_table(annotations, cfg.images or None))
-    if cfg.train_list or cfg.val_list:
-        list_file = {"train": cfg.train_list, "dev": cfg.val_list, "val": cfg.val_list}.get(split, "")
-        if not list_file:
-            raise DatasetError(f"{cfg.label()}: no split list for the {split!r} split (data.train_list is the train "
-                               "split's, data.val_list the dev split's)")
-        base = Path(cfg.images) if cfg.images or fmt == "coco" else Path(annotations).parent  # as the readers join
+    # A split with its own list takes the images listed; one without falls back to val_annotations or the hash
+    # split, which for the other split then leaves out what a list claims (so the two never overlap).
+    list_file = {"train": cfg.train_list, "dev": cfg.val_list, "val": cfg.val_list}.get(split, "")
+    base = Path(cfg.images) if cfg.images or fmt == "coco" else Path(annotations).parent  # as the readers join
+    if list_file:
         return _listed(samples, list_file, base)
+    if split == "test" and (cfg.train_list or cfg.val_list):
+        raise DatasetError(f"{cfg.label()}: no split list for the 'test' split (data.train_list is the train "
+                           "split's, data.val_list the dev split's)")
+    other = cfg.val_list if split == "train" else cfg.train_list
+    if other and not cfg.val_annotations:
+        claimed = {s.image for s in _listed(samples, other, base)}
+        return [s for s in samples if s.image not in claimed]
     if cfg.val_annotations or split == "test":
         return samples
     return [s for s in samples if _held_out(s.image, cfg.val_fraction) == is_val]

@@ -49,7 +49,8 @@ class CaptionBatch:
         """Load the model (in the actor, once).
 
         Args:
-            checkpoint: a `.safetensors` checkpoint readable on every node, or None for the shipped model.
+            checkpoint: a shipped model's name, a `.safetensors` checkpoint readable on every node, or None for
+                the default shipped model.
             precision, beam_size, n_best, max_length: as `captioner caption` (`Captioner.load` / `caption_iter`).
             threads: torch intra-op threads of this actor (None: torch's default, one per core of the node).
             return_tags: add the `tags` column (the encoder's ImageNet tags, `caption_iter(return_tags=True)`).

@@ -7,6 +7,7 @@ listing reads only each checkpoint's JSON header (no tensors, no torch), so `cap
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -66,7 +67,7 @@ def resolve(model: str | os.PathLike | None) -> Path:
     if text in SHIPPED:
         return shipped_path(text)
     path = Path(text)
-    if path.suffix or path.parent != Path(".") or path.exists():
+    if path.suffix or os.sep in text or (os.altsep or os.sep) in text or path.exists():
         return path  # a path: a missing file is the checkpoint loader's error to report, with the path
     raise UnknownModelError(f"unknown model {text!r}; shipped models: {', '.join(SHIPPED)} "
                             "(or give the path of a .safetensors checkpoint)")
@@ -74,10 +75,16 @@ def resolve(model: str | os.PathLike | None) -> Path:
 
 def _header(path: Path) -> dict[str, Any]:
     """The captioner metadata of a safetensors file, read from its JSON header alone."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="np") as fh:
-        return json.loads((fh.metadata() or {}).get("json", "{}"))
+    try:
+        with safe_open(str(path), framework="np") as fh:
+            meta = json.loads((fh.metadata() or {}).get("json", "{}"))
+    except (SafetensorError, OSError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: damaged shipped model header ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: damaged shipped model header (not a JSON object)")
+    return meta
 
 
 def _scores(info: dict[str, Any], label: str) -> dict[str, dict[str, float]]:
@@ -85,12 +92,17 @@ def _scores(info: dict[str, Any], label: str) -> dict[str, dict[str, float]]:
     given `label`): the shipped weights' own evaluation (`dev_scores`) where recorded, else the scores the
     epoch was selected on."""
     if isinstance(info.get("dev_scores"), dict):
-        return {label: {k: v for k, v in s.items() if isinstance(v, float)} for label, s in info["dev_scores"].items()}
+        return {label: _numbers(s) for label, s in info["dev_scores"].items() if isinstance(s, dict)}
     selection = info.get("selection") or info.get("metrics") or {}
     if "datasets" in selection:
-        return {label: {k: v for k, v in s.items() if isinstance(v, float)}
-                for label, s in selection["datasets"].items()}
-    return {label: {k: v for k, v in selection.items() if isinstance(v, float) and k != "length_penalty"}}
+        return {label: _numbers(s) for label, s in selection["datasets"].items() if isinstance(s, dict)}
+    return {label: {k: v for k, v in _numbers(selection).items() if k != "length_penalty"}}
+
+
+def _numbers(scores: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a scores mapping (metrics and beam size; no text, no NaN)."""
+    return {k: v for k, v in scores.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def list_models() -> list[ModelSummary]:

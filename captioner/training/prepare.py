@@ -32,11 +32,6 @@ class Prepared:
     selection: dict[str, float] = field(default_factory=dict)
     """Weight of each dataset's validation CIDEr-D in the selection score, by label."""
 
-    @property
-    def val(self) -> CaptionSet:
-        """The first dataset's validation set (the only one of a single-dataset recipe)."""
-        return next(iter(self.vals.values()))
-
 
 def _read(cfg: Config, source: DatasetConfig, split: str, limit: int, dist: Dist) -> list[Sample]:
     """One dataset's split as training reads it: the first `limit` images, missing files checked."""
@@ -101,20 +96,24 @@ def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
     cache = FeatureCache(cfg.data.cache_dir, encoder)
     mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
     sources = cfg.data.sources()
+    # Every split of every dataset is read (and its files checked) before the first image is encoded, so a bad
+    # list or a missing file stops the run before hours of extraction, not after.
     train_samples: list[Sample] = []
     weights: list[float] = []
+    val_samples = {}
     for source in sources:
         if source.weight:  # weight 0: validated and logged, not trained on
             samples = _read(cfg, source, source.train_split, source.max_images, dist)
             train_samples += samples
             weights += [source.weight] * len(samples)
-    what = "training split" if len(sources) > 1 else f"{sources[0].train_split} split"
-    train = _extract(cfg, cache, train_samples, what, dist, mirrored, weights)
+        val_samples[source.label()] = _read(cfg, source, source.val_split, cfg.train.val_max_images, dist)
+    many = bool(cfg.data.datasets)
+    train = _extract(cfg, cache, train_samples, "training split" if many else f"{sources[0].train_split} split",
+                     dist, mirrored, weights)
     vals = {}
     for source in sources:
-        what = f"{source.label()} {source.val_split} split" if len(sources) > 1 else f"{source.val_split} split"
-        vals[source.label()] = _extract(cfg, cache, _read(cfg, source, source.val_split, cfg.train.val_max_images,
-                                                          dist), what, dist)
+        what = f"{source.label()} {source.val_split} split" if many else f"{source.val_split} split"
+        vals[source.label()] = _extract(cfg, cache, val_samples[source.label()], what, dist)
     return Prepared(train, vals, encoder.feature_dim, encoder.head,
                     selection={source.label(): source.selection_weight for source in sources})
 

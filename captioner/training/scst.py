@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 
 from captioner.config import Config
-from captioner.data.dataset import CaptionSet, rank_share
+from captioner.data.dataset import CaptionSet, epoch_order, rank_share
 from captioner.decoding import beam_search
 from captioner.evaluation.cider import CiderD
 from captioner.models.checkpoint import CaptionModel
@@ -111,8 +111,7 @@ def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data
     model.decoder.train()
     for group in optimizer.param_groups:
         group["lr"] = cfg.train.scst_lr * group.get("lr_scale", 1.0)
-    order = torch.randperm(len(data), generator=generator).tolist()
-    order = rank_share(order, dist.rank, dist.world)
+    order = rank_share(epoch_order(data, generator), dist.rank, dist.world)  # sampling weights, as in XE epochs
     rewards_seen = []
     for start in range(0, len(order), cfg.train.batch_size // dist.world):
         chosen = order[start:start + cfg.train.batch_size // dist.world]
