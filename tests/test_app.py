@@ -419,3 +419,27 @@ def test_captioner_app_command_line():
     assert cmd[1:] == ["-m", "streamlit", "run", str(APP), "--server.port", "8502"]
     assert env[ENV] == str(Path("m.safetensors").resolve())
     assert app_cli.run(args) == 2  # the checkpoint does not exist: an error, no app started
+
+
+def test_the_sidebar_switches_between_the_shipped_models(monkeypatch):
+    """Without $CAPTIONER_CHECKPOINT the sidebar offers the shipped models, the default first, and the model
+    info follows the choice."""
+    from captioner.models.shipped import DEFAULT, list_models
+
+    monkeypatch.delenv(ENV, raising=False)
+    names = [m.name for m in list_models()]
+    assert len(names) >= 2 and names[0] == DEFAULT
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+    assert not at.exception
+    [chooser] = [s for s in at.sidebar.selectbox if s.label == "Model"]
+    assert chooser.options == names and chooser.value == DEFAULT
+
+    def shown() -> str:
+        return " ".join(m.value for m in at.sidebar.markdown)
+
+    first = Captioner.load(DEFAULT).model.info["name"]
+    assert first in shown()
+    other = names[1]
+    chooser.set_value(other).run()
+    assert not at.exception
+    assert Captioner.load(other).model.info["name"] in shown() and first not in shown()

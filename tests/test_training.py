@@ -89,6 +89,7 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
     assert main(["train", "--config", str(full)]) == 0
 
     from captioner.training import loop as training
+    from captioner.training import validation
 
     real_checkpoint = training.checkpoint_epoch
 
@@ -181,6 +182,7 @@ def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, m
     """The early stop is decided from the saved progress, so resuming does not train one more XE epoch."""
     _, csv_path = shapes
     from captioner.training import loop as training
+    from captioner.training import validation
 
     calls = []
 
@@ -195,7 +197,7 @@ def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, m
         if progress.epoch == 2:
             raise KeyboardInterrupt("simulated kill")
 
-    monkeypatch.setattr(training, "evaluate_set", declining_scores)
+    monkeypatch.setattr(validation, "evaluate_set", declining_scores)
     monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_two)
     config = tiny_config(tmp_path, csv_path, epochs=6, patience=1, scst_epochs=1)
     with pytest.raises(KeyboardInterrupt):

@@ -20,7 +20,7 @@ SHIPPED: dict[str, str] = {
 }
 """Shipped model name -> file in captioner/weights/."""
 
-DEFAULT = "flickr8k"  # TEMP until the general model is shipped
+DEFAULT = "general"
 """What `Captioner.load()`, the CLI and the app use when no model is named."""
 
 

@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from captioner.config import Config, ConfigError, config_to_dict, save_config
 from captioner.data.dataset import Batch, CaptionSet, encode_captions, iterate_batches
-from captioner.evaluation.evaluate import evaluate_set
 from captioner.models.checkpoint import CaptionModel, load_model, new_model, save_model
 from captioner.models.vocab import Vocabulary
 from captioner.training.distributed import Dist, barrier, broadcast, setup, teardown
@@ -28,8 +27,7 @@ from captioner.training.log import log
 from captioner.training.plots import plot_history
 from captioner.training.prepare import Prepared, prepare_data, validate_paths
 from captioner.training.run_state import Progress, load_state, save_state
-
-VAL_METRICS = ("Bleu_1", "Bleu_4", "ROUGE_L", "CIDEr")
+from captioner.training.validation import per_dataset, validation_scores
 
 
 class TrainingError(RuntimeError):
@@ -212,7 +210,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
             raise ConfigError(f"invalid config:\n  - {run}: the data no longer gives the vocabulary of the run "
                               "being resumed")
         if dist.is_main:
-            log(f"resumed after epoch {progress.epoch} (best CIDEr {progress.best_score:.4f})")
+            log(f"resumed after epoch {progress.epoch} (best validation score {progress.best_score:.4f})")
     trainer = (DistributedDataParallel(model.decoder, device_ids=[dist.device.index] if dist.device.index is not None
                                        else None) if dist.enabled else model.decoder)
     # Made after DDP has given every rank rank 0's weights; a resumed run without a saved average starts one here.
@@ -229,7 +227,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
         if (progress.epoch < cfg.train.epochs and cfg.train.patience
                 and progress.bad_epochs >= cfg.train.patience):
             if dist.is_main:
-                log(f"early stop: no better CIDEr for {progress.bad_epochs} epochs")
+                log(f"early stop: no better validation score for {progress.bad_epochs} epochs")
             progress.epoch = cfg.train.epochs  # go on to self-critical training, if configured
             progress.bad_epochs = 0
         if progress.epoch >= cfg.train.epochs + cfg.train.scst_epochs:
@@ -257,31 +255,6 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     return best
 
 
-def validation_scores(model: CaptionModel, data: Prepared, cfg: Config, dist: Dist) -> dict[str, float]:
-    """Beam-search scores on every dataset's validation split. One dataset: its scores (`CIDEr` selects).
-    Several: `<label>/<metric>` for each, and `selection`, the CIDEr-D mean weighted by `selection_weight`."""
-    per = {}
-    for label, val in data.vals.items():
-        # The Python PTB tokenizer gives the Java one's tokens on captions and saves two JVM starts per epoch.
-        per[label], _ = evaluate_set(model, val.to(dist.device), cfg.decode, VAL_METRICS, use_java=False)
-    if len(per) == 1:
-        return next(iter(per.values()))
-    scores = {f"{label}/{k}": v for label, s in per.items() for k, v in s.items()}
-    total = sum(data.selection.values())
-    scores["selection"] = sum(w * per[label]["CIDEr"] for label, w in data.selection.items()) / total
-    return scores
-
-
-def _per_dataset(scores: dict[str, float], cfg: Config) -> dict[str, dict]:
-    """{label: {"split": ..., metric: value}} from the flat `<label>/<metric>` validation scores."""
-    out = {}
-    for source in cfg.data.sources():
-        label = source.label()
-        out[label] = {"split": source.val_split,
-                      **{k.split("/", 1)[1]: v for k, v in scores.items() if k.startswith(label + "/")}}
-    return out
-
-
 def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
                              generator: torch.Generator, data: Prepared, cfg: Config, dist: Dist, phase: str, loss: float,
                              seconds: float, ema: WeightAverage | None = None) -> None:
@@ -302,7 +275,7 @@ def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.op
                                      **scores}
         else:
             model.info["metrics"] = {"beam_size": cfg.decode.beam_size, "selection": selection,
-                                     "selection_weights": data.selection, "datasets": _per_dataset(scores, cfg)}
+                                     "selection_weights": data.selection, "datasets": per_dataset(scores, cfg)}
         model.info["epoch"] = progress.epoch
     else:
         progress.bad_epochs += 1
