@@ -1,6 +1,6 @@
 """Streamlit app: upload images, read their captions, see where the model looked and what its LSTM gates did.
 
-    streamlit run app.py                                          # the shipped Flickr8k model
+    streamlit run app.py                                          # the shipped models (general first)
     CAPTIONER_CHECKPOINT=runs/x/best.safetensors streamlit run app.py
     captioner app --checkpoint runs/x/best.safetensors --server.port 8502   # the same, from the CLI
 

@@ -1,7 +1,7 @@
 """captioner: image captioning on the CPU with a pretrained CNN encoder, an attention LSTM and beam search.
 
     from captioner import Captioner
-    cap = Captioner.load()                      # the shipped Flickr8k model
+    cap = Captioner.load()                      # the shipped general model ("flickr8k": the other one)
     print(cap.caption(["dog.jpg"])[0].text)
 
 The names below are loaded on first use (a module-level `__getattr__`, as in litgpt), so
