@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from captioner.config import DecodeConfig
+from captioner.models.shipped import dataset_scores
 
 if TYPE_CHECKING:
     from captioner.api import Tag
@@ -36,10 +37,9 @@ def model_card(info: dict, decode: DecodeConfig) -> list[str]:
     if data:
         lines.append(str(data) + ("" if str(data).endswith(".") else "."))
     selection = info.get("selection")
-    if isinstance(info.get("dev_scores"), dict):  # the shipped weights' own evaluation, per dataset
-        lines += [_dev_line(label, s, decode) for label, s in info["dev_scores"].items() if isinstance(s, dict)]
-    elif isinstance(selection, dict) and isinstance(selection.get("datasets"), dict):
-        lines += [_dev_line(label, s, decode) for label, s in selection["datasets"].items() if isinstance(s, dict)]
+    per = dataset_scores(info)
+    if per is not None:  # per dataset: the shipped weights' own evaluation, or the selection's
+        lines += [_dev_line(label, s, decode) for label, s in per.items()]
     elif isinstance(selection, dict):
         lines.append(_score_line(selection, info.get("epoch"), decode))
     if info.get("license"):

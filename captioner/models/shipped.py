@@ -87,15 +87,24 @@ def _header(path: Path) -> dict[str, Any]:
     return meta
 
 
+def dataset_scores(info: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """{dataset: its scores mapping} of a checkpoint's info: the shipped weights' own evaluation (`dev_scores`)
+    where recorded, else the per-dataset scores the epoch was selected on; None when the info holds only one
+    dataset's selection scores (or none). Read by `captioner models` and the app alike."""
+    per = info.get("dev_scores")
+    if not isinstance(per, dict):
+        selection = info.get("selection")
+        per = selection.get("datasets") if isinstance(selection, dict) else None
+    return {label: s for label, s in per.items() if isinstance(s, dict)} if isinstance(per, dict) else None
+
+
 def _scores(info: dict[str, Any], label: str) -> dict[str, dict[str, float]]:
-    """Per-dataset selection scores of a checkpoint's info (multi-dataset layout, or one dataset's scores,
-    given `label`): the shipped weights' own evaluation (`dev_scores`) where recorded, else the scores the
-    epoch was selected on."""
-    if isinstance(info.get("dev_scores"), dict):
-        return {label: _numbers(s) for label, s in info["dev_scores"].items() if isinstance(s, dict)}
+    """Per-dataset scores of a checkpoint's info as numbers (`dataset_scores`), or one dataset's selection
+    scores under `label`."""
     selection = info.get("selection") or info.get("metrics") or {}
-    if "datasets" in selection:
-        return {label: _numbers(s) for label, s in selection["datasets"].items() if isinstance(s, dict)}
+    per = dataset_scores({**info, "selection": selection})
+    if per is not None:
+        return {name: _numbers(s) for name, s in per.items()}
     return {label: {k: v for k, v in _numbers(selection).items() if k != "length_penalty"}}
 
 

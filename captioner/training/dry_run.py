@@ -45,7 +45,9 @@ def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[
     samples = read_dataset(source, split)
     if limit:
         samples = samples[:limit]
-    what = f"{source.label()} {split} split" if cfg.data.datasets else f"{split} split"
+    from captioner.training.prepare import split_name  # as training names it
+
+    what = split_name(cfg, source, split)
     usable, missing = check_images(samples, cfg.data.on_missing, what)
     if not usable:  # as training would stop, after extracting the other split's features
         raise DatasetError(f"the {what} has no usable images")

@@ -33,12 +33,17 @@ class Prepared:
     """Weight of each dataset's validation CIDEr-D in the selection score, by label."""
 
 
+def split_name(cfg: Config, source: DatasetConfig, split: str) -> str:
+    """How messages name a split: "dev split", or "coco_small dev split" in a recipe of several datasets."""
+    return f"{source.label()} {split} split" if cfg.data.datasets else f"{split} split"
+
+
 def _read(cfg: Config, source: DatasetConfig, split: str, limit: int, dist: Dist) -> list[Sample]:
     """One dataset's split as training reads it: the first `limit` images, missing files checked."""
     samples = read_dataset(source, split)
     if limit:
         samples = samples[:limit]
-    what = f"{source.label()} {split} split" if cfg.data.datasets else f"{split} split"
+    what = split_name(cfg, source, split)
     samples, missing = check_images(samples, cfg.data.on_missing, what)
     if missing and dist.is_main:
         log(f"skipping {len(missing)} missing images of the {what} (data.on_missing=skip)")
@@ -107,13 +112,12 @@ def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
             train_samples += samples
             weights += [source.weight] * len(samples)
         val_samples[source.label()] = _read(cfg, source, source.val_split, cfg.train.val_max_images, dist)
-    many = bool(cfg.data.datasets)
-    train = _extract(cfg, cache, train_samples, "training split" if many else f"{sources[0].train_split} split",
-                     dist, mirrored, weights)
+    what = "training split" if cfg.data.datasets else f"{sources[0].train_split} split"
+    train = _extract(cfg, cache, train_samples, what, dist, mirrored, weights)
     vals = {}
     for source in sources:
-        what = f"{source.label()} {source.val_split} split" if many else f"{source.val_split} split"
-        vals[source.label()] = _extract(cfg, cache, val_samples[source.label()], what, dist)
+        vals[source.label()] = _extract(cfg, cache, val_samples[source.label()],
+                                        split_name(cfg, source, source.val_split), dist)
     return Prepared(train, vals, encoder.feature_dim, encoder.head,
                     selection={source.label(): source.selection_weight for source in sources})
 
