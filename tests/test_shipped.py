@@ -74,3 +74,11 @@ def test_evaluate_refuses_a_split_list_for_readers_with_their_own(tmp_path, caps
     listed.write_text("a.jpg\n")
     assert main(["evaluate", "--data", str(tmp_path), "--format", "flickr8k", "--split-list", str(listed)]) == 2
     assert "--split-list is for coco, csv and jsonl" in capsys.readouterr().err
+
+
+def test_a_damaged_shipped_header_is_one_error(tmp_path, monkeypatch, capsys):
+    (tmp_path / SHIPPED[DEFAULT]).write_bytes(b"\xff" * 64)  # not a safetensors file
+    monkeypatch.setattr("captioner.models.shipped.weights_dir", lambda: tmp_path)
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged shipped model header" in err and "Traceback" not in err
