@@ -148,3 +148,32 @@ def test_ship_script_can_set_the_length_penalty(tiny_model, tmp_path):
     assert model.info["selection"]["length_penalty"] == tiny_model.decode_cfg.length_penalty
     failed = subprocess.run([*run, "-1"], capture_output=True, text=True)
     assert failed.returncode != 0 and "decode.length_penalty must be in [0, 2]" in failed.stderr
+
+
+def test_shape_check_builds_the_model_without_initialising_it():
+    """load_model's shape check builds the decoder on the meta device under `_NoInit`: the initialisers are
+    skipped (they cost 1.6 s of every load through PyTorch's Python reference kernels), nothing else is."""
+    from captioner.models.checkpoint import _NoInit
+
+    cpu = torch.ones(3, 4)
+    with _NoInit():
+        torch.nn.init.normal_(cpu)
+        torch.nn.init.kaiming_uniform_(tensor=cpu, a=1.0)
+        cpu.uniform_()
+        doubled = cpu * 2  # other ops run as usual
+    assert torch.equal(cpu, torch.ones(3, 4)) and torch.equal(doubled, torch.full((3, 4), 2.0))
+    with torch.device("meta"), _NoInit():
+        layer = torch.nn.Linear(5, 7)
+    assert layer.weight.device.type == "meta" and layer.weight.shape == (7, 5)
+    torch.nn.init.normal_(cpu)  # outside it, initialisers run again
+    assert not torch.equal(cpu, torch.ones(3, 4))
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path, tiny_model):
+    path = tmp_path / "m.safetensors"
+    save_model(tiny_model, path)
+    tensors, meta = load_tensors(path)
+    meta["model"]["hidden_dim"] = meta["model"]["hidden_dim"] * 2  # the config claims a bigger decoder
+    save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match="weights do not match the stored config"):
+        load_model(tmp_path / "bad.safetensors")
