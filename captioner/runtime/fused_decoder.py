@@ -30,6 +30,35 @@ PROJECT_CHUNK = 8
 """Images per projection call in `init`: the head's wide (8 x 81 x 1280) activations then stay in cache."""
 
 
+def _onednn_linear(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` (K, N) bf16 as oneDNN's linear takes it ((N, K), reordered once), or None where PyTorch's oneDNN
+    linear is missing or refuses it (then `torch.mm` runs the product).
+
+    Why: `torch.mm` on bf16 sets up oneDNN's product anew at every call. Through oneDNN's linear with the weight
+    prepared once, the decoder's products ran 1.3-3x faster on a 2-core AMX Xeon (a (3 x 512) by (512 x 2816)
+    product: 148 against 44 us; (192 x 512): 352 against 244 us). Both accumulate in fp32 and round the output to
+    bf16, but for some row counts oneDNN picks a kernel that sums in another order, so a result may differ from
+    `torch.mm`'s in the last bf16 bit (the general model's dev scores moved by at most 0.0001 BLEU-4).
+    """
+    ops = torch.ops.mkldnn
+    if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise")):
+        return None
+    try:
+        packed = ops._reorder_linear_weight(weight.t().contiguous(), LINEAR_ROWS_HINT)
+        probe = torch.ones(3, weight.size(0), dtype=weight.dtype)
+        if not torch.allclose(ops._linear_pointwise(probe, packed, None, "none", [], "").float(),
+                              torch.mm(probe, weight).float(), rtol=1e-2, atol=1e-2):
+            return None  # not the product it should be: never trust it
+    except (RuntimeError, TypeError, AttributeError):
+        return None
+    return packed
+
+
+LINEAR_ROWS_HINT = 64
+"""Rows oneDNN's linear is prepared for: hints from 3 to 192 ran 3 to 192 rows at the same speed."""
+
+
 class Product:
     """`base + x @ weight` with fp32 operands, or with bf16 inputs (see the module docstring); always fp32 out.
 
@@ -40,6 +69,7 @@ class Product:
         self.dtype = dtype
         self.weight = weight.detach().float().contiguous().to(dtype)
         self.bias = bias.detach().float() if bias is not None else None
+        self._linear = _onednn_linear(self.weight) if dtype == torch.bfloat16 else None
 
     @classmethod
     def of(cls, linear: nn.Linear, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Product:
@@ -54,9 +84,12 @@ class Product:
         if self.dtype == torch.float32:
             y = torch.mm(flat, self.weight) if base is None else torch.addmm(base, flat, self.weight)
         else:
-            y = torch.mm(flat.to(self.dtype), self.weight).float()
-            if base is not None:
-                y = y.add_(base)
+            if self._linear is not None:
+                y = torch.ops.mkldnn._linear_pointwise(flat.to(self.dtype), self._linear, None, "none", [], "")
+            else:
+                y = torch.mm(flat.to(self.dtype), self.weight)
+            # One op: the bf16 product is widened exactly, then added in fp32 (as .float().add_(base) would).
+            y = y.float() if base is None else torch.add(base, y)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
