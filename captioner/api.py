@@ -97,9 +97,12 @@ class Captioner:
         """Wrap a model and its encoder.
 
         Args:
-            precision: "reference" runs the training-time fp32 modules unchanged; "fp32" (and "auto") the
-                CPU fast paths in fp32: same captions, features within 1e-3; "bf16" runs the encoder and the
-                decoder's matrix products in bf16, faster on CPUs with bf16 instructions but it changes some
+            precision: "auto" picks per CPU the fastest of the paths below whose dev CIDEr-D stays within 0.01
+                of fp32's (`captioner.runtime.fast.auto_precision`: "bf16" with AMX, "bf16-decoder" with other
+                native bf16, "fp32" elsewhere). "reference" runs the training-time fp32 modules unchanged;
+                "fp32" the CPU fast paths in fp32: same captions, features within 1e-3; "bf16-decoder" an fp32
+                encoder and bf16 decoder products; "bf16" runs the encoder (OpenVINO where bf16 is native) and
+                the decoder's matrix products in bf16, faster on CPUs with bf16 instructions but it changes some
                 captions; "int8" runs the encoder quantised to 8 bits from `int8_calibration`, and the decoder's
                 products in bf16 where the CPU has bf16 instructions (fp32 elsewhere): the fastest, and it
                 changes more captions (tolerances: tests/test_speed_paths.py; on CPUs without VNNI its weights
@@ -136,7 +139,8 @@ class Captioner:
             encoder_weights: the encoder weights file, for encoders whose weights no installed package ships
                 (resnet50). The path recorded in a checkpoint is never opened.
             device: torch device to run on.
-            precision: "auto", "bf16", "fp32", "int8" or "reference" (see `Captioner.__init__`); "int8" reads
+            precision: "auto", "bf16", "bf16-decoder", "fp32", "int8" or "reference" (see `Captioner.__init__`);
+                "int8" reads
                 the calibration file beside the checkpoint (`captioner.runtime.int8.calibration_path`).
 
         Raises:

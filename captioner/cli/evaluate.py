@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from captioner.runtime.precisions import PRECISIONS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `evaluate` and its options."""
@@ -44,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="forbid repeating an n-gram within a caption (default: the checkpoint's setting; "
                         "0 = off)")
     p.add_argument("--batch-size", type=int, default=64, help="images per network batch")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="arithmetic path, as for captioner caption (default: auto, this CPU's choice; fp32 "
+                        "gives the reference captions)")
     p.add_argument("--max-images", type=int, default=0,
                    help="score only the first N images of the split (0 = all)")
     p.add_argument("--output", metavar="DIR",
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"captioner: error: --split-list is for coco, csv and jsonl; {args.format} reads its own split "
               "lists", file=sys.stderr)
         return 2
-    cap = Captioner.load(args.checkpoint)
+    cap = Captioner.load(args.checkpoint, precision=args.precision)
     if args.format == "flickr8k":
         data_cfg = DataConfig(format="flickr8k", root=args.data or "")
     else:
@@ -90,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                             {ids[i]: samples[i].captions for i in good})
     beam_size = args.beam_size or cap.model.decode_cfg.beam_size
     report = {"checkpoint": str(args.checkpoint or "shipped"), "split": args.split, "images": len(good),
+              "precision": cap.precision,
               "failed": len(samples) - len(good), "beam_size": beam_size, "scores": scores,
               "diversity": diversity({ids[i]: results[i].text for i in good})}
     print(json.dumps(report, indent=2, allow_nan=False))

@@ -1,15 +1,16 @@
 """Inference-only fast paths for the CPU, built from the reference modules and checked against them in tests.
 
-- `FastEncoder`: the frozen encoder trunk with its "same" padding made constant for the one input size, run by
-  ONNX Runtime (fp32, the default; int8 on request, `captioner.runtime.int8`), or with batch norm folded into the
-  convolutions, channels-last memory and TorchScript (fp32, or bf16 on request), in micro-batches small enough to
-  stay in cache.
+- `FastEncoder`: the frozen encoder trunk with its "same" padding made constant for the one input size, exported
+  to ONNX and run by ONNX Runtime (fp32; int8 on request, `captioner.runtime.int8`) or by OpenVINO (bf16 and int8
+  where the CPU has them natively), or with batch norm folded into the convolutions, channels-last memory and
+  TorchScript (fp32 or bf16), in micro-batches small enough to stay in cache.
 - `FusedAttentionDecoder` (`captioner.runtime.fused_decoder`): the attention decoder's `init`/`step` with the matrix
   products regrouped, in fp32 or with bf16 products (precisions "bf16", "bf16-decoder", and "int8" on CPUs with
   native bf16).
 
-"auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): fp32 everywhere but
-on CPUs with native bf16, where it is "bf16-decoder" (fp32 encoder, bf16 decoder products).
+"auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): "bf16" (OpenVINO bf16
+encoder, bf16 decoder products) with AMX, "bf16-decoder" (fp32 encoder, bf16 decoder products) on other CPUs
+with native bf16, fp32 elsewhere.
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
 checks each fast path against them (feature extraction for training runs the fp32 `FastEncoder`, and
@@ -24,6 +25,7 @@ import json
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from captioner.models.conv_passes import fold_batchnorm, static_same_padding
 from captioner.models.decoder import AttentionDecoder
-from captioner.runtime import cache, int8, onnx_runtime
+from captioner.runtime import cache, int8, onnx_runtime, openvino_runtime
 from captioner.runtime.fused_decoder import FusedAttentionDecoder, Products
 from captioner.runtime.precisions import PRECISIONS, Precision  # noqa: F401 (re-exported)
 
@@ -41,21 +43,35 @@ if TYPE_CHECKING:
 
 CIDER_TOLERANCE = 0.01
 """How far below fp32's dev CIDEr-D (1,000 Flickr8k dev images, beam 3) a path may score to be chosen by "auto"."""
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+"""/proc/cpuinfo flags of native bf16 arithmetic."""
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+"""/proc/cpuinfo flags of 8-bit dot products."""
 ENCODER_CHUNK = 8
 """Images per encoder call: larger batches spill the early, wide activations out of the L2 cache."""
 
 
-def auto_precision(flags: set[str] | frozenset[str]) -> str:
+def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = None) -> str:
     """What precision "auto" runs on a CPU with these /proc/cpuinfo feature `flags`: the fastest path whose
     captions stay within `CIDER_TOLERANCE` of fp32's dev CIDEr-D and that needs nothing beyond the checkpoint.
+    `openvino`: whether OpenVINO is installed (default: looked up).
 
-    - native bf16 (AVX512-BF16 or AMX): "bf16-decoder", fp32 encoder and bf16 decoder products: CIDEr-D 0.5582
-      against fp32's 0.5584 with 926 of 1,000 captions identical and the decoder twice as fast (measured on an
-      AVX-512 + BF16 + VNNI EPYC). The bf16 encoder (0.5508) and int8 + bf16 products (0.5485) fall further.
+    - AMX (amx_bf16) with OpenVINO: "bf16", a bf16 encoder in OpenVINO and bf16 decoder products. General model,
+      beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5342 against fp32's 0.5358 on Flickr8k dev and 0.6930 against
+      0.6900 on coco_small dev, 1.4x fp32's speed. The int8 encoder (0.5398 and 0.6616) falls 0.028 below fp32
+      on coco_small.
+    - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
+      and bf16 decoder products: 0.5375 and 0.6973 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
+      model on an AVX-512 + BF16 + VNNI EPYC, decoder twice as fast. OpenVINO's bf16 encoder was not measured
+      on a CPU without AMX, and PyTorch's (TorchScript) is slower than ONNX Runtime's fp32 one.
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
       file, changes a third of the captions, and without VNNI has only 7-bit weights.
     """
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    if openvino is None:
+        openvino = openvino_runtime.available() and onnx_runtime.available()  # OpenVINO runs the exported graph
+    if "amx_bf16" in flags and openvino:
+        return "bf16"
+    if flags & BF16_FLAGS:
         return "bf16-decoder"
     return "fp32"
 
@@ -71,6 +87,33 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu", flags:
     return precision
 
 
+BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torchscript")
+
+
+def encoder_precision(precision: str) -> str:
+    """The encoder's half of a resolved precision: "bf16-decoder" runs an fp32 encoder."""
+    return "fp32" if precision == "bf16-decoder" else precision
+
+
+def default_backend(precision: str, flags: set[str] | None = None) -> str:
+    """The encoder backend "auto" picks for an encoder `precision` (fp32, bf16 or int8) on this CPU (or `flags`).
+
+    - fp32: ONNX Runtime (OpenVINO's fp32 is no faster: 148 against 144 images/s on the AMX Xeon).
+    - bf16: OpenVINO where bf16 is native, else TorchScript (ONNX Runtime has no bf16 convolutions).
+    - int8: OpenVINO where the CPU has 8-bit dot products (VNNI or AMX: 395 against ONNX Runtime's 278 images/s on
+      the AMX Xeon), else ONNX Runtime, whose 7-bit weights on AVX2 are what was measured there.
+    Each choice falls back to ONNX Runtime (fp32, int8) or TorchScript (bf16) where OpenVINO or ONNX Runtime is
+    not installed.
+    """
+    flags = cpu_flags() if flags is None else flags
+    openvino = openvino_runtime.available() and onnx_runtime.available()
+    if precision == "bf16":
+        return "openvino" if openvino and flags & BF16_FLAGS else "torchscript"
+    if precision == "int8" and openvino and flags & VNNI_FLAGS:
+        return "openvino"
+    return "onnxruntime" if onnx_runtime.available() else "torchscript"
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux); empty where /proc/cpuinfo cannot be read."""
     try:
@@ -81,12 +124,12 @@ def cpu_flags() -> set[str]:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & BF16_FLAGS)
 
 
 def cpu_has_vnni() -> bool:
     """Whether this CPU has 8-bit dot products (VNNI); without them int8 weights are quantised to 7 bits."""
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(cpu_flags() & VNNI_FLAGS)
 
 
 def decoder_products(precision: str) -> Products:
@@ -110,50 +153,59 @@ class FastEncoder:
     """A frozen encoder prepared for CPU inference: (B, 3, H, W) -> (B, N, D) float32 grid features.
 
     Backends:
-        onnxruntime: fp32, or int8 from a calibration file (`captioner.runtime.int8`). The trunk is exported to ONNX in
-            memory (TorchScript-based exporter, well under a second) and run by ONNX Runtime, whose
-            blocked-layout kernels suit depthwise convolutions.
+        onnxruntime: fp32, or int8 from a calibration file (`captioner.runtime.int8`). The trunk is exported to ONNX
+            (TorchScript-based exporter, about a second, then kept in the disk cache) and run by ONNX Runtime,
+            whose blocked-layout kernels suit depthwise convolutions.
+        openvino: the same ONNX graph (and int8 model) run by OpenVINO, in bf16 or int8, on CPUs where those are
+            native (`captioner.runtime.openvino_runtime`): 2x ONNX Runtime's fp32 speed in bf16 with AMX.
         torchscript: batch norm folded in fp32, channels-last, fp32 or bf16, traced and frozen.
-        auto: onnxruntime for fp32 and int8 when it is installed, else torchscript.
+        auto: `default_backend`.
 
     Carries the same `preprocess`, `feature_dim`, `grid_size` and `name` as the encoder it was built from.
     """
 
     def __init__(self, encoder: Encoder, precision: str = "auto", *, backend: str = "auto",
-                 chunk_size: int = ENCODER_CHUNK, script: bool = True, calibration: str | os.PathLike | None = None,
-                 disk_cache: bool = True):
+                 chunk_size: int | None = None, script: bool = True,
+                 calibration: str | os.PathLike | None = None, disk_cache: bool = True):
         """`calibration`: the int8 calibration file (`captioner.runtime.int8.calibration_path`), for precision "int8".
-        `disk_cache`: keep the built ONNX model on disk and reuse it at the next start (`captioner.runtime.cache`)."""
-        self.precision = resolve_precision(precision)
-        if self.precision == "bf16-decoder":  # the encoder's half of it
-            self.precision = "fp32"
+        `chunk_size`: images per call (default `ENCODER_CHUNK`). `disk_cache`: keep the exported ONNX model on disk
+        and reuse it at the next start (`captioner.runtime.cache`)."""
+        self.precision = encoder_precision(resolve_precision(precision))
         if self.precision == "reference":
             raise ValueError("FastEncoder needs precision fp32, bf16 or int8 (or auto)")
         if backend == "auto":
-            ort = self.precision in ("fp32", "int8") and onnx_runtime.available()
-            backend = "onnxruntime" if ort else "torchscript"
-        if backend not in ("onnxruntime", "torchscript"):
-            raise ValueError(f"unknown backend {backend!r}; choose auto, onnxruntime or torchscript")
+            backend = default_backend(self.precision)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
         if backend == "onnxruntime" and self.precision == "bf16":
             raise ValueError("the onnxruntime backend runs fp32 and int8, not bf16")
-        if self.precision == "int8" and backend != "onnxruntime":
-            raise ValueError("the int8 encoder runs on the onnxruntime backend only")
-        if self.precision == "int8" and not onnx_runtime.available():
-            raise ValueError("the int8 encoder needs ONNX Runtime (pip install onnxruntime onnx)")
+        if self.precision == "int8" and backend == "torchscript":
+            raise ValueError("the int8 encoder runs on the onnxruntime or openvino backend only")
+        if backend != "torchscript" and not onnx_runtime.available():
+            raise ValueError(f"the {backend} encoder needs the ONNX exporter and ONNX Runtime "
+                             "(pip install onnxruntime onnx)")
+        if backend == "openvino" and not openvino_runtime.available():
+            raise ValueError("the openvino encoder needs OpenVINO (pip install openvino)")
         if self.precision == "int8" and calibration is None:
             raise int8.CalibrationError("the int8 encoder needs a calibration file (see captioner.runtime.int8)")
-        if self.precision == "bf16" and not cpu_has_bf16():
+        if self.precision == "bf16" and not cpu_has_bf16() and backend == "torchscript":
             warnings.warn("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 encoder and decoder "
                           "products are emulated and far slower than fp32 (measured on an AVX2-only CPU, the "
                           "encoder: 2.3 against 36 images/s)", RuntimeWarning, stacklevel=2)
         self.name, self.preprocess = encoder.name, encoder.preprocess
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
         self._key = encoder.cache_key()
-        self.backend, self.chunk_size = backend, chunk_size
+        self.backend = backend
+        self.chunk_size = chunk_size or ENCODER_CHUNK
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # int8 takes fp32 images
         size = self.preprocess.size
+        if backend == "openvino":
+            inference = "bf16" if self.precision == "bf16" else "f32"
+            self._run = self._onnx_runner(encoder, calibration, disk_cache,
+                                          lambda model: openvino_runtime.runner(model, inference))
+            return
         if backend == "onnxruntime":
-            self._run = self._onnx_runner(encoder, calibration, disk_cache)
+            self._run = self._onnx_runner(encoder, calibration, disk_cache, onnx_runtime.runner)
             return
         trunk = copy.deepcopy(encoder.trunk).float().eval()
         self.folded = fold_batchnorm(trunk)  # in fp32, before any rounding to bf16
@@ -167,11 +219,14 @@ class FastEncoder:
         self._trunk = trunk
         self._run = lambda x: trunk(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
 
-    def _onnx_runner(self, encoder: Encoder, calibration: str | os.PathLike | None, use_cache: bool):
-        """The ONNX Runtime session of the exported (and for int8 quantised) trunk, from the disk cache
-        (`captioner.runtime.cache`) when it holds one built from the same weights, versions and CPU."""
+    def _onnx_runner(self, encoder: Encoder, calibration: str | os.PathLike | None, use_cache: bool,
+                     make: Callable[[bytes], Callable[[torch.Tensor], torch.Tensor]]):
+        """`make(model)` for the exported fp32 ONNX trunk (fp32 and bf16), or its int8 QDQ version, read from
+        the disk cache (`captioner.runtime.cache`) when it holds one built from the same weights, versions and
+        CPU; a cached model that `make` rejects is built again."""
         ranges = int8.read_calibration(calibration, self._key) if self.precision == "int8" else None
         reduce_range = not cpu_has_vnni()
+        graph = "int8" if ranges is not None else "fp32"  # bf16 runs the fp32 graph
 
         def build() -> bytes:
             model = export_onnx(encoder)
@@ -183,15 +238,15 @@ class FastEncoder:
             return model
 
         if not use_cache:
-            return onnx_runtime.runner(build())
-        parts = [encoder.cache_key(), cache.weights_digest(encoder.trunk), encoder.preprocess.size, self.precision]
+            return make(build())
+        parts = [encoder.cache_key(), cache.weights_digest(encoder.trunk), encoder.preprocess.size, graph]
         if ranges is not None:
             parts += [json.dumps(ranges, sort_keys=True), f"reduce_range={reduce_range}"]
         parts.append(" ".join(sorted(cpu_flags())))
-        return cache.load_or_build(f"encoder-{self.precision}", cache.key(*parts), build, onnx_runtime.runner)
+        return cache.load_or_build(f"encoder-{graph}", cache.key(*parts), build, make)
 
     def cache_key(self) -> str:
-        return f"{self._key}|fast-{self.precision}"
+        return f"{self._key}|fast-{self.precision}-{self.backend}"  # backends round differently
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
