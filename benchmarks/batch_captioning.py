@@ -5,12 +5,13 @@
 
 naive   what tutorial repositories do: load one image, encode it alone with the fp32 reference encoder, beam-search
         it alone (the project's beam search with one image), next image.
-batch   `Captioner.caption_iter` as shipped: decoding threads, batches, the default fp32 fast paths of
-        `captioner.runtime.fast` (encoder in ONNX Runtime, fused decoder step, finished images leaving the batch).
-        The ablation table also runs the batch pipeline on the reference modules, with the TorchScript fp32
-        encoder, with the opt-in "bf16" precision (bf16 encoder and decoder products), and with the opt-in
-        "int8" precision (int8 encoder, bf16 decoder products on CPUs with native bf16) when the checkpoint has
-        an int8 calibration file beside it, and counts captions identical to the naive pipeline's.
+batch   `Captioner.caption_iter` as shipped: decoding threads, batches, the fast paths of `captioner.runtime.fast`
+        that precision "auto" picks on this CPU (printed with the CPU's features; fused decoder step, finished
+        images leaving the batch). The ablation table also runs the batch pipeline on the reference modules, in
+        fp32 with the ONNX Runtime and the TorchScript encoder, and on CPUs with native bf16 "bf16-decoder" and
+        "bf16" (with the auto backend, and with TorchScript where that is another), and "int8" (ONNX Runtime and
+        OpenVINO where that is auto's) when the checkpoint has an int8 calibration file beside it, and counts
+        captions identical to the naive pipeline's.
 Pipelines are interleaved within each repeat, so load from other processes hits all of them alike; figures are
 medians over repeats with [min-max]. Peak memory and cold start come from fresh subprocesses. Without
 `--checkpoint` the decoder has random weights (default ModelConfig, 2,500-word vocabulary): it never ends a
@@ -43,7 +44,7 @@ from captioner.decoding import beam_search
 from captioner.images import open_image
 from captioner.models.checkpoint import new_model, save_model
 from captioner.models.vocab import SPECIALS, Vocabulary
-from captioner.runtime.fast import FastPaths, cpu_flags, cpu_has_bf16, decoder_products, resolve_precision
+from captioner.runtime.fast import FastPaths, cpu_flags, cpu_has_bf16, default_backend, resolve_precision
 from captioner.runtime.int8 import calibration_path
 
 
@@ -227,14 +228,21 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
 
     # Without native bf16 (AVX512-BF16 or AMX) bf16 is emulated, over ten times slower than fp32: not worth a row.
     native_bf16 = cpu_has_bf16()
-    precisions = ("reference", "fp32", "bf16") if native_bf16 else ("reference", "fp32")
+    auto = resolve_precision("auto")
+    precisions = ["reference", "fp32"] + (["bf16-decoder", "bf16"] if native_bf16 else [])
     if calibration_path(args.checkpoint).is_file():  # the int8 encoder needs the checkpoint's calibration
-        precisions += ("int8",)
+        precisions.append("int8")
     caps = {p: Captioner.load(args.checkpoint, precision=p) for p in precisions}
-    caps["fp32-torchscript"] = Captioner.load(args.checkpoint, precision="fp32")
-    ts = caps["fp32-torchscript"]
-    ts._fast = FastPaths(ts.encoder, ts.decoder, "fp32", backend="torchscript")  # the alternative fp32 encoder
-    fast = caps["fp32"]
+    alternatives = {"fp32-torchscript": "fp32"}  # the TorchScript encoder, where "auto" picks another backend
+    if native_bf16 and default_backend("bf16") != "torchscript":
+        alternatives["bf16-torchscript"] = "bf16"
+    if "int8" in caps and default_backend("int8") != "onnxruntime":
+        alternatives["int8-onnxruntime"] = "int8"
+    for key, precision in alternatives.items():
+        cap = caps[key] = Captioner.load(args.checkpoint, precision=precision)
+        cap._fast = FastPaths(cap.encoder, cap.decoder, precision, backend=key.split("-")[1],
+                              calibration=cap._fast.calibration)
+    fast = caps[auto]
     for cap in caps.values():
         cap.warmup(args.batch_size)
         cap.warmup(1)
@@ -283,14 +291,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
         peak[torch.bfloat16] = matmul_gflops(torch.bfloat16)
     dec_flops = FlopCounterMode(display=False)
     with dec_flops, torch.no_grad():
-        beam_search(fast.step_decoder, features[: args.batch_size], **search)
+        # The fp32 fused decoder: the same products as auto's, in ops that FlopCounterMode counts (it does not
+        # see oneDNN's bf16 linear)
+        beam_search(caps["fp32"].step_decoder, features[: args.batch_size], **search)
     dec_gflop = dec_flops.get_total_flops() / 1e9 / min(args.batch_size, len(features))
     jpeg_s = statistics.median(decode_seconds(fast, paths) for _ in range(args.repeats))
     load_end = os.getloadavg()
     other_share = other.share()
 
     same = {p: sum(a == b for a, b in zip(texts[p], texts["naive"])) / len(paths) for p in texts}
-    ratio = statistics.median(e2e["fp32"]) / statistics.median(e2e["naive"])
+    ratio = statistics.median(e2e[auto]) / statistics.median(e2e["naive"])
     enc_naive_gf, enc_fast_gf = gflop * statistics.median(parts["enc_naive"]), gflop * statistics.median(parts["enc_fast"])
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average (1/5/15 min) at start "
@@ -299,11 +309,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     print(f"{len(paths)} JPEGs from {args.images}; beam {beam}; batch {args.batch_size}; {args.num_workers} "
           f"decoding worker(s); {args.repeats} repeats, median [min-max]")
     print(note)
-    print(f"CPU features: {cpu_features()}; precision \"auto\" runs {resolve_precision('auto')!r} here")
+    print(f"CPU features: {cpu_features()}; precision \"auto\" runs {auto!r} here: {describe(fast)}")
     print()
-    print("| measurement | naive (one image at a time) | batch pipeline | ratio |")
+    print(f"| measurement | naive (one image at a time) | batch pipeline (auto = {auto}) | ratio |")
     print("|---|---:|---:|---:|")
-    print(f"| end to end, images/s | {spread(e2e['naive'])} | {spread(e2e['fp32'])} | {ratio:.1f}x |")
+    print(f"| end to end, images/s | {spread(e2e['naive'])} | {spread(e2e[auto])} | {ratio:.1f}x |")
     for name, a, b in (("encoder alone", "enc_naive", "enc_fast"), ("decoder alone (beam search)", "dec_naive",
                                                                        "dec_fast")):
         r = statistics.median(parts[b]) / statistics.median(parts[a])
@@ -314,9 +324,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
           f"{mem['auto']['load_s'] + mem['auto']['first_s']:.2f} | |")
     print(f"| peak RSS after half / all images, MB | {mem['naive']['peak_mb'][0]:.0f} / "
           f"{mem['naive']['peak_mb'][1]:.0f} | {mem['auto']['peak_mb'][0]:.0f} / {mem['auto']['peak_mb'][1]:.0f} | |")
+    dtype = torch.bfloat16 if auto == "bf16" else torch.float32  # the arithmetic of auto's encoder
+    kind = "bf16" if dtype == torch.bfloat16 else "fp32"
     print(f"| encoder GFLOP/s ({gflop:.2f} GFLOP per image) | {enc_naive_gf:.0f} = {enc_naive_gf / peak[torch.float32]:.0%}"
-          f" of fp32 matmul | {enc_fast_gf:.0f} = {enc_fast_gf / peak[torch.float32]:.0%} of fp32 matmul | |")
-    print(f"| captions identical to naive | 100% | {same['fp32']:.0%} | |")
+          f" of fp32 matmul | {enc_fast_gf:.0f} = {enc_fast_gf / peak[dtype]:.0%} of {kind} matmul | |")
+    print(f"| captions identical to naive | 100% | {same[auto]:.0%} | |")
     print()
     bf16_peak = (f"bf16 {peak[torch.bfloat16]:.0f} GFLOP/s" if torch.bfloat16 in peak
                  else "bf16 not measured (no native bf16 on this CPU)")
@@ -328,35 +340,44 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     stage = {"JPEG decode + resize": jpeg_s, "encoder": 1 / statistics.median(parts["enc_fast"]),
              "decoder (beam search)": 1 / statistics.median(parts["dec_fast"])}
     total = sum(stage.values())
-    print("| stage (batch pipeline, fp32) | ms per image | share |")
+    print(f"| stage (batch pipeline, {auto}) | ms per image | share |")
     print("|---|---:|---:|")
     for name, sec in stage.items():
         print(f"| {name} | {sec * 1e3:.2f} | {sec / total:.0%} |")
-    fp32_peak = peak[torch.float32]
+    fp32_peak = peak[dtype]
     limit = fp32_peak / (gflop + dec_gflop)
     print(f"| sum (if nothing overlapped) | {total * 1e3:.2f} | = {1 / total:.0f} images/s |")
     print()
     print(f"Arithmetic limit: encoder {gflop:.2f} + decoder {dec_gflop:.3f} GFLOP per image (beam {beam}) at the "
-          f"fp32 matmul peak of {fp32_peak:.0f} GFLOP/s = {limit:.0f} images/s for the network alone, "
+          f"{kind} matmul peak of {fp32_peak:.0f} GFLOP/s = {limit:.0f} images/s for the network alone, "
           f"{1 / (1 / limit + jpeg_s / torch.get_num_threads()):.0f} images/s with the JPEG work on the same "
           f"{torch.get_num_threads()} threads; depthwise convolutions and the step-by-step decoder run well below "
           "matmul peak, so the reachable limit is lower")
+    threads = torch.get_num_threads()
+    overlapped = (jpeg_s + threads * (stage["encoder"] + stage["decoder (beam search)"])) / threads
+    print(f"Measured-stage limit: the JPEG work (one thread) packed perfectly beside the network on {threads} "
+          f"threads gives {1 / overlapped:.0f} images/s = {1 / overlapped / statistics.median(e2e['naive']):.1f}x "
+          "naive")
     print()
-    int8_products = decoder_products("int8")
     print("| pipeline | images/s | ratio to naive | captions identical to naive |")
     print("|---|---:|---:|---:|")
-    for key, label in (("naive", "naive: one image at a time, reference fp32 modules"),
-                       ("reference", "batch, reference fp32 modules"),
-                       ("fp32-torchscript", ("batch, fused fp32 decoder + encoder folded BN, channels-last, "
-                                             "TorchScript fp32")),
-                       ("fp32", "batch, fused fp32 decoder + encoder in ONNX Runtime fp32 (default)"),
-                       ("bf16", ("batch, fused decoder with bf16 products + encoder folded BN, channels-last, "
-                                 "TorchScript bf16 (opt-in)")),
-                       ("int8", (f"batch, fused decoder with {int8_products} products + encoder in ONNX Runtime "
-                                 "int8 (opt-in, calibrated)"))):
+    rows = ["naive", "reference", "fp32-torchscript", "fp32", "bf16-decoder", "bf16-torchscript", "bf16",
+            "int8-onnxruntime", "int8"]
+    for key in rows:
         if key in e2e:
+            label = "naive: one image at a time, reference fp32 modules" if key == "naive" else describe(caps[key])
+            tag = " (default, auto)" if key == auto else ""
             r = statistics.median(e2e[key]) / statistics.median(e2e["naive"])
-            print(f"| {label} | {spread(e2e[key])} | {r:.1f}x | {same[key]:.0%} |")
+            print(f"| {label}{tag} | {spread(e2e[key])} | {r:.1f}x | {same[key]:.0%} |")
+
+
+def describe(cap: Captioner) -> str:
+    """What a batch pipeline runs: its decoder's products and its encoder's backend and arithmetic."""
+    if cap._fast is None:
+        return "batch, reference fp32 modules"
+    encoder, decoder = cap._fast.get()
+    return (f"batch, fused decoder with {decoder.products} products + {encoder.backend} {encoder.precision} "
+            f"encoder ({cap.precision})")
 
 
 if __name__ == "__main__":
