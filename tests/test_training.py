@@ -9,6 +9,7 @@ import yaml
 
 from captioner.api import Captioner
 from captioner.cli import main
+from captioner.runtime.fast import resolve_precision
 from tests.synthetic import make_shapes_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -79,6 +80,23 @@ def test_evaluate_command(trained, shapes, tmp_path, capsys):
     first = json.loads(lines[0])  # the record of `captioner caption --format jsonl`, plus the references
     assert {"path", "caption", "score", "error", "references"} <= set(first) and first["references"]
     assert json.loads(capsys.readouterr().out)["scores"] == report["scores"]
+    assert report["precision"] == resolve_precision("auto")  # the default: what this CPU's auto picks
+
+
+def test_evaluate_command_runs_the_precision_asked_for(trained, shapes, tmp_path, capsys):
+    """`--precision reference` scores the training-time modules; their captions are the fp32 fast path's."""
+    _, csv_path = shapes
+    reports = {}
+    for precision in ("reference", "fp32"):
+        out = tmp_path / precision
+        assert main(["evaluate", "--checkpoint", str(trained / "best.safetensors"), "--format", "csv", "--data",
+                     str(csv_path), "--split", "dev", "--precision", precision, "--output", str(out)]) == 0
+        reports[precision] = json.loads((out / "scores.json").read_text())
+        assert reports[precision]["precision"] == precision
+    assert reports["reference"]["scores"] == reports["fp32"]["scores"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", str(trained / "best.safetensors"), "--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
