@@ -25,6 +25,7 @@ from captioner.runtime import cache, int8
 from captioner.runtime import fast as fast_module
 from captioner.runtime.fast import FastEncoder, cpu_has_bf16, cpu_has_vnni, export_onnx
 from captioner.runtime.fused_decoder import FusedAttentionDecoder
+from tests import test_speed_paths as speed_paths
 from tests.test_speed_paths import SCENES, _captions, scene
 
 pytest.importorskip("onnxruntime")
@@ -32,30 +33,15 @@ pytest.importorskip("openvino")
 
 pytestmark = pytest.mark.filterwarnings("ignore:this CPU has no native bf16:RuntimeWarning")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread (OpenVINO takes torch's count when the runner is built): numbers, not speed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def encoder():
-    return build_encoder("efficientnet_lite0")
+# test_speed_paths' fixtures: one intra-op thread (OpenVINO takes torch's count when the runner is built), the
+# Lite0 encoder, and the pixels of its two scene sets
+one_thread, encoder, pixels = speed_paths.one_thread, speed_paths.encoder, speed_paths.pixels
 
 
 @pytest.fixture(scope="module")
 def small_encoder():
     """96-pixel inputs: for the cache and error tests, where only the plumbing matters."""
     return build_encoder("efficientnet_lite0", image_size=96)
-
-
-@pytest.fixture(scope="module")
-def pixels(encoder) -> dict[int, torch.Tensor]:
-    return {seed: torch.stack([encoder.preprocess(scene(c, s, seed)) for c, s in SCENES]) for seed in (0, 1)}
 
 
 @pytest.fixture(scope="module")
