@@ -4,9 +4,10 @@ A Captioner holds an encoder and a decoder in eval mode and no other mutable sta
 once, under a lock), so one instance can serve several threads at once. Images are decoded and resized in a
 thread pool (PIL releases the GIL while decoding) while the previous batch runs through the network.
 
-By default the network runs on the fp32 CPU fast paths of `captioner.runtime.fast` (the encoder in ONNX Runtime, a fused
-decoder step), which give the captions of the training-time modules; `precision="reference"` runs those
-modules unchanged. `tests/test_speed_paths.py` states and checks how closely the paths agree.
+By default the network runs on the CPU fast paths of `captioner.runtime.fast` that "auto" picks for this CPU (fp32,
+or bf16 where the CPU has it natively, within a stated tolerance of fp32's captions; an exported encoder in ONNX
+Runtime or OpenVINO, a fused decoder step); `precision="fp32"` gives the captions of the training-time modules,
+`precision="reference"` runs those modules unchanged. `tests/test_speed_paths.py` states and checks how closely the paths agree.
 """
 
 from __future__ import annotations
@@ -139,8 +140,8 @@ class Captioner:
             encoder_weights: the encoder weights file, for encoders whose weights no installed package ships
                 (resnet50). The path recorded in a checkpoint is never opened.
             device: torch device to run on.
-            precision: "auto", "bf16", "bf16-decoder", "fp32", "int8" or "reference" (see `Captioner.__init__`);
-                "int8" reads
+            precision: "auto", "bf16", "bf16-decoder", "fp32", "int8" or "reference" (see
+                `Captioner.__init__`); "int8" reads
                 the calibration file beside the checkpoint (`captioner.runtime.int8.calibration_path`).
 
         Raises:

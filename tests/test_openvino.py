@@ -1,8 +1,9 @@
 """The OpenVINO encoder backend (`captioner.runtime.openvino_runtime`, `FastEncoder(..., backend="openvino")`)
 against the reference encoder and ONNX Runtime, with the real EfficientNet-Lite0 weights.
 
-Where the CPU has no native bf16 (AVX512-BF16 or AMX), OpenVINO ignores the bf16 inference-precision hint and runs
-fp32: the bounds below still hold there, only the check that bf16 rounding happened is left out. The tolerances
+Where the CPU has no AVX-512, OpenVINO ignores the bf16 inference-precision hint and runs fp32 (with AVX-512 but no
+BF16 it emulates bf16): the bounds below hold either way; the check that bf16 rounding happened runs only where
+bf16 is native. The tolerances
 are stated in `tests/test_speed_paths.py`'s docstring; measured values (2-core AMX Xeon, one thread) are beside
 each bound.
 """
@@ -95,10 +96,11 @@ def test_openvino_output_shape_and_chunking(encoder, openvino_bf16, bf16_feature
     chunked = FastEncoder(encoder, "bf16", backend="openvino", chunk_size=3)
     whole = chunked(pixels[0][:5])
     assert whole.shape == (5, 49, 1280) and whole.dtype == torch.float32
-    assert torch.allclose(whole, bf16_features[0][:5], atol=1e-4, rtol=0)
+    # bf16 kernels may differ by batch size on other CPUs: a few bf16 roundings, far below a scene's 100%
+    assert _relative(whole, bf16_features[0][:5]) <= 1e-2
     alone = torch.cat([openvino_bf16(x.unsqueeze(0)) for x in pixels[0][:5]])
-    assert torch.allclose(alone, bf16_features[0][:5], atol=1e-4, rtol=0)
-    assert torch.allclose(chunked(pixels[1]), bf16_features[1], atol=1e-4, rtol=0)
+    assert _relative(alone, bf16_features[0][:5]) <= 1e-2
+    assert _relative(chunked(pixels[1]), bf16_features[1]) <= 1e-2
     with pytest.raises(ValueError, match="224"):
         openvino_bf16(torch.zeros(1, 3, 200, 200))
 

@@ -12,8 +12,8 @@ Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours
 - bf16 encoder in OpenVINO (precision "bf16" on CPUs with native bf16; `tests/test_openvino.py`): features within
   10% relative L2 error, every image's feature cosine >= 0.99, the same fitted decoder with bf16 products gives
   the same caption on >= 15 of 16 unseen scenes, and `Captioner` in "bf16" the fp32 path's caption on >= 15 of 16
-  (measured on an AMX Xeon: 5.8% and 6.6%, cosine >= 0.993; 16 captions, and 16 end to end). Without native bf16
-  OpenVINO runs fp32.
+  (measured on an AMX Xeon: 5.8% and 6.6%, cosine >= 0.993; 16 captions, and 16 end to end). Without AVX-512
+  OpenVINO ignores the bf16 hint and runs fp32; with AVX-512 but no BF16 it emulates bf16.
 - bf16 decoder products (precision "bf16", and "int8" on CPUs with native bf16): every output of `init` and of
   one `step` within 2% relative L2 error of the fp32 products' (measured: at most 0.4%).
 - int8 encoder (opt-in), calibrated on the first scene set, with 8-bit weights (VNNI CPUs) and 7-bit ones (the

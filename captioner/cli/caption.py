@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=1,
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 on CPUs with AMX (OpenVINO bf16 encoder), bf16-decoder on other CPUs "
+                   help="auto (default): bf16 on CPUs with AMX and OpenVINO installed (OpenVINO bf16 encoder), "
+                        "bf16-decoder on other CPUs "
                         "with native bf16 (AVX512-BF16), fp32 elsewhere; "
                         "fp32: fast CPU path, same captions as reference (the training-time modules); "
                         "bf16-decoder: fp32 encoder, bf16 decoder products; "
@@ -144,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from captioner.api import Captioner
 
+    if args.threads:  # before the load: the int8 encoder is built there, with the thread count of that moment
+        import torch
+
+        torch.set_num_threads(args.threads)
     captioner = Captioner.load(args.checkpoint, precision=args.precision)
     beam_size = args.beam_size or captioner.decode_defaults.beam_size
     if args.n_best > beam_size:
@@ -164,10 +169,6 @@ def run(args: argparse.Namespace) -> int:
         except caption_ray.RayStartError as exc:
             print(f"captioner: error: {exc}", file=sys.stderr)
             return 2
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     return _write(captioner, paths, missing, args, signal, threading, PartialOutput)
 
 

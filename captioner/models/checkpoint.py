@@ -145,10 +145,9 @@ def save_model(model: CaptionModel, path: str | Path, half: bool = False) -> Non
 class _NoInit(TorchFunctionMode):
     """Within it, the in-place initialisers of `torch.nn.init` (normal_, uniform_, ...) do nothing.
 
-    Why: on meta tensors `normal_` runs PyTorch's Python reference kernels, whose first use imports torch._refs,
-    torch._prims and torch._decomp paths: 1.0 s of every `Captioner.load()` (1.09 against 0.12 s on a 2-core AMX Xeon),
-    for values a shape check
-    never reads.
+    Why: on meta tensors `normal_` runs PyTorch's Python reference kernels (torch._refs, torch._prims), slow on
+    first use: about 1 s of every `Captioner.load()` (1.09 against 0.12 s on a 2-core AMX Xeon), for values that
+    a shape check never reads.
     """
 
     SKIPPED = frozenset({"normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
@@ -158,7 +157,7 @@ class _NoInit(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in self.SKIPPED:
-            return args[0] if args else next(iter(kwargs.values()))
+            return args[0] if args else kwargs["tensor"]
         return func(*args, **kwargs)
 
 

@@ -9,7 +9,7 @@
   native bf16).
 
 "auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): "bf16" (OpenVINO bf16
-encoder, bf16 decoder products) with AMX, "bf16-decoder" (fp32 encoder, bf16 decoder products) on other CPUs
+encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-decoder" (fp32 encoder, bf16 decoder products) on other CPUs
 with native bf16, fp32 elsewhere.
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
     from captioner.models.encoder import Encoder
 
 CIDER_TOLERANCE = 0.01
-"""How far below fp32's dev CIDEr-D (1,000 Flickr8k dev images, beam 3) a path may score to be chosen by "auto"."""
+"""How far below fp32's dev CIDEr-D (beam 3; Flickr8k dev, 1,000 images, and coco_small dev, 150) a path may
+score, on each, to be chosen by "auto"."""
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 """/proc/cpuinfo flags of native bf16 arithmetic."""
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -58,7 +59,7 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
 
     - AMX (amx_bf16) with OpenVINO: "bf16", a bf16 encoder in OpenVINO and bf16 decoder products. General model,
       beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5342 against fp32's 0.5358 on Flickr8k dev and 0.6930 against
-      0.6900 on coco_small dev, 1.4x fp32's speed. The int8 encoder (0.5398 and 0.6616) falls 0.028 below fp32
+      0.6900 on coco_small dev, 1.7x fp32's speed. The int8 encoder (0.5398 and 0.6616) falls 0.028 below fp32
       on coco_small.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
       and bf16 decoder products: 0.5375 and 0.6973 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
@@ -196,7 +197,9 @@ class FastEncoder:
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
         self._key = encoder.cache_key()
         self.backend = backend
-        self.chunk_size = chunk_size or ENCODER_CHUNK
+        self.chunk_size = ENCODER_CHUNK if chunk_size is None else chunk_size
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # int8 takes fp32 images
         size = self.preprocess.size
         if backend == "openvino":

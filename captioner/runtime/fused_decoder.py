@@ -46,7 +46,7 @@ def _onednn_linear(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     try:
         packed = ops._reorder_linear_weight(weight.t().contiguous(), LINEAR_ROWS_HINT)
-        probe = torch.ones(3, weight.size(0), dtype=weight.dtype)
+        probe = torch.randn(3, weight.size(0), generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         if not torch.allclose(ops._linear_pointwise(probe, packed, None, "none", [], "").float(),
                               torch.mm(probe, weight).float(), rtol=1e-2, atol=1e-2):
             return None  # not the product it should be: never trust it
