@@ -7,7 +7,8 @@ thread pool (PIL releases the GIL while decoding) while the previous batch runs 
 By default the network runs on the CPU fast paths of `captioner.runtime.fast` that "auto" picks for this CPU (fp32,
 or bf16 where the CPU has it natively, within a stated tolerance of fp32's captions; an exported encoder in ONNX
 Runtime or OpenVINO, a fused decoder step); `precision="fp32"` gives the captions of the training-time modules,
-`precision="reference"` runs those modules unchanged. `tests/test_speed_paths.py` states and checks how closely the paths agree.
+`precision="reference"` runs those modules unchanged. `tests/test_speed_paths.py` states and checks how closely
+the paths agree.
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ class Captioner:
                 (resnet50). The path recorded in a checkpoint is never opened.
             device: torch device to run on.
             precision: "auto", "bf16", "bf16-decoder", "fp32", "int8" or "reference" (see
-                `Captioner.__init__`); "int8" reads
-                the calibration file beside the checkpoint (`captioner.runtime.int8.calibration_path`).
+                `Captioner.__init__`); "int8" reads the calibration file beside the checkpoint
+                (`captioner.runtime.int8.calibration_path`).
 
         Raises:
             UnknownModelError: `path` is neither a shipped model's name nor a file; the message lists the names.

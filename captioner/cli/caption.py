@@ -31,13 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 on CPUs with AMX and OpenVINO installed (OpenVINO bf16 encoder), "
-                        "bf16-decoder on other CPUs "
-                        "with native bf16 (AVX512-BF16), fp32 elsewhere; "
+                        "bf16-decoder on other CPUs with native bf16 (AVX512-BF16), fp32 elsewhere; "
                         "fp32: fast CPU path, same captions as reference (the training-time modules); "
                         "bf16-decoder: fp32 encoder, bf16 decoder products; "
                         "bf16: bf16 encoder and decoder products, faster on CPUs with bf16 instructions, "
-                        "changes some captions (dev CIDEr-D within 0.01 of fp32 with AMX); int8: int8 encoder (and bf16 decoder products where the CPU has "
-                        "bf16 instructions), changes more captions, needs the checkpoint's "
+                        "changes some captions (dev CIDEr-D within 0.01 of fp32 with AMX); int8: int8 encoder "
+                        "(and bf16 decoder products where the CPU has bf16 instructions), changes more captions, needs the checkpoint's "
                         ".int8.json calibration (the shipped model has one)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the network (default: one per core); 1 is faster when other processes "

@@ -9,8 +9,8 @@
   native bf16).
 
 "auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): "bf16" (OpenVINO bf16
-encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-decoder" (fp32 encoder, bf16 decoder products) on other CPUs
-with native bf16, fp32 elsewhere.
+encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-decoder" (fp32 encoder, bf16 decoder products) on
+other CPUs with native bf16, fp32 elsewhere.
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
 checks each fast path against them (feature extraction for training runs the fp32 `FastEncoder`, and
@@ -48,6 +48,8 @@ BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 """/proc/cpuinfo flags of native bf16 arithmetic."""
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 """/proc/cpuinfo flags of 8-bit dot products."""
+BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torchscript")
+"""The encoder's runtimes (`FastEncoder`)."""
 ENCODER_CHUNK = 8
 """Images per encoder call: larger batches spill the early, wide activations out of the L2 cache."""
 
@@ -68,9 +70,7 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
       file, changes a third of the captions, and without VNNI has only 7-bit weights.
     """
-    if openvino is None:
-        openvino = openvino_runtime.available() and onnx_runtime.available()  # OpenVINO runs the exported graph
-    if "amx_bf16" in flags and openvino:
+    if "amx_bf16" in flags and (openvino_usable() if openvino is None else openvino):
         return "bf16"
     if flags & BF16_FLAGS:
         return "bf16-decoder"
@@ -88,12 +88,14 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu", flags:
     return precision
 
 
-BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torchscript")
-
-
 def encoder_precision(precision: str) -> str:
     """The encoder's half of a resolved precision: "bf16-decoder" runs an fp32 encoder."""
     return "fp32" if precision == "bf16-decoder" else precision
+
+
+def openvino_usable() -> bool:
+    """Whether the OpenVINO encoder can be built: OpenVINO runs the graph that the ONNX exporter writes."""
+    return openvino_runtime.available() and onnx_runtime.available()
 
 
 def default_backend(precision: str, flags: set[str] | None = None) -> str:
@@ -107,7 +109,7 @@ def default_backend(precision: str, flags: set[str] | None = None) -> str:
     not installed.
     """
     flags = cpu_flags() if flags is None else flags
-    openvino = openvino_runtime.available() and onnx_runtime.available()
+    openvino = openvino_usable()
     if precision == "bf16":
         return "openvino" if openvino and flags & BF16_FLAGS else "torchscript"
     if precision == "int8" and openvino and flags & VNNI_FLAGS:

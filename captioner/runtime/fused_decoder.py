@@ -30,6 +30,10 @@ PROJECT_CHUNK = 8
 """Images per projection call in `init`: the head's wide (8 x 81 x 1280) activations then stay in cache."""
 
 
+LINEAR_ROWS_HINT = 64
+"""Rows oneDNN's linear is prepared for: hints from 3 to 192 ran 3 to 192 rows at the same speed."""
+
+
 def _onednn_linear(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` (K, N) bf16 as oneDNN's linear takes it ((N, K), reordered once), or None where PyTorch's oneDNN
     linear is missing or refuses it (then `torch.mm` runs the product).
@@ -53,10 +57,6 @@ def _onednn_linear(weight: torch.Tensor) -> torch.Tensor | None:
     except (RuntimeError, TypeError, AttributeError):
         return None
     return packed
-
-
-LINEAR_ROWS_HINT = 64
-"""Rows oneDNN's linear is prepared for: hints from 3 to 192 ran 3 to 192 rows at the same speed."""
 
 
 class Product:
