@@ -251,3 +251,12 @@ def test_bf16_captioner_on_openvino(openvino_for_bf16, encoder, fitted, tiny_mod
         assert len(results) == 16 and all(isinstance(r.text, str) and r.text.strip() for r in results)
         fp32 = Captioner(model, encoder, precision="fp32").caption(images, beam_size=3)
         assert sum(a.text == b.text for a, b in zip(results, fp32)) >= 15
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "torchscript"])
+def test_a_chunk_size_below_one_is_refused(small_encoder, backend, chunk_size):
+    """0 or a negative size used to fail only at the first call, inside torch's split; now it fails at once."""
+    precision = "fp32" if backend != "openvino" else "bf16"
+    with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk_size}"):
+        FastEncoder(small_encoder, precision, backend=backend, chunk_size=chunk_size, script=False)
