@@ -291,6 +291,17 @@ class TrainConfig:
     scst_candidates: str = "sample"
     """Where self-critical candidates come from: `sample` (sampled from the model) or `beam` (the n-best list of
     a beam search of width scst_samples)."""
+    scst_dropout: bool = False
+    """Keep dropout on while self-critical candidates are drawn and scored. Off (the default), the candidates
+    and their rewards are those of the model that is validated and shipped."""
+    init_from: str = ""
+    """Start from a trained model instead of random weights: a shipped model's name (`captioner models` lists
+    them) or a checkpoint path. The run keeps its vocabulary (`data.min_word_count` is not applied) and its
+    weights, scores it on the validation splits as epoch 0 (the score a later epoch must beat to be kept), then
+    trains `epochs` cross-entropy epochs at `lr` (lower it: the model is trained already) and `scst_epochs`
+    self-critical ones; `epochs: 0` goes straight to self-critical training. The `model` section must describe
+    the starting model's network (only the dropout rates may differ). `--resume` continues from the run's own
+    state and does not read this model again."""
     num_workers: int = 0
     """Image-decoding worker processes while extracting features."""
     skip_cache_check: bool = False
@@ -298,9 +309,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "batch_size", "captions_per_image"):
+        for name in ("batch_size", "captions_per_image"):
             if getattr(self, name) < 1:
                 problems.append(f"train.{name} must be >= 1")
+        if self.epochs < (0 if self.init_from else 1):
+            problems.append("train.epochs must be >= 1 (or >= 0 with train.init_from)")
+        if self.init_from and not self.epochs and not self.scst_epochs:
+            problems.append("train.init_from with train.epochs: 0 needs train.scst_epochs >= 1")
         if not self.lr > 0:  # also nan
             problems.append(f"train.lr must be > 0, got {self.lr}")
         if self.encoder_head_lr < 0:

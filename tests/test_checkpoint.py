@@ -177,3 +177,23 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path, t
     save_tensors(tmp_path / "bad.safetensors", tensors, meta)
     with pytest.raises(CheckpointError, match="weights do not match the stored config"):
         load_model(tmp_path / "bad.safetensors")
+
+
+def test_metadata_with_undecodable_file_name_bytes_round_trips(tiny_model, tmp_path):
+    """A recipe naming a file whose name is not UTF-8 (os.fsdecode's surrogate escapes) is saved and read back
+    as it was, instead of failing at the first checkpoint after hours of training."""
+    name = b"caf\xe9/photos".decode("utf-8", "surrogateescape")
+    tiny_model.info = {"recipe": {"data": {"root": name}}, "note": "café"}
+    save_model(tiny_model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").info == tiny_model.info
+
+
+def test_an_unreadable_checkpoint_is_a_checkpoint_error_not_a_write_error(tiny_checkpoint, monkeypatch):
+    import captioner.models.checkpoint as checkpoint
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(checkpoint, "open", denied, raising=False)  # as a file the user cannot read
+    with pytest.raises(CheckpointError, match=r"tiny.safetensors: cannot read \(Permission denied\)"):
+        checkpoint.load_tensors(tiny_checkpoint)

@@ -18,9 +18,11 @@ def test_candidates_are_the_beam_n_best_and_their_logprob_is_the_searchs(tiny_mo
     vocab = tiny_model.vocab
     hyps = beam_search(tiny_model.decoder, features, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=3,
                        n_best=3, max_length=6, banned_ids=vocab.banned_ids)
-    per_image = beam_candidates(tiny_model, features, cfg)
-    assert per_image == [[h.tokens + ([vocab.end_id] if h.finished else []) for h in image] for image in hyps]
-    assert tiny_model.decoder.training  # left in training mode for the update
+    for training in (True, False):  # the search runs without dropout; the decoder is left as it was found
+        tiny_model.decoder.train(training)
+        per_image = beam_candidates(tiny_model, features, cfg)
+        assert per_image == [[h.tokens + ([vocab.end_id] if h.finished else []) for h in image] for image in hyps]
+        assert tiny_model.decoder.training == training
     tiny_model.decoder.eval()  # no dropout here anyway; the scores must be the search's own
     owners = [i for i, cands in enumerate(per_image) for _ in cands]
     sequences = [seq for cands in per_image for seq in cands]
@@ -50,3 +52,26 @@ def test_an_epoch_moves_the_weights_and_reports_the_reward(tiny_model, candidate
     reward = train_scst_epoch(tiny_model, optimizer, data, cfg, progress, torch.Generator().manual_seed(0))
     assert progress.step == 2 and 0.0 < reward < 10.0
     assert any(not torch.equal(before[k], v) for k, v in tiny_model.decoder.state_dict().items())
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_candidates_are_drawn_with_dropout_only_when_asked(tiny_model, monkeypatch, dropout):
+    """train.scst_dropout: off, the candidates (and the log-probabilities the update follows) are the captions of
+    the model being shipped; on, those of the dropout-perturbed one."""
+    import captioner.training.scst as scst
+
+    seen = []
+    real = scst.sample_captions
+
+    def spy(model, *args):
+        seen.append(model.decoder.training)
+        return real(model, *args)
+
+    monkeypatch.setattr(scst, "sample_captions", spy)
+    references = [["dog cat runs sits"], ["on the grass red"]]
+    data = CaptionSet(["a", "b"], torch.randn(2, 4, 1280).half(), references)
+    cfg = Config(train=TrainConfig(batch_size=2, scst_samples=2, scst_dropout=dropout),
+                 decode=DecodeConfig(max_length=6))
+    optimizer = torch.optim.AdamW(tiny_model.decoder.parameters())
+    train_scst_epoch(tiny_model, optimizer, data, cfg, Progress(), torch.Generator().manual_seed(0))
+    assert seen == [dropout]

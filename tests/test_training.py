@@ -107,7 +107,6 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
     assert main(["train", "--config", str(full)]) == 0
 
     from captioner.training import loop as training
-    from captioner.training import validation
 
     real_checkpoint = training.checkpoint_epoch
 
@@ -244,3 +243,92 @@ def test_an_image_lost_between_the_plain_and_the_mirrored_pass_is_named(shapes, 
     with pytest.raises(DatasetError, match="became unreadable") as info:
         prepare.prepare_data(cfg)
     assert "cannot identify image file" in str(info.value)
+
+
+def _started_from(tmp_path, csv_path, start, out="run", model=None, **train):
+    """A tiny recipe on the shapes data that starts from the checkpoint `start` (trained at image size 160)."""
+    config = tiny_config(tmp_path, csv_path, out=out, init_from=str(start), **train)
+    raw = yaml.safe_load(config.read_text())
+    raw["model"].update({"image_size": 160, **(model or {})})
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_a_run_started_from_a_model_scores_it_first_keeps_its_words_and_resumes_without_it(
+        trained, shapes, tmp_path, monkeypatch, capsys):
+    """train.init_from: the starting model is epoch 0 (its weights, scored as when it was kept), its vocabulary
+    is kept where the data's counts would give another, dropout may differ, self-critical epochs follow; a
+    resumed run needs only its own state, not the starting model's file."""
+    import shutil
+
+    from captioner.models.checkpoint import load_model
+    from captioner.training import loop as training
+
+    _, csv_path = shapes
+    start = tmp_path / "start.safetensors"
+    shutil.copy(trained / "best.safetensors", start)
+    config = _started_from(tmp_path, csv_path, start, data={"min_word_count": 10_000}, model={"dropout": 0.3},
+                           epochs=0, scst_epochs=2, scst_lr=1e-4)
+    assert main(["train", "--config", str(config), "--dry-run"]) == 0
+    started = load_model(start)
+    assert f"# vocabulary: {len(started.vocab)} words, the starting model's" in capsys.readouterr().out
+
+    real_checkpoint = training.checkpoint_epoch
+
+    def killed_after_epoch_one(run, model, optimizer, progress, *args):
+        real_checkpoint(run, model, optimizer, progress, *args)
+        if progress.epoch == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_one)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--config", str(config)])
+    monkeypatch.setattr(training, "checkpoint_epoch", real_checkpoint)
+    start.unlink()  # moved or updated since: the resumed run must not need it
+    assert main(["train", "--config", str(config), "--resume"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"]) for r in rows] == [(0, "init"), (1, "scst"), (2, "scst")]
+    assert rows[0]["lr"] is None and rows[0]["loss"] is None
+    before = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["CIDEr"] == pytest.approx(max(r["CIDEr"] for r in before), abs=1e-9)
+    best = load_model(tmp_path / "run" / "best.safetensors")
+    assert best.vocab.itos == started.vocab.itos and len(started.vocab) > 10  # min_word_count would leave 4
+
+
+def test_a_starting_model_that_does_not_fit_is_refused_before_any_work(trained, shapes, tmp_path, capsys):
+    _, csv_path = shapes
+    start = trained / "best.safetensors"
+    # hidden_dim differs, and image_size is left at the encoder's own (the model was trained at 160)
+    config = tiny_config(tmp_path, csv_path, out="other", epochs=1, init_from=str(start))
+    raw = yaml.safe_load(config.read_text())
+    raw["model"]["hidden_dim"] = 48
+    config.write_text(yaml.safe_dump(raw))
+    for command in (["--dry-run"], []):
+        assert main(["train", "--config", str(config), *command]) == 2
+        err = capsys.readouterr().err
+        assert "model.hidden_dim: 96, this config 48" in err and "model.image_size: 160, this config 0" in err
+    assert not (tmp_path / "other").exists() and not (tmp_path / "cache").exists()
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    cases = {"nonesuch": "unknown model 'nonesuch'; shipped models: general, flickr8k",
+             str(tmp_path / "missing.safetensors"): "missing.safetensors: checkpoint file not found",
+             str(trained): f"{trained}: is a folder; did you mean {start}?",
+             str(pickled): "pickle-based PyTorch file"}
+    for value, reason in cases.items():
+        raw["train"]["init_from"] = value
+        config.write_text(yaml.safe_dump(raw))
+        assert main(["train", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "train.init_from: " in err and reason in err, err
+    assert not (tmp_path / "other").exists()
+
+
+def test_no_epochs_at_all_is_refused():
+    from captioner.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train.epochs must be >= 1 \(or >= 0 with train.init_from\)"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="needs train.scst_epochs >= 1"):
+        TrainConfig(epochs=0, init_from="general")
+    assert TrainConfig(epochs=0, scst_epochs=1, init_from="general").epochs == 0

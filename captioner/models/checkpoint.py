@@ -78,7 +78,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Atomically write tensors and a JSON-serialisable metadata dict as one safetensors file."""
-    header = {"json": json.dumps(metadata, ensure_ascii=False)}
+    text = json.dumps(metadata, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's undecodable bytes (surrogate escapes): kept as \udcxx escapes
+        text = json.dumps(metadata)
+    header = {"json": text}
     data = safetensors_dumps({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=header)
     atomic_write_bytes(path, data)
 
@@ -107,7 +112,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
-    _refuse_pickle(path)
+    try:
+        _refuse_pickle(path)
+    except OSError as exc:  # e.g. no read permission: a reading problem, not the disk-full kind of OSError
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}

@@ -14,6 +14,7 @@ import yaml
 from captioner.config import Config, DatasetConfig, config_to_dict
 from captioner.data.readers import DatasetError, check_images, read_dataset
 from captioner.models.vocab import Vocabulary
+from captioner.training.start import starting_model
 
 
 @dataclass
@@ -38,6 +39,8 @@ class DryRunReport:
 
     splits: list[SplitReport]
     vocabulary: int
+    vocabulary_from: str = ""
+    """`train.init_from` when the run keeps its starting model's vocabulary, else empty (built from the data)."""
     """Words in the vocabulary built from the training captions, special tokens included."""
 
 
@@ -78,6 +81,8 @@ def dry_run(cfg: Config) -> DryRunReport:
             splits.append(train)
             train_captions += captions
         splits.append(_split(cfg, source, source.val_split, cfg.train.val_max_images)[0])
+    if cfg.train.init_from:  # the run checks its starting model before extracting anything: so does the check
+        return DryRunReport(splits, len(starting_model(cfg).vocab), cfg.train.init_from)
     vocab = Vocabulary.build(train_captions, cfg.data.min_word_count)
     return DryRunReport(splits, len(vocab))
 
@@ -89,6 +94,10 @@ def format_report(cfg: Config, report: DryRunReport) -> str:
     for s in report.splits:
         where = f"{s.dataset} " if cfg.data.datasets else ""
         lines.append(f"# {where}{s.split}: {s.images} images, {s.captions} captions, {s.missing} missing")
-    lines.append(f"# vocabulary: {report.vocabulary} words over all training captions "
-                 f"(min_word_count {cfg.data.min_word_count})")
+    if report.vocabulary_from:
+        lines.append(f"# vocabulary: {report.vocabulary} words, the starting model's "
+                     f"(train.init_from {report.vocabulary_from!r})")
+    else:
+        lines.append(f"# vocabulary: {report.vocabulary} words over all training captions "
+                     f"(min_word_count {cfg.data.min_word_count})")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from captioner.training.log import log
 from captioner.training.plots import plot_history
 from captioner.training.prepare import Prepared, prepare_data, validate_paths
 from captioner.training.run_state import Progress, load_state, save_state
+from captioner.training.start import check_features, run_vocabulary, starting_model
 from captioner.training.validation import per_dataset, validation_scores
 
 
@@ -182,6 +183,10 @@ def fit(cfg: Config, resume: bool = False) -> CaptionModel:
 
 
 def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
+    state_file = Path(cfg.train.out_dir) / "train_state.safetensors"
+    resuming = resume and state_file.exists()
+    # A new run from a model checks it before anything is written or extracted; a resumed one has all it needs.
+    start = starting_model(cfg) if cfg.train.init_from and not resuming else None
     run = _open_run(cfg, resume, dist)
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout differs per rank; the data order does not
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -191,16 +196,25 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
         val_images = sum(len(v) for v in data.vals.values())
         log(f"features ready: {len(data.train)} train / {val_images} val images ({time.time() - started:.0f}s)"
             + (f" on {dist.world} processes" if dist.enabled else ""))
-    vocab = Vocabulary.build((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
+    if start:
+        check_features(start, data.encoder_dim, cfg.train.init_from)
+        vocab = start.vocab
+    elif cfg.train.init_from and resuming:
+        vocab = Vocabulary(run_vocabulary(state_file))
+    else:
+        vocab = Vocabulary.build((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
-    start_encoder_head(model.decoder, data.encoder_head)
+    if start:
+        model.decoder.load_state_dict(start.decoder.state_dict())
+    else:
+        start_encoder_head(model.decoder, data.encoder_head)
+    started_from_model, start = start is not None, None  # the copy of its weights is not needed any more
     model.decoder.to(dist.device)
     optimizer = torch.optim.AdamW(parameter_groups(model.decoder, cfg), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay)
     progress = Progress()
     extra: dict[str, torch.Tensor] = {}
-    state_file = run / "train_state.safetensors"
-    if resume and state_file.exists():
+    if resuming:
         progress, itos, extra = load_state(state_file, model.decoder, optimizer, generator)
         for group, configured in zip(optimizer.param_groups, parameter_groups(model.decoder, cfg)):
             group["lr_scale"] = configured["lr_scale"]  # the config's scale, not the saved one: it may have changed
@@ -221,6 +235,10 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     total_steps = math.ceil(data.train.epoch_size() / cfg.train.batch_size) * cfg.train.epochs
     model.info = {"data": "+".join(data.vals), "train_images": len(data.train),
                   "val_images": sum(len(v) for v in data.vals.values()), "recipe": config_to_dict(cfg)}
+    if started_from_model:  # epoch 0, the starting model's scores: what training has to beat
+        began = time.time()
+        _validate_and_checkpoint(run, model, optimizer, progress, generator, data, cfg, dist, "init", 0.0,
+                                 time.time() - began, ema)
 
     while True:
         # Checked before each epoch rather than after it, so a run resumed after its early stop goes straight on.
@@ -279,13 +297,18 @@ def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.op
         model.info["epoch"] = progress.epoch
     else:
         progress.bad_epochs += 1
-    # Cross-entropy epochs report their loss; self-critical epochs the mean CIDEr-D reward of their samples.
-    what = "loss" if phase == "xe" else "reward"
-    value = {"loss": loss} if phase == "xe" else {"loss": None, "reward": loss}
-    progress.history.append({"epoch": progress.epoch, "phase": phase, **value, "seconds": seconds,
-                             "lr": optimizer.param_groups[0]["lr"], **scores})
+    # Cross-entropy epochs report their loss; self-critical epochs the mean CIDEr-D reward of their samples;
+    # epoch 0 of a run started from a model (phase "init") neither.
+    if phase == "xe":
+        value, said = {"loss": loss}, f"loss {loss:.3f}"
+    elif phase == "scst":
+        value, said = {"loss": None, "reward": loss}, f"reward {loss:.3f}"
+    else:
+        value, said = {"loss": None, "lr": None}, f"(the starting model, {cfg.train.init_from})"
+    progress.history.append({"epoch": progress.epoch, "phase": phase, "seconds": seconds,
+                             "lr": optimizer.param_groups[0]["lr"], **value, **scores})
     if dist.is_main:
         checkpoint_epoch(run, model, optimizer, progress, generator, improved, ema)
-        log(f"epoch {progress.epoch} {phase} {what} {loss:.3f} | " +
+        log(f"epoch {progress.epoch} {phase} {said} | " +
             " ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" | {seconds:.0f}s" + (" *" if improved else ""))
     barrier(dist)

@@ -63,6 +63,7 @@ def beam_candidates(model: CaptionModel, features: torch.Tensor, cfg: Config) ->
     The search runs with dropout off, as at test time, and without gradients; `sequence_logprobs` then scores
     the chosen words with gradients."""
     decoder, vocab, k = model.decoder, model.vocab, cfg.train.scst_samples
+    mode = decoder.training
     decoder.eval()
     try:
         hyps = beam_search(decoder, features, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=k, n_best=k,
@@ -70,7 +71,7 @@ def beam_candidates(model: CaptionModel, features: torch.Tensor, cfg: Config) ->
                            length_penalty=cfg.decode.length_penalty, banned_ids=vocab.banned_ids,
                            no_repeat_ngram=cfg.decode.no_repeat_ngram)
     finally:
-        decoder.train()
+        decoder.train(mode)
     return [[h.tokens + ([vocab.end_id] if h.finished else []) for h in image] for image in hyps]
 
 
@@ -108,7 +109,7 @@ def train_scst_epoch(model: CaptionModel, optimizer: torch.optim.Optimizer, data
     """One self-critical pass over `data`; returns the candidates' mean reward (CIDEr-D on training references)."""
     dist = dist or Dist()
     scorer = CiderD([[tokenize(c) for c in caps] for caps in data.references])
-    model.decoder.train()
+    model.decoder.train(cfg.train.scst_dropout)  # gradients flow either way; this only switches dropout
     for group in optimizer.param_groups:
         group["lr"] = cfg.train.scst_lr * group.get("lr_scale", 1.0)
     order = rank_share(epoch_order(data, generator), dist.rank, dist.world)  # sampling weights, as in XE epochs
