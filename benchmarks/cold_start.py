@@ -1,8 +1,11 @@
 """Cold start: how long one image takes from a fresh process, by phase, with and without the disk cache.
 
 Each run is a new Python process (nothing warm but the OS file cache):
-- phases: `import torch`, `import captioner`, `Captioner.load()`, the first caption (which builds the fast paths,
-  or reads them from the cache), and a second caption of the same image for comparison;
+- phases: `import torch`, `import captioner`, `Captioner.load()`, the first caption, and a second caption of the
+  same image for comparison. With `--precision auto` one image runs on the reference modules (a job that small
+  finishes sooner than the fast paths take to build: `captioner.runtime.fast.SMALL_JOB`), so the cache is not
+  used; an explicit precision (`--precision bf16`, `fp32`) builds the fast paths at the first caption, or reads
+  them from the cache;
 - wall: the whole `python -m captioner caption IMAGE` command, as a user runs it.
 
 "without cache" gives every run a fresh, empty cache folder (`CAPTIONER_CACHE_DIR`), so the ONNX export happens

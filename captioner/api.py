@@ -34,7 +34,7 @@ from captioner.models.encoder import Encoder, build_encoder
 from captioner.models.shipped import SHIPPED
 from captioner.models.shipped import resolve as resolve_model
 from captioner.models.tags import TagError, TagHead, imagenet_classifier, timm_info_dir
-from captioner.runtime.fast import FastPaths, Precision, resolve_precision
+from captioner.runtime.fast import SMALL_JOB, FastPaths, Precision, resolve_precision
 from captioner.runtime.int8 import CalibrationError, calibration_path
 
 
@@ -101,7 +101,9 @@ class Captioner:
         Args:
             precision: "auto" picks per CPU the fastest of the paths below whose dev CIDEr-D stays within 0.01
                 of fp32's (`captioner.runtime.fast.auto_precision`: "bf16" with AMX, "bf16-decoder" with other
-                native bf16, "fp32" elsewhere). "reference" runs the training-time fp32 modules unchanged;
+                native bf16, "fp32" elsewhere), after captioning the instance's first 16 images
+                (`captioner.runtime.fast.SMALL_JOB`) on the reference modules: a job of a few photos finishes
+                sooner than the fast paths take to build, and a batch of more builds them. "reference" runs the training-time fp32 modules unchanged;
                 "fp32" the CPU fast paths in fp32: same captions, features within 1e-3; "bf16-decoder" an fp32
                 encoder and bf16 decoder products; "bf16" runs the encoder (OpenVINO where bf16 is native) and
                 the decoder's matrix products in bf16, faster on CPUs with bf16 instructions but it changes some
@@ -123,8 +125,10 @@ class Captioner:
         self.precision = resolve_precision(precision, self.device)
         if self.precision == "int8" and int8_calibration is None:
             raise CalibrationError("precision='int8' needs int8_calibration, the checkpoint's calibration file")
+        # "auto" also means: no fast paths for a job of a few images, which finishes sooner without building them.
         self._fast = None if self.precision == "reference" else FastPaths(
-            self.encoder, self.decoder, self.precision, calibration=int8_calibration)
+            self.encoder, self.decoder, self.precision, calibration=int8_calibration,
+            defer_images=SMALL_JOB if precision == "auto" else 0)
         if self.precision == "int8":  # about a second: a bad calibration fails here, not at the first image
             self._fast.get()
         self._tag_head: TagHead | None = None  # built on the first request for tags
@@ -169,10 +173,11 @@ class Captioner:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed images -> (B, N, D) float32 grid features, on the fast path if enabled."""
+        return self._encode(pixels, self._fast.get() if self._fast is not None else None)
+
+    def _encode(self, pixels: torch.Tensor, fast: tuple | None) -> torch.Tensor:
         with torch.inference_mode():
-            if self._fast is not None:
-                return self._fast.get()[0](pixels)
-            return self.encoder(pixels.to(self.device))
+            return fast[0](pixels) if fast is not None else self.encoder(pixels.to(self.device))
 
     @property
     def step_decoder(self):
@@ -329,10 +334,12 @@ class Captioner:
                               for s, x in loaded]  # type: ignore[misc]
         if good:
             pixels = self.encoder.preprocess.normalize(torch.stack([x for _, x in good]))  # (B, 3, H, W)
-            features = self.encode(pixels)  # (B, N, D)
+            fast = self._fast.for_batch(len(good)) if self._fast is not None else None
+            features = self._encode(pixels, fast)  # (B, N, D)
             # The encoder's classifier reads the very features the decoder gets, whatever path made them.
             image_tags = self._tags(features, tags) if tags else [None] * len(good)
-            hyps = beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
+            decoder = fast[1] if fast is not None else self.decoder
+            hyps = beam_search(decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
                                banned_ids=self.vocab.banned_ids, **search)
             for (i, _), image_hyps, tag_list in zip(good, hyps, image_tags):
                 out[i] = self._to_caption(loaded[i][0], image_hyps, tag_list)

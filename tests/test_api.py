@@ -17,7 +17,11 @@ from tests.test_speed_paths import SCENES, scene
 
 @pytest.fixture
 def captioner(tiny_model) -> Captioner:
-    return Captioner(tiny_model, build_encoder("efficientnet_lite0", pretrained=False))
+    """The default precision with its fast paths built, as after a first job of more than SMALL_JOB images: the
+    paths these tests check (a small job's reference modules: test_speed_paths)."""
+    cap = Captioner(tiny_model, build_encoder("efficientnet_lite0", pretrained=False))
+    cap.warmup()
+    return cap
 
 
 def test_paths_pil_and_mixed_give_one_caption_each(tmp_path, captioner):

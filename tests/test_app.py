@@ -44,7 +44,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def captioner(checkpoint) -> Captioner:
-    return Captioner.load(checkpoint)
+    """What the app captions with: it warms its Captioner up, so it runs the fast paths from the first photo."""
+    cap = Captioner.load(checkpoint)
+    cap.warmup()
+    return cap
 
 
 @pytest.fixture(scope="module")

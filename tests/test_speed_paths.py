@@ -307,6 +307,35 @@ def test_fp32_fast_captioner_matches_the_reference_captioner(encoder, pixels, ti
     assert [r.alternatives[1].text for r in b] == [r.alternatives[1].text for r in a]
 
 
+def test_auto_captions_a_small_job_without_building_the_fast_paths(encoder, tiny_model, monkeypatch):
+    """precision="auto": the first SMALL_JOB images go to the reference modules (the same captions as
+    "reference"), the first batch that does not fit in what is left builds the fast paths, for good; an explicit
+    precision builds them at the first image."""
+    import captioner.runtime.fast as fast
+
+    monkeypatch.setattr(fast, "auto_precision", lambda *a, **k: "fp32")  # the same build on every CPU kind
+    images = [scene(c, s, 1) for c, s in SCENES]
+    reference = Captioner(tiny_model, encoder, precision="reference").caption(images, beam_size=3)
+    auto = Captioner(tiny_model, encoder, precision="auto")
+    assert auto.precision == "fp32"
+    first = auto.caption(images[:1], beam_size=3) + auto.caption(images[1:fast.SMALL_JOB], beam_size=3)
+    assert not auto._fast.built
+    assert [c.text for c in first] == [c.text for c in reference[:fast.SMALL_JOB]]
+    assert [c.score for c in first] == pytest.approx([c.score for c in reference[:fast.SMALL_JOB]], abs=1e-5)
+    auto.caption(images[:1], beam_size=3)  # one more than the allowance
+    assert auto._fast.built
+
+    spent = Captioner(tiny_model, encoder, precision="auto")
+    spent.caption(images[:2], beam_size=3)
+    assert not spent._fast.built
+    spent.caption(images * 2, beam_size=3, batch_size=fast.SMALL_JOB)  # the first batch does not fit: built
+    assert spent._fast.built and spent._fast.for_batch(1) is spent._fast.get()
+
+    explicit = Captioner(tiny_model, encoder, precision="fp32")
+    explicit.caption(images[:1], beam_size=3)
+    assert explicit._fast.built
+
+
 @pytest.fixture(scope="module")
 def fitted(features, trained) -> tuple[torch.nn.Module, list[str]]:
     """`trained`'s decoder fitted to the first scene set, and its reference captions of the unseen second set."""
