@@ -30,6 +30,21 @@ def tiny_config(tmp_path, csv_path, out="run", data=None, **train):
     return path
 
 
+def kill_after_epoch(monkeypatch, epoch: int):
+    """Make a run stop as if killed right after epoch `epoch`'s checkpoint is on disk; returns what undoes it."""
+    from captioner.training import loop as training
+
+    real = training.checkpoint_epoch
+
+    def killed(run, model, optimizer, progress, *args):
+        real(run, model, optimizer, progress, *args)
+        if progress.epoch == epoch:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(training, "checkpoint_epoch", killed)
+    return lambda: monkeypatch.setattr(training, "checkpoint_epoch", real)
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("shapes")
@@ -106,20 +121,11 @@ def test_resume_matches_an_uninterrupted_run(shapes, tmp_path, monkeypatch, ema_
     full = tiny_config(tmp_path, csv_path, out="full", epochs=4, ema_decay=ema_decay)
     assert main(["train", "--config", str(full)]) == 0
 
-    from captioner.training import loop as training
-
-    real_checkpoint = training.checkpoint_epoch
-
-    def killed_after_epoch_two(run, model, optimizer, progress, *args):
-        real_checkpoint(run, model, optimizer, progress, *args)
-        if progress.epoch == 2:
-            raise KeyboardInterrupt("simulated kill")
-
     part = tiny_config(tmp_path, csv_path, out="part", epochs=4, ema_decay=ema_decay)
-    monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_two)
+    revive = kill_after_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--config", str(part)])
-    monkeypatch.setattr(training, "checkpoint_epoch", real_checkpoint)
+    revive()
     assert main(["train", "--config", str(part)]) == 2  # refuses to overwrite a run without --resume
     assert main(["train", "--config", str(part), "--resume"]) == 0
     full_rows = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
@@ -198,7 +204,6 @@ def test_a_head_of_another_width_is_one_clear_error(shapes, tmp_path, capsys):
 def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, monkeypatch):
     """The early stop is decided from the saved progress, so resuming does not train one more XE epoch."""
     _, csv_path = shapes
-    from captioner.training import loop as training
     from captioner.training import validation
 
     calls = []
@@ -207,19 +212,12 @@ def test_a_run_resumed_after_its_early_stop_goes_straight_on(shapes, tmp_path, m
         calls.append(1)
         return {"Bleu_1": 0.5, "Bleu_4": 0.1, "ROUGE_L": 0.3, "CIDEr": 1.0 / len(calls)}, None
 
-    real_checkpoint = training.checkpoint_epoch
-
-    def killed_after_epoch_two(run, model, optimizer, progress, *args):
-        real_checkpoint(run, model, optimizer, progress, *args)
-        if progress.epoch == 2:
-            raise KeyboardInterrupt("simulated kill")
-
     monkeypatch.setattr(validation, "evaluate_set", declining_scores)
-    monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_two)
+    revive = kill_after_epoch(monkeypatch, 2)
     config = tiny_config(tmp_path, csv_path, epochs=6, patience=1, scst_epochs=1)
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--config", str(config)])
-    monkeypatch.setattr(training, "checkpoint_epoch", real_checkpoint)
+    revive()
     assert main(["train", "--config", str(config), "--resume"]) == 0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["phase"]) for r in rows] == [(1, "xe"), (2, "xe"), (7, "scst")]
@@ -262,7 +260,6 @@ def test_a_run_started_from_a_model_scores_it_first_keeps_its_words_and_resumes_
     import shutil
 
     from captioner.models.checkpoint import load_model
-    from captioner.training import loop as training
 
     _, csv_path = shapes
     start = tmp_path / "start.safetensors"
@@ -273,17 +270,10 @@ def test_a_run_started_from_a_model_scores_it_first_keeps_its_words_and_resumes_
     started = load_model(start)
     assert f"# vocabulary: {len(started.vocab)} words, the starting model's" in capsys.readouterr().out
 
-    real_checkpoint = training.checkpoint_epoch
-
-    def killed_after_epoch_one(run, model, optimizer, progress, *args):
-        real_checkpoint(run, model, optimizer, progress, *args)
-        if progress.epoch == 1:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(training, "checkpoint_epoch", killed_after_epoch_one)
+    revive = kill_after_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--config", str(config)])
-    monkeypatch.setattr(training, "checkpoint_epoch", real_checkpoint)
+    revive()
     start.unlink()  # moved or updated since: the resumed run must not need it
     assert main(["train", "--config", str(config), "--resume"]) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
