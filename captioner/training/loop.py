@@ -235,10 +235,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     total_steps = math.ceil(data.train.epoch_size() / cfg.train.batch_size) * cfg.train.epochs
     model.info = {"data": "+".join(data.vals), "train_images": len(data.train),
                   "val_images": sum(len(v) for v in data.vals.values()), "recipe": config_to_dict(cfg)}
-    if started_from_model:  # epoch 0, the starting model's scores: what training has to beat
-        began = time.time()
-        _validate_and_checkpoint(run, model, optimizer, progress, generator, data, cfg, dist, "init", 0.0,
-                                 time.time() - began, ema)
+    if started_from_model:  # epoch 0, the starting model's scores: what training has to beat (0 s trained)
+        _validate_and_checkpoint(run, model, optimizer, progress, generator, data, cfg, dist, "init", 0.0, 0.0, ema)
 
     while True:
         # Checked before each epoch rather than after it, so a run resumed after its early stop goes straight on.
