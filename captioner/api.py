@@ -103,7 +103,8 @@ class Captioner:
                 of fp32's (`captioner.runtime.fast.auto_precision`: "bf16" with AMX, "bf16-decoder" with other
                 native bf16, "fp32" elsewhere), after captioning the instance's first 16 images
                 (`captioner.runtime.fast.SMALL_JOB`) on the reference modules: a job of a few photos finishes
-                sooner than the fast paths take to build, and a batch of more builds them. "reference" runs the training-time fp32 modules unchanged;
+                sooner than the fast paths take to build, and a batch of more builds them. "reference" runs
+                the training-time fp32 modules unchanged;
                 "fp32" the CPU fast paths in fp32: same captions, features within 1e-3; "bf16-decoder" an fp32
                 encoder and bf16 decoder products; "bf16" runs the encoder (OpenVINO where bf16 is native) and
                 the decoder's matrix products in bf16, faster on CPUs with bf16 instructions but it changes some

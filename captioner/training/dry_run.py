@@ -39,9 +39,10 @@ class DryRunReport:
 
     splits: list[SplitReport]
     vocabulary: int
+    """Words in the vocabulary the run will use, special tokens included: built from the training captions, or
+    the starting model's."""
     vocabulary_from: str = ""
     """`train.init_from` when the run keeps its starting model's vocabulary, else empty (built from the data)."""
-    """Words in the vocabulary built from the training captions, special tokens included."""
 
 
 def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[SplitReport, list[str]]:
