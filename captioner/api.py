@@ -173,12 +173,18 @@ class Captioner:
         return self.model.decode_cfg
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) preprocessed images -> (B, N, D) float32 grid features, on the fast path if enabled."""
+        """(B, 3, H, W) images -> (B, N, D) float32 grid features, on the fast path if enabled. `pixels` are
+        normalised floats (`preprocess`) or uint8 (`Preprocess.to_uint8`), which the fast encoder normalises
+        chunk by chunk or inside its graph, faster than a whole batch of floats."""
         return self._encode(pixels, self._fast.get() if self._fast is not None else None)
 
     def _encode(self, pixels: torch.Tensor, fast: tuple | None) -> torch.Tensor:
         with torch.inference_mode():
-            return fast[0](pixels) if fast is not None else self.encoder(pixels.to(self.device))
+            if fast is not None:
+                return fast[0](pixels)
+            if pixels.dtype == torch.uint8:
+                pixels = self.encoder.preprocess.normalize(pixels)
+            return self.encoder(pixels.to(self.device))
 
     @property
     def step_decoder(self):
@@ -211,7 +217,7 @@ class Captioner:
     def warmup(self, batch_size: int = 1) -> None:
         """Build the fast paths and run one dummy batch, so the first real request pays no set-up cost."""
         size = self.encoder.preprocess.size
-        features = self.encode(torch.zeros(batch_size, 3, size, size))
+        features = self.encode(torch.zeros(batch_size, 3, size, size, dtype=torch.uint8))  # as captioning does
         beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
                     beam_size=self.model.decode_cfg.beam_size, max_length=2)
 
@@ -316,7 +322,7 @@ class Captioner:
 
     def _safe_preprocess(self, indexed: tuple[int, ImageInput, str | None]
                          ) -> tuple[str, torch.Tensor | ImageLoadError]:
-        """Decode and resize one image to (H, W, 3) uint8; normalising waits for the whole batch."""
+        """Decode and resize one image to (3, H, W) uint8; normalising waits for the whole batch."""
         index, item, name = indexed
         source = name or describe(item, index)
         prep = self.encoder.preprocess
@@ -334,7 +340,7 @@ class Captioner:
         out: list[Caption] = [Caption(source=s, error=str(x)) if isinstance(x, Exception) else None
                               for s, x in loaded]  # type: ignore[misc]
         if good:
-            pixels = self.encoder.preprocess.normalize(torch.stack([x for _, x in good]))  # (B, 3, H, W)
+            pixels = torch.stack([x for _, x in good])  # (B, 3, H, W) uint8, normalised by the encoder
             fast = self._fast.for_batch(len(good)) if self._fast is not None else None
             features = self._encode(pixels, fast)  # (B, N, D)
             # The encoder's classifier reads the very features the decoder gets, whatever path made them.

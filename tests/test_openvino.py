@@ -105,6 +105,20 @@ def test_openvino_output_shape_and_chunking(encoder, openvino_bf16, bf16_feature
         openvino_bf16(torch.zeros(1, 3, 200, 200))
 
 
+def _uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """The uint8 images that `Preprocess.normalize` (mean = std = 0.5) turned into `pixels`."""
+    return ((pixels * 0.5 + 0.5) * 255).round().to(torch.uint8)
+
+
+def test_uint8_pixels_are_normalised_in_the_graph_to_the_same_features(openvino_bf16, bf16_features, pixels):
+    """The uint8 graph normalises as `Preprocess.normalize` does (measured: the same features to the last bit)."""
+    raw = _uint8(pixels[1])
+    assert torch.equal(openvino_bf16.preprocess.normalize(raw), pixels[1])  # the uint8 images are the right ones
+    got = openvino_bf16(raw)
+    assert got.shape == (16, 49, 1280) and got.dtype == torch.float32
+    assert _relative(got, bf16_features[1]) <= 1e-3
+
+
 @pytest.mark.parametrize("vnni", [True, False], ids=["vnni", "no-vnni"])
 def test_openvino_int8_matches_onnxruntime_int8(encoder, pixels, int8_calibration, vnni):
     """The same QDQ model (8-bit weights with VNNI, 7-bit without), run by both: measured relative 0.064 and 0.065

@@ -232,6 +232,17 @@ def test_chunking_does_not_change_features(encoder, pixels, backend):
         fast(torch.zeros(1, 3, 200, 200))
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_uint8_pixels_give_the_features_of_normalised_images(encoder, pixels, backend):
+    """Normalised one chunk at a time by `Preprocess.normalize`, the same arithmetic as the float path's."""
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    fast = FastEncoder(encoder, "fp32", chunk_size=3, backend=backend)
+    raw = ((pixels[0][:5] * 0.5 + 0.5) * 255).round().to(torch.uint8)
+    assert torch.equal(encoder.preprocess.normalize(raw), pixels[0][:5])
+    assert torch.equal(fast(raw), fast(pixels[0][:5]))
+
+
 def test_bf16_features_within_tolerance(features):
     for seed in (0, 1):
         ref, fast = features["reference"][seed], features["bf16"][seed]
@@ -295,6 +306,35 @@ def test_fused_decoder_gives_the_reference_captions_scores_attention_and_gates(f
     for a, b in zip(ref, fused):
         assert torch.allclose(a.attention, b.attention, atol=1e-5)
         assert all(torch.allclose(a.gates[k], b.gates[k], atol=1e-5) for k in a.gates)
+
+
+@pytest.mark.parametrize("images", [1, 4, 7])
+def test_attention_energy_in_chunks_is_the_energy_in_one_pass(features, monkeypatch, images):
+    """`ENERGY_CHUNK` images per pass (a last, shorter chunk at 7): the steps' outputs of one pass over all."""
+    torch.manual_seed(2)
+    vocab = Vocabulary.build(["a b c d e f g h"], min_count=1)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0)
+    fused = FusedAttentionDecoder(new_model(cfg, vocab, 1280).decoder.eval())
+    feats = features["reference"][0][:images]
+
+    def steps() -> list:
+        memory, state = fused.init(feats)
+        tokens, outs = torch.full((images,), vocab.start_id), []
+        for t in range(3):  # one row per image, then three per image
+            out = fused.step(tokens, memory, state)
+            outs.append(out)
+            repeat = 3 if t == 0 else 1
+            state = {k: v.repeat_interleave(repeat, 0) for k, v in out.state.items()}
+            tokens = out.logits.argmax(1).repeat_interleave(repeat)
+        return outs
+
+    chunked = steps()
+    monkeypatch.setattr("captioner.runtime.fused_decoder.ENERGY_CHUNK", 10_000)
+    whole = steps()
+    assert chunked[-1].attention.shape == (3 * images, 49)
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a.attention, b.attention, atol=1e-6)
+        assert torch.allclose(a.logits, b.logits, atol=1e-5)
 
 
 def test_fp32_fast_captioner_matches_the_reference_captioner(encoder, pixels, tiny_model):

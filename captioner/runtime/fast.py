@@ -51,7 +51,8 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torchscript")
 """The encoder's runtimes (`FastEncoder`)."""
 ENCODER_CHUNK = 8
-"""Images per encoder call: larger batches spill the early, wide activations out of the L2 cache."""
+"""Images per encoder call (ONNX Runtime, TorchScript): larger batches spill the early, wide activations out of
+the L2 cache. OpenVINO's chunk is `openvino_runtime.CHUNK`."""
 
 
 def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = None) -> str:
@@ -60,9 +61,9 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
     `openvino`: whether OpenVINO is installed (default: looked up).
 
     - AMX (amx_bf16) with OpenVINO: "bf16", a bf16 encoder in OpenVINO and bf16 decoder products. General model,
-      beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5342 against fp32's 0.5358 on Flickr8k dev and 0.6930 against
-      0.6900 on coco_small dev, 1.7x fp32's speed. The int8 encoder (0.5398 and 0.6616) falls 0.028 below fp32
-      on coco_small.
+      beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5360 against fp32's 0.5359 on Flickr8k dev and 0.6956 against
+      0.6913 on coco_small dev, twice fp32's speed. The int8 encoder (0.5398 and 0.6616, with PIL's resizing
+      against 0.5358 and 0.6900) falls 0.028 below fp32 on coco_small.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
       and bf16 decoder products: 0.5375 and 0.6973 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
       model on an AVX-512 + BF16 + VNNI EPYC, decoder twice as fast. OpenVINO's bf16 encoder was not measured
@@ -171,7 +172,7 @@ class FastEncoder:
                  chunk_size: int | None = None, script: bool = True,
                  calibration: str | os.PathLike | None = None, disk_cache: bool = True):
         """`calibration`: the int8 calibration file (`captioner.runtime.int8.calibration_path`), for precision "int8".
-        `chunk_size`: images per call (default `ENCODER_CHUNK`). `disk_cache`: keep the exported ONNX model on disk
+        `chunk_size`: images per call (default `ENCODER_CHUNK`, or `openvino_runtime.CHUNK`). `disk_cache`: keep the exported ONNX model on disk
         and reuse it at the next start (`captioner.runtime.cache`)."""
         self.precision = encoder_precision(resolve_precision(precision))
         if self.precision == "reference":
@@ -199,15 +200,22 @@ class FastEncoder:
         self.feature_dim, self.grid_size = encoder.feature_dim, encoder.grid_size
         self._key = encoder.cache_key()
         self.backend = backend
-        self.chunk_size = ENCODER_CHUNK if chunk_size is None else chunk_size
+        if chunk_size is None:
+            chunk_size = openvino_runtime.CHUNK if backend == "openvino" else ENCODER_CHUNK
+        self.chunk_size = chunk_size
         if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # int8 takes fp32 images
+        # uint8 pixels: normalised one chunk at a time, while it is in the caches (the batch of 64 at once cost
+        # 0.9 ms an image more on the 2-core Xeon, docs/performance.md)
+        self._run_pixels = lambda x: self._run(self.preprocess.normalize(x))
         size = self.preprocess.size
         if backend == "openvino":
             inference = "bf16" if self.precision == "bf16" else "f32"
+            pixels = (self.preprocess.mean, self.preprocess.std)
             self._run = self._onnx_runner(encoder, calibration, disk_cache,
-                                          lambda model: openvino_runtime.runner(model, inference))
+                                          lambda model: openvino_runtime.runner(model, inference, pixels=pixels))
+            self._run_pixels = self._run  # normalises uint8 pixels inside its graph
             return
         if backend == "onnxruntime":
             self._run = self._onnx_runner(encoder, calibration, disk_cache, onnx_runtime.runner)
@@ -255,10 +263,13 @@ class FastEncoder:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images, normalised floats or uint8 pixels (`Preprocess.to_uint8`, normalised here) ->
+        (B, N, D) float32 grids."""
         size = self.preprocess.size
         if images.shape[1:] != (3, size, size):
             raise ValueError(f"expected (B, 3, {size}, {size}) images, got {tuple(images.shape)}")
-        grids = [self._run(chunk).flatten(2).transpose(1, 2) for chunk in images.split(self.chunk_size)]
+        run = self._run_pixels if images.dtype == torch.uint8 else self._run
+        grids = [run(chunk).flatten(2).transpose(1, 2) for chunk in images.split(self.chunk_size)]
         return torch.cat(grids).float()  # (B, N, D): (b, D, h, w) maps -> (b, h*w, D) grids
 
 
