@@ -62,10 +62,10 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
 
     - AMX (amx_bf16) with OpenVINO: "bf16", a bf16 encoder in OpenVINO and bf16 decoder products. General model,
       beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5360 against fp32's 0.5359 on Flickr8k dev and 0.6956 against
-      0.6913 on coco_small dev, twice fp32's speed. The int8 encoder (0.5398 and 0.6616, with PIL's resizing
-      against 0.5358 and 0.6900) falls 0.028 below fp32 on coco_small.
+      0.6913 on coco_small dev, 1.9-2.0x fp32's speed. The int8 encoder (0.5402 and 0.6728) falls 0.019 below fp32
+      on coco_small.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
-      and bf16 decoder products: 0.5375 and 0.6973 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
+      and bf16 decoder products: 0.5394 and 0.6987 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
       model on an AVX-512 + BF16 + VNNI EPYC, decoder twice as fast. OpenVINO's bf16 encoder was not measured
       on a CPU without AMX, and PyTorch's (TorchScript) is slower than ONNX Runtime's fp32 one.
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
@@ -172,8 +172,9 @@ class FastEncoder:
                  chunk_size: int | None = None, script: bool = True,
                  calibration: str | os.PathLike | None = None, disk_cache: bool = True):
         """`calibration`: the int8 calibration file (`captioner.runtime.int8.calibration_path`), for precision "int8".
-        `chunk_size`: images per call (default `ENCODER_CHUNK`, or `openvino_runtime.CHUNK`). `disk_cache`: keep the exported ONNX model on disk
-        and reuse it at the next start (`captioner.runtime.cache`)."""
+        `chunk_size`: images per call (default `ENCODER_CHUNK`, or `openvino_runtime.CHUNK` for OpenVINO).
+        `disk_cache`: keep the exported ONNX model on disk and reuse it at the next start
+        (`captioner.runtime.cache`)."""
         self.precision = encoder_precision(resolve_precision(precision))
         if self.precision == "reference":
             raise ValueError("FastEncoder needs precision fp32, bf16 or int8 (or auto)")
