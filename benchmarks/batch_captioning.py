@@ -251,9 +251,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     e2e: dict[str, list[float]] = {k: [] for k in ("naive", *caps)}
     texts: dict[str, list[str]] = {}
     parts: dict[str, list[float]] = {k: [] for k in ("enc_naive", "enc_fast", "dec_naive", "dec_fast")}
-    pixels = torch.stack([fast.preprocess(p) for p in paths])  # (I, 3, H, W), normalised, for the naive encoder
+    pixels = torch.stack([fast.preprocess(p) for p in paths])  # (I, 3, H, W) floats, for the naive encoder
     prep = fast.encoder.preprocess
-    raw = torch.stack([prep.to_uint8(open_image(p, prep.size)) for p in paths])  # uint8, as the pipeline encodes
+    raw = torch.stack([prep.to_uint8(open_image(p, prep.size)) for p in paths])  # uint8, as the pipeline has
     d = fast.decode_defaults
     search = {"start_id": fast.vocab.start_id, "end_id": fast.vocab.end_id, "beam_size": beam,
               "max_length": d.max_length, "min_length": d.min_length, "length_penalty": d.length_penalty,

@@ -217,7 +217,8 @@ class Captioner:
     def warmup(self, batch_size: int = 1) -> None:
         """Build the fast paths and run one dummy batch, so the first real request pays no set-up cost."""
         size = self.encoder.preprocess.size
-        features = self.encode(torch.zeros(batch_size, 3, size, size, dtype=torch.uint8))  # as captioning does
+        # uint8 pixels, as captioning passes them
+        features = self.encode(torch.zeros(batch_size, 3, size, size, dtype=torch.uint8))
         beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
                     beam_size=self.model.decode_cfg.beam_size, max_length=2)
 
@@ -322,7 +323,8 @@ class Captioner:
 
     def _safe_preprocess(self, indexed: tuple[int, ImageInput, str | None]
                          ) -> tuple[str, torch.Tensor | ImageLoadError]:
-        """Decode and resize one image to (3, H, W) uint8; normalising waits for the whole batch."""
+        """Decode and resize one image to (3, H, W) uint8, in a decoding worker; the encoder normalises the
+        batch's pixels chunk by chunk, or inside its graph (`FastEncoder`)."""
         index, item, name = indexed
         source = name or describe(item, index)
         prep = self.encoder.preprocess

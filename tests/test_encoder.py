@@ -80,12 +80,21 @@ def _photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK"])
+def test_uint8_of_a_non_rgb_image_is_an_error_naming_its_mode(mode):
+    """Not a crash deep in a tensor permute, nor four channels passed on: the mode and the fix are named."""
+    prep = Preprocess(32, (0.5,) * 3, (0.5,) * 3)
+    with pytest.raises(ValueError, match=f"RGB image, got mode '{mode}'"):
+        prep.to_uint8(Image.new(mode, (40, 20)))
+    assert prep.to_uint8(Image.new(mode, (40, 20)).convert("RGB")).shape == (3, 32, 32)
+
+
 @pytest.mark.parametrize("size", [(400, 100), (50, 70), (1024, 768), (224, 224)],
                          ids=["squashed", "enlarged", "shrunk", "enlarged-square"])
 @pytest.mark.parametrize("resample", [Image.Resampling.BICUBIC, Image.Resampling.BILINEAR])
 def test_uint8_resize_is_pils_within_two_levels(size, resample):
-    """PyTorch's antialiased uint8 kernels against PIL's resize (measured: at most 2 levels apart, on 0.02-0.6% of
-    the values of photos; a different filter would be tens of levels apart on these edges)."""
+    """PyTorch's antialiased uint8 kernels against PIL's resize (measured: at most 2 levels apart, on
+    0.02-0.6% of the values of photos; a different filter would be tens of levels apart on these edges)."""
     prep = Preprocess(288, (0.5,) * 3, (0.5,) * 3, resample)
     image = _photo_like(*size)
     got = prep.to_uint8(image)

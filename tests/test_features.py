@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.features import FeatureCache
+from captioner.data.feature_store import FeatureStore
+from captioner.data.features import FeatureCache, _digest
 from captioner.images import open_image
 from captioner.models.encoder import build_encoder
 
@@ -57,6 +58,20 @@ def test_a_changed_file_or_preprocessing_is_never_served_stale(encoder, tmp_path
     other = build_encoder("efficientnet_lite0")
     other.preprocess = dataclasses.replace(other.preprocess, size=192)  # another preprocessing, another folder
     assert FeatureCache(tmp_path / "cache", other).folder != cache.folder
+
+
+def test_features_cached_before_pytorch_resizing_are_not_reused(encoder, tmp_path):
+    """Caches keyed by the encoder alone hold features of PIL's resizing (within 2 levels, not the same)."""
+    [path] = write_images(tmp_path / "images", 1)
+    old = FeatureStore(tmp_path / "cache" / _digest(encoder.cache_key()))
+    writer = old.writer(1)
+    writer.add([FeatureCache.key_for(path)], np.zeros((1, 49, 1280), dtype=np.float16))
+    writer.close()
+    assert FeatureCache.key_for(path) in old.index()
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    assert not cache.is_cached(path)
+    cache.extract([path], progress=False)
+    assert cache.load([path]).tensor().abs().sum() > 0  # computed, not the stale zeros
 
 
 def test_unreadable_images_are_reported_and_the_rest_stored(encoder, tmp_path):

@@ -24,6 +24,10 @@ from captioner.data.feature_store import FeatureRows, FeatureStore, log
 from captioner.images import ImageLoadError, open_image
 from captioner.models.encoder import Encoder
 
+# Features since PyTorch took over bicubic/bilinear resizing from PIL (within 2 pixel levels, not identical):
+# caches written before are not reused. Kept out of `Preprocess.key()`, which int8 calibration files record.
+_RESIZE_VERSION = "|resize=torch-antialias"
+
 
 def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:20]
@@ -37,7 +41,7 @@ class FeatureCache:
         `flush_every` rows at most are recomputed after an interrupted extraction."""
         self.encoder = encoder
         self.mirrored = mirrored
-        key = encoder.cache_key() + ("|mirrored left-right" if mirrored else "")
+        key = encoder.cache_key() + _RESIZE_VERSION + ("|mirrored left-right" if mirrored else "")
         self.folder = Path(cache_dir) / _digest(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "ENCODER.txt").write_text(key + "\n")

@@ -41,7 +41,7 @@ class Preprocess:
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> resized (3, size, size) uint8 tensor: a quarter of the float tensor's memory, and
-        normalised later for a whole batch at once by `normalize`.
+        normalised later for a whole batch at once by `normalize`. Another mode is a ValueError naming it.
 
         Bicubic and bilinear resizing run in PyTorch's uint8 antialiased kernels: PIL's result to within 2
         levels (on 0.02-0.6% of the values of Flickr8k, COCO, enlarged, shrunk and noise images) in a third of
@@ -49,11 +49,14 @@ class Preprocess:
         the batch pipeline's work outside the network. Other filters use PIL. The result may be a strided view
         (channel-planar or not): a copy here would run on several threads and take cores from the network
         while decoding workers call this; `normalize` copies the whole batch at once."""
+        if image.mode != "RGB":
+            raise ValueError(f"expected an RGB image, got mode {image.mode!r}: open it with "
+                             "captioner.images.open_image, or convert it with image.convert('RGB')")
         size = self.size
         mode = _TORCH_RESIZE.get(int(self.resample))
         if image.size != (size, size) and mode is None:
             image = image.resize((size, size), self.resample)
-        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # a view of the (H, W, 3) array
+        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # a view of the (H, W, 3)
         if image.size == (size, size):
             return chw
         return F.interpolate(chw[None], size=(size, size), mode=mode, antialias=True)[0]

@@ -51,8 +51,8 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "torchscript")
 """The encoder's runtimes (`FastEncoder`)."""
 ENCODER_CHUNK = 8
-"""Images per encoder call (ONNX Runtime, TorchScript): larger batches spill the early, wide activations out of
-the L2 cache. OpenVINO's chunk is `openvino_runtime.CHUNK`."""
+"""Images per encoder call (ONNX Runtime, TorchScript): larger batches spill the early, wide activations out
+of the L2 cache. OpenVINO's chunk is `openvino_runtime.CHUNK`."""
 
 
 def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = None) -> str:
@@ -62,11 +62,13 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
 
     - AMX (amx_bf16) with OpenVINO: "bf16", a bf16 encoder in OpenVINO and bf16 decoder products. General model,
       beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5360 against fp32's 0.5359 on Flickr8k dev and 0.6956 against
-      0.6913 on coco_small dev, 1.9-2.0x fp32's speed. The int8 encoder (0.5402 and 0.6728) falls 0.019 below fp32
-      on coco_small.
+      0.6913 on coco_small dev, 1.91x fp32's speed (191.4 against 100.2 images/s,
+      benchmarks/batch_captioning.py).
+      The int8 encoder (0.5402 and 0.6728) falls 0.019 below fp32 on coco_small.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
       and bf16 decoder products: 0.5394 and 0.6987 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
-      model on an AVX-512 + BF16 + VNNI EPYC, decoder twice as fast. OpenVINO's bf16 encoder was not measured
+      model on an AVX-512 + BF16 + VNNI EPYC (both with PIL's resizing, before 2026-12-02), decoder twice as
+      fast. OpenVINO's bf16 encoder was not measured
       on a CPU without AMX, and PyTorch's (TorchScript) is slower than ONNX Runtime's fp32 one.
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
       file, changes a third of the captions, and without VNNI has only 7-bit weights.
@@ -207,15 +209,18 @@ class FastEncoder:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32  # int8 takes fp32 images
-        # uint8 pixels: normalised one chunk at a time, while it is in the caches (the batch of 64 at once cost
-        # 0.9 ms an image more on the 2-core Xeon, docs/performance.md)
+        # uint8 pixels: normalised one chunk at a time, while it is in the caches. Timed with the OpenVINO
+        # bf16 encoder on the 2-core Xeon (64 images): 3.1-3.3 ms an image against 3.6-4.2 for the batch at
+        # once (docs/performance.md); not timed on its own for ONNX Runtime or TorchScript.
         self._run_pixels = lambda x: self._run(self.preprocess.normalize(x))
         size = self.preprocess.size
         if backend == "openvino":
             inference = "bf16" if self.precision == "bf16" else "f32"
             pixels = (self.preprocess.mean, self.preprocess.std)
-            self._run = self._onnx_runner(encoder, calibration, disk_cache,
-                                          lambda model: openvino_runtime.runner(model, inference, pixels=pixels))
+            def build(model: bytes):
+                return openvino_runtime.runner(model, inference, pixels=pixels)
+
+            self._run = self._onnx_runner(encoder, calibration, disk_cache, build)
             self._run_pixels = self._run  # normalises uint8 pixels inside its graph
             return
         if backend == "onnxruntime":

@@ -19,9 +19,10 @@ from collections.abc import Callable
 import torch
 
 CHUNK = 4
-"""Images per OpenVINO call. uint8 pixels, 64 images, 2-core AMX Xeon, ms an image at chunks of 2, 4, 8 and 16:
-bf16 2.44-2.53, 2.32-2.33, 2.62-2.68, 2.76-2.79; int8 1.98, 1.84, 1.86-1.87, 1.98-1.99 (ONNX Runtime is
-fastest at 8-16: `fast.ENCODER_CHUNK`)."""
+"""Images per OpenVINO call. uint8 pixels, 64 images, 2-core AMX Xeon, ms an image at chunks of 2, 4, 8 and
+16: bf16 2.44-2.53, 2.32-2.33, 2.62-2.68, 2.76-2.79; int8 1.98, 1.84, 1.86-1.87, 1.98-1.99 (ONNX Runtime is
+fastest at 8-16: `fast.ENCODER_CHUNK`). Measured by timing `FastEncoder` on a stack of 64 uint8 images with
+this constant patched; `benchmarks/batch_captioning.py` gives the end-to-end effect."""
 
 
 def available() -> bool:
@@ -37,11 +38,13 @@ def runner(model: bytes, precision: str = "bf16", threads: int | None = None,
     """An OpenVINO CPU model for ONNX `model`: images (b, 3, H, W) -> feature maps (b, D, h, w), float32.
 
     `pixels` = (mean, std) also accepts uint8 pixels (b, 3, H, W), normalised inside the compiled graph as
-    `Preprocess.normalize` does, (x / 255 - mean) / std: the same features to the last bit, and on the 2-core
-    Xeon 2.5-2.7 ms an image against 3.1-3.3 ms for normalising each chunk in PyTorch first and 3.6-4.2 ms for
-    normalising the batch of 64 at once (its float copy, 64 MB, does not stay in the caches). The graph for
-    the input's type is compiled at its first use (about 0.1 s); uint8's, when `pixels` is given, at once, so
-    that a damaged model fails here.
+    `Preprocess.normalize` does, (x / 255 - mean) / std. The features agree with normalising in PyTorch to
+    within float rounding (on the AMX Xeon: identical in bf16, at most 3.6e-7 apart in f32), and on the
+    2-core Xeon cost 2.5-2.7 ms an image against 3.1-3.3 ms for normalising each chunk in PyTorch first and
+    3.6-4.2 ms for normalising the batch of 64 at once (its float copy, 64 MB, does not stay in the caches).
+    uint8's graph is compiled here when `pixels` is given, so that a damaged model fails here; the float graph
+    only at its first use (about 0.1 s, under the lock: other callers wait that once), which is why the ONNX
+    bytes stay referenced for the runner's lifetime. Without `pixels`, uint8 input is a ValueError.
 
     The "LATENCY" hint runs one inference stream on all `threads` (default: torch's intra-op threads). The
     "THROUGHPUT" hint splits the cores into one stream per core, which a single caller's synchronous requests
