@@ -56,7 +56,7 @@ class Preprocess:
         mode = _TORCH_RESIZE.get(int(self.resample))
         if image.size != (size, size) and mode is None:
             image = image.resize((size, size), self.resample)
-        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # a view of the (H, W, 3)
+        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) view
         if image.size == (size, size):
             return chw
         return F.interpolate(chw[None], size=(size, size), mode=mode, antialias=True)[0]

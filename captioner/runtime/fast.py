@@ -21,6 +21,7 @@ copied when a fast path is built, so later changes to the source modules are not
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import threading
@@ -217,9 +218,7 @@ class FastEncoder:
         if backend == "openvino":
             inference = "bf16" if self.precision == "bf16" else "f32"
             pixels = (self.preprocess.mean, self.preprocess.std)
-            def build(model: bytes):
-                return openvino_runtime.runner(model, inference, pixels=pixels)
-
+            build = functools.partial(openvino_runtime.runner, precision=inference, pixels=pixels)
             self._run = self._onnx_runner(encoder, calibration, disk_cache, build)
             self._run_pixels = self._run  # normalises uint8 pixels inside its graph
             return
