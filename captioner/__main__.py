@@ -1,5 +1,5 @@
 """`python -m captioner ...` (also what `torchrun -m captioner` runs)."""
 
-from captioner.cli import main
+from captioner.cli import console
 
-raise SystemExit(main())
+console()

@@ -31,6 +31,7 @@ from captioner.decoding import Hypothesis, beam_search
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.encoder import Encoder, build_encoder
+from captioner.models.no_init import NoInit
 from captioner.models.shipped import SHIPPED
 from captioner.models.shipped import resolve as resolve_model
 from captioner.models.tags import TagError, TagHead, imagenet_classifier, timm_info_dir
@@ -164,8 +165,9 @@ class Captioner:
         model = load_model(path)
         cfg = model.model_cfg
         # The checkpoint's own `encoder_weights` path is not followed: a file must not name other files to read.
-        encoder = build_encoder(cfg.encoder, encoder_weights, image_size=cfg.image_size,
-                                headless=bool(cfg.encoder_head))
+        with NoInit():  # pretrained: its weights are loaded strictly over the draws
+            encoder = build_encoder(cfg.encoder, encoder_weights, image_size=cfg.image_size,
+                                    headless=bool(cfg.encoder_head))
         return cls(model, encoder, device, precision, int8_calibration=calibration_path(path))
 
     @property

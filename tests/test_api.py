@@ -83,6 +83,17 @@ def test_load_given_checkpoint(tiny_checkpoint, tmp_path):
     assert cap.caption([path])[0].ok
 
 
+def test_load_gives_the_pretrained_encoder_and_the_stored_decoder(tiny_checkpoint, tiny_model):
+    """`Captioner.load` builds both halves without drawing random weights (`NoInit`): every tensor must still
+    be the pretrained or stored one."""
+    cap = Captioner.load(tiny_checkpoint)
+    expected = build_encoder(tiny_model.model_cfg.encoder, image_size=tiny_model.model_cfg.image_size)
+    mine, theirs = cap.encoder.state_dict(), expected.state_dict()
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    stored = tiny_model.decoder.state_dict()
+    assert all(torch.equal(v, stored[k]) for k, v in cap.model.decoder.state_dict().items())
+
+
 def test_checkpoint_image_size_reaches_the_encoder(tmp_path, vocab, tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, image_size=256)
     path = tmp_path / "big.safetensors"

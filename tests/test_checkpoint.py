@@ -15,6 +15,7 @@ from captioner.models.checkpoint import (
     save_model,
     save_tensors,
 )
+from captioner.models.no_init import NoInit
 
 
 def test_round_trip_is_exact(tmp_path, tiny_model):
@@ -151,22 +152,36 @@ def test_ship_script_can_set_the_length_penalty(tiny_model, tmp_path):
 
 
 def test_shape_check_builds_the_model_without_initialising_it():
-    """load_model's shape check builds the decoder on the meta device under `_NoInit`: the initialisers are
-    skipped (they cost about 1 s of every load through PyTorch's Python reference kernels), nothing else is."""
-    from captioner.models.checkpoint import _NoInit
-
+    """load_model's shape check builds the decoder on the meta device under `NoInit(constants=True)`: the
+    initialisers are skipped (they cost about 1 s of every load through PyTorch's Python reference kernels),
+    nothing else is."""
     cpu = torch.ones(3, 4)
-    with _NoInit():
+    with NoInit(constants=True):
         torch.nn.init.normal_(cpu)
         torch.nn.init.kaiming_uniform_(tensor=cpu, a=1.0)
         cpu.uniform_()
+        cpu.zero_()
         doubled = cpu * 2  # other ops run as usual
     assert torch.equal(cpu, torch.ones(3, 4)) and torch.equal(doubled, torch.full((3, 4), 2.0))
-    with torch.device("meta"), _NoInit():
+    with torch.device("meta"), NoInit(constants=True):
         layer = torch.nn.Linear(5, 7)
     assert layer.weight.device.type == "meta" and layer.weight.shape == (7, 5)
     torch.nn.init.normal_(cpu)  # outside it, initialisers run again
     assert not torch.equal(cpu, torch.ones(3, 4))
+
+
+def test_no_init_skips_only_the_random_draws_by_default():
+    """The real modules that a load overwrites skip the random draws; constants still run (a buffer that no
+    state dict carries may be set by one)."""
+    cpu = torch.ones(3, 4)
+    with NoInit():
+        torch.nn.init.normal_(cpu)
+        torch.nn.init.xavier_uniform_(cpu)
+        assert torch.equal(cpu, torch.ones(3, 4))
+        cpu.fill_(5.0)
+        norm = torch.nn.BatchNorm2d(4)
+    assert torch.equal(cpu, torch.full((3, 4), 5.0))
+    assert torch.equal(norm.weight, torch.ones(4)) and torch.equal(norm.running_var, torch.ones(4))
 
 
 def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path, tiny_model):

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_dumps
-from torch.overrides import TorchFunctionMode
 
 from captioner.config import MAX_WIDTH, DecodeConfig, ModelConfig, config_to_dict, dataclass_from_dict
 from captioner.models.decoder import build_decoder
+from captioner.models.no_init import NoInit
 from captioner.models.vocab import Vocabulary
 
 FORMAT = "captioner"
@@ -150,25 +150,6 @@ def save_model(model: CaptionModel, path: str | Path, half: bool = False) -> Non
     save_tensors(path, state, metadata)
 
 
-class _NoInit(TorchFunctionMode):
-    """Within it, the in-place initialisers of `torch.nn.init` (normal_, uniform_, ...) do nothing.
-
-    Why: on meta tensors `normal_` runs PyTorch's Python reference kernels (torch._refs, torch._prims), slow on
-    first use: about 1 s of every `Captioner.load()` (1.09 against 0.12 s on a 2-core AMX Xeon), for values that
-    a shape check never reads.
-    """
-
-    SKIPPED = frozenset({"normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
-                         "xavier_normal_", "trunc_normal_", "orthogonal_", "zero_", "zeros_", "ones_", "fill_",
-                         "constant_"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in self.SKIPPED:
-            return args[0] if args else kwargs["tensor"]
-        return func(*args, **kwargs)
-
-
 def load_model(path: str | Path) -> CaptionModel:
     """Read a checkpoint written by `save_model`; weights come back as float32.
 
@@ -195,7 +176,7 @@ def load_model(path: str | Path) -> CaptionModel:
             raise ValueError("info must be a JSON object")
     except (KeyError, ValueError, TypeError) as exc:  # ConfigError is a ValueError
         raise CheckpointError(f"{path}: metadata is incomplete or invalid ({exc})") from exc
-    with torch.device("meta"), _NoInit():  # shapes only: the stored tensors must fit before anything is allocated
+    with torch.device("meta"), NoInit(constants=True):  # shapes only: the stored tensors must fit before anything is allocated
         shapes = {k: tuple(v.shape) for k, v in new_model(model_cfg, vocab, encoder_dim, decode_cfg)
                   .decoder.state_dict().items()}
     stored = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -203,7 +184,8 @@ def load_model(path: str | Path) -> CaptionModel:
         wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
         raise CheckpointError(f"{path}: weights do not match the stored config (first differences: "
                               f"{', '.join(wrong[:3])})")
-    model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)
+    with NoInit():  # every weight is loaded (strictly) below
+        model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     try:
         model.decoder.load_state_dict(state, strict=True)
