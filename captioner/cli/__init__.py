@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import errno
 import os
 import sys
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG, errno.EIO)
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG)
 """The errnos that mean "a file could not be written" (exit code 4)."""
 
 
@@ -90,20 +91,30 @@ def console() -> None:
     Why: tearing down torch's modules took 0.4-0.5 s of every command on a 2-core AVX2 EPYC (`python -c "import
     torch"` 2.83-2.98 s wall against 2.40-2.45 s with `os._exit`), a sixth of a one-image caption. First the
     atexit handlers run (temporary folders, logging, worker processes, Ray) and stdout and stderr are flushed;
-    a flush that fails is reported as a normal exit would report it (exit code 4, or 141 for a closed pipe).
-    Where a thread that a normal exit waits for (not a daemon) still runs, the exit is the normal one.
+    a flush that fails is an error (exit code 4, or 141 for a closed pipe), where a normal exit would only
+    print a warning. The exit is the normal one where a thread that it would wait for (not a daemon) still
+    runs, or under a profiler or tracer (cProfile, trace, a debugger), which write their results after it.
     """
     code = main()
-    if any(not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+    if (sys.getprofile() or sys.gettrace()
+            or any(not t.daemon and t is not threading.main_thread() for t in threading.enumerate())):
         raise SystemExit(code)
     atexit._run_exitfuncs()
+    os._exit(_flush(int(code or 0)))
+
+
+def _flush(code: int) -> int:
+    """Flush stdout and stderr (either may be None: closed at the start); the exit code after it."""
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:
+            continue
         try:
             stream.flush()
         except BrokenPipeError:
             code = code or 141
         except (OSError, ValueError) as exc:  # ValueError: closed by the command itself
-            if code == 0 and isinstance(exc, OSError) and exc.errno in WRITE_ERRORS:  # else already reported
-                os.write(2, f"captioner: error: cannot write: {exc}\n".encode())
-                code = 4
-    os._exit(code)
+            if isinstance(exc, OSError) and code != 4:  # 4: the command has said it cannot write
+                with contextlib.suppress(OSError):
+                    os.write(2, f"captioner: error: cannot write: {exc}\n".encode())
+                code = code or 4
+    return code

@@ -184,8 +184,7 @@ def load_model(path: str | Path) -> CaptionModel:
         wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
         raise CheckpointError(f"{path}: weights do not match the stored config (first differences: "
                               f"{', '.join(wrong[:3])})")
-    with NoInit():  # every weight is loaded (strictly) below
-        model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)
+    model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)  # its draws keep training's random stream as it was
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     try:
         model.decoder.load_state_dict(state, strict=True)

@@ -38,7 +38,8 @@ def tokenize(text: str) -> list[str]:
     """Lowercase `text` and split it into word tokens; punctuation is dropped.
 
     Raises:
-        TypeError: `text` is not a str (the only exception raised).
+        TypeError: `text` is not a str (the only exception raised, NLTK being installed: it is imported at the
+            first call).
     """
     if not isinstance(text, str):
         raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
