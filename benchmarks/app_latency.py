@@ -6,9 +6,9 @@ Three views of the same path, each over `--runs` different 1024x768 JPEG photos 
   api      `Captioner.caption` exactly as app.py calls it (n-best 3, attention and gates on)
   apptest  one whole app script run after the upload (AppTest): decoding, overlay, charts, tables
   browser  headless Chromium against `streamlit run app.py`: a fresh page, upload, until the caption is shown
-The model is the shipped default (its own encoder) when installed, else a random-weight decoder of the default
-size with a 2,500-word vocabulary on the real EfficientNet-Lite0 encoder; a random decoder never ends a caption
-early, so every caption runs to the maximum length (the slow case).
+The model is the shipped default (its own encoder) when installed, else a random-weight decoder of the
+default size with a 2,500-word vocabulary on the real EfficientNet-Lite0 encoder; a random decoder never ends
+a caption early, so every caption runs to the maximum length (the slow case).
 """
 
 from __future__ import annotations

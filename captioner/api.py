@@ -162,8 +162,8 @@ class Captioner:
         if shipped and not path.is_file():
             raise CheckpointError(
                 f"no shipped model found at {path}; train one (captioner train) and pass its checkpoint")
-        # Both halves get every weight by a strict load, so their random draws are skipped (`NoInit`: 0.06 s of
-        # every load on a 2-core AVX2 EPYC); training's own loads keep them, and with them its random stream.
+        # Both halves get every weight by a strict load, so their random draws are skipped (`NoInit`: 0.06 s
+        # of every load on a 2-core AVX2 EPYC); training's own loads keep them, and so its random stream.
         with NoInit():
             model = load_model(path)
             cfg = model.model_cfg

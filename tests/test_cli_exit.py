@@ -14,12 +14,14 @@ import pytest
 _ENV = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
 
 
-def _console(tmp_path: Path, prelude: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+def _console(tmp_path: Path, prelude: str, argv: list[str], python_args: tuple[str, ...] = (),
+             **kwargs) -> subprocess.CompletedProcess:
+    """Run `prelude`, then `console()` as `captioner ARGV`, in a fresh `python PYTHON_ARGS script`."""
     script = tmp_path / "run.py"
     script.write_text(prelude + f"\nimport sys\nsys.argv = {['captioner', *argv]!r}\n"
                       "from captioner.cli import console\nconsole()\nprint('not reached')\n")
-    return subprocess.run([sys.executable, str(script)], capture_output="stdout" not in kwargs, text=True,
-                          timeout=120, check=False, env=_ENV, **kwargs)
+    return subprocess.run([sys.executable, *python_args, str(script)], capture_output="stdout" not in kwargs,
+                          text=True, timeout=120, check=False, env=_ENV, **kwargs)
 
 
 def test_exit_handlers_run_and_buffered_output_is_written(tmp_path):
@@ -63,11 +65,8 @@ def test_a_stream_closed_from_the_start_is_no_error(tmp_path, closed):
 
 def test_a_profiler_gets_its_normal_exit(tmp_path):
     """cProfile writes its file after the command returns: the exit there is the normal one."""
-    script = tmp_path / "run.py"
-    script.write_text("import sys\nsys.argv = ['captioner', 'models']\nfrom captioner.cli import console\nconsole()\n")
     profile = tmp_path / "run.prof"
-    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(profile), str(script)], capture_output=True,
-                          text=True, timeout=120, check=False, env=_ENV)
+    done = _console(tmp_path, "", ["models"], python_args=("-m", "cProfile", "-o", str(profile)))
     assert done.returncode == 0, done.stderr
     assert profile.stat().st_size > 0
 

@@ -38,6 +38,7 @@ def test_captioning_does_not_import_nltk(tmp_path):
     code = ("import sys; from captioner import Captioner; Captioner.load().caption(sys.argv[1]); "
             "print('nltk' in sys.modules); from captioner.models.vocab import tokenize; "
             "print(tokenize(\"A dog's ball.\"))")
-    out = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True, text=True, check=False)
+    out = subprocess.run([sys.executable, "-c", code, str(image)], capture_output=True, text=True,
+                         check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["False", "['a', \"dog's\", 'ball']"]

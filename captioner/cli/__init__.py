@@ -22,6 +22,9 @@ from collections.abc import Sequence
 
 from captioner.cli import app, caption, evaluate, models, train
 
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG)
+"""The errnos that mean "a file could not be written" (exit code 4)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__.split("\n")[0])
@@ -56,10 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
 
 
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG)
-"""The errnos that mean "a file could not be written" (exit code 4)."""
-
-
 def _run(args: argparse.Namespace) -> int:
     """Carry out the parsed command; the library's errors become exit codes 2 and 3."""
     if getattr(args, "light", False):  # commands that need no library errors (`models`): no torch imported
@@ -88,12 +87,13 @@ def console() -> None:
     """The `captioner` console script and `python -m captioner`: `main`, then an exit that skips the
     interpreter's teardown of the modules it imported, once everything a normal exit finishes is finished.
 
-    Why: tearing down torch's modules took 0.4-0.5 s of every command on a 2-core AVX2 EPYC (`python -c "import
-    torch"` 2.83-2.98 s wall against 2.40-2.45 s with `os._exit`), a sixth of a one-image caption. First the
-    atexit handlers run (temporary folders, logging, worker processes, Ray) and stdout and stderr are flushed;
-    a flush that fails is an error (exit code 4, or 141 for a closed pipe), where a normal exit would only
-    print a warning. The exit is the normal one where a thread that it would wait for (not a daemon) still
-    runs, or under a profiler or tracer (cProfile, trace, a debugger), which write their results after it.
+    Why: tearing down torch's modules took 0.4-0.5 s of every command on a 2-core AVX2 EPYC (`python -c
+    "import torch"` 2.83-2.98 s wall against 2.40-2.45 s with `os._exit`), a sixth of a one-image caption.
+    First the atexit handlers run (temporary folders, logging, worker processes, Ray) and stdout and stderr
+    are flushed; a flush that fails is an error (exit code 4, or 141 for a closed pipe), where a normal exit
+    would only print a warning. The exit is the normal one where a thread that it would wait for (not a
+    daemon) still runs, or under a profiler or tracer (cProfile, trace, a debugger), which write their
+    results after it.
     """
     code = main()
     if (sys.getprofile() or sys.gettrace()
@@ -112,8 +112,10 @@ def _flush(code: int) -> int:
             stream.flush()
         except BrokenPipeError:
             code = code or 141
-        except (OSError, ValueError) as exc:  # ValueError: closed by the command itself
-            if isinstance(exc, OSError) and code != 4:  # 4: the command has said it cannot write
+        except ValueError:  # closed by the command itself: nothing to write
+            pass
+        except OSError as exc:
+            if code != 4:  # 4: the command has said it cannot write
                 with contextlib.suppress(OSError):
                     os.write(2, f"captioner: error: cannot write: {exc}\n".encode())
                 code = code or 4

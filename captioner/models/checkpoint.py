@@ -176,7 +176,8 @@ def load_model(path: str | Path) -> CaptionModel:
             raise ValueError("info must be a JSON object")
     except (KeyError, ValueError, TypeError) as exc:  # ConfigError is a ValueError
         raise CheckpointError(f"{path}: metadata is incomplete or invalid ({exc})") from exc
-    with torch.device("meta"), NoInit(constants=True):  # shapes only: the stored tensors must fit before anything is allocated
+    # Shapes only: the stored tensors must fit before anything is allocated.
+    with torch.device("meta"), NoInit(constants=True):
         shapes = {k: tuple(v.shape) for k, v in new_model(model_cfg, vocab, encoder_dim, decode_cfg)
                   .decoder.state_dict().items()}
     stored = {k: tuple(v.shape) for k, v in tensors.items()}
@@ -184,7 +185,7 @@ def load_model(path: str | Path) -> CaptionModel:
         wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
         raise CheckpointError(f"{path}: weights do not match the stored config (first differences: "
                               f"{', '.join(wrong[:3])})")
-    model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)  # its draws keep training's random stream as it was
+    model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)  # drawn: training's random stream as it was
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     try:
         model.decoder.load_state_dict(state, strict=True)

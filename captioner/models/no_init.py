@@ -16,10 +16,11 @@ class NoInit(TorchFunctionMode):
 
     Why: a module built to receive a strict `load_state_dict` has every drawn value overwritten. On the meta
     device `normal_` runs PyTorch's Python reference kernels, slow on first use: about 1 s of every
-    `Captioner.load()` (1.09 against 0.12 s on a 2-core AMX Xeon). On the CPU the draws of the pretrained encoder
-    and the decoder were 0.05-0.06 s of every `Captioner.load()` on a 2-core AVX2 EPYC (docs/performance.md). Constants run by default: they
-    are cheap, and a buffer that no state dict carries may be set by one. Skipping draws also leaves the
-    global random stream where it was, so training, whose loads follow its seeding, does not use it.
+    `Captioner.load()` (1.09 against 0.12 s on a 2-core AMX Xeon). On the CPU the draws of the pretrained
+    encoder and the decoder were 0.05-0.06 s of every `Captioner.load()` on a 2-core AVX2 EPYC
+    (docs/performance.md). Constants run by default: they are cheap, and a buffer that no state dict carries
+    may be set by one. Skipping draws also leaves the global random stream where it was, so training, whose
+    loads follow its seeding, does not use it.
     """
 
     def __init__(self, constants: bool = False):

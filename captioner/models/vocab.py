@@ -26,9 +26,9 @@ _TOKEN = _PART + "(?:'" + _PART + ")?"
 
 @functools.cache
 def _tokenizer():
-    """NLTK's tokenizer for `_TOKEN`, built at the first use: captioning never tokenizes, and `import nltk` was
-    0.27 s of `captioner caption one.jpg` on a 2-core AVX2 EPYC (`python -X importtime`). Stateless, so one
-    instance is shared."""
+    """NLTK's tokenizer for `_TOKEN`, built at the first use: captioning never tokenizes, and `import nltk`
+    was 0.27 s of `captioner caption one.jpg` on a 2-core AVX2 EPYC (`python -X importtime`). Stateless, so
+    one instance is shared."""
     from nltk.tokenize import RegexpTokenizer
 
     return RegexpTokenizer(_TOKEN)

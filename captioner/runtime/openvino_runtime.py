@@ -22,8 +22,8 @@ CHUNK = 4
 """Images per OpenVINO call. uint8 pixels, 64 images, 2-core AMX Xeon, ms an image at chunks of 2, 4, 8 and
 16: bf16 2.44-2.53, 2.32-2.33, 2.62-2.68, 2.76-2.79; int8 1.98, 1.84, 1.86-1.87, 1.98-1.99 (ONNX Runtime is
 fastest at 8-16: `fast.ENCODER_CHUNK`). The Lite2 general model at 288, same machine kind: bf16 4.29, 4.29,
-4.42, 4.63; int8 3.52, 3.31, 3.28, 3.22, so 4 stays. Measured by timing `FastEncoder` on a stack of 64 uint8 images with
-this constant patched; `benchmarks/batch_captioning.py` gives the end-to-end effect."""
+4.42, 4.63; int8 3.52, 3.31, 3.28, 3.22, so 4 stays. Measured by timing `FastEncoder` on a stack of 64 uint8
+images with this constant patched; `benchmarks/batch_captioning.py` gives the end-to-end effect."""
 
 
 def available() -> bool:
