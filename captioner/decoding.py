@@ -26,7 +26,8 @@ class StepDecoder(Protocol):
     `step` is first called with one row per image (tokens all <start>, the state straight from `init`), then with
     K rows per image, image-major. A decoder may also set `memory_per_image = True`: its `step` then takes
     `memory` with one row per image and broadcasts it over that image's rows (rows b*K ... b*K + K - 1, K = 1 at
-    the first step), so the memory is never copied K times.
+    the first step), so the memory is never copied K times. The memory `init` returns is then the search's own:
+    rows of images that have finished are overwritten.
     """
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]: ...
@@ -109,6 +110,8 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
     banned = torch.tensor(list(banned_ids), dtype=torch.long, device=device)
     final = _Final(B, K, max_length, end_id, device)
     active = torch.arange(B, device=device)  # (A,) original index of each image still being searched
+    minus_inf = torch.tensor(float("-inf"), device=device)
+    ended: torch.Tensor | None = None  # a finished row's candidates: <end> at no cost, then nothing
 
     for t in range(max_length):
         A = active.numel()
@@ -118,26 +121,33 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         else:
             out = decoder.step(tokens, memory, state, return_gates=return_gates)
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (A*K, V)
-        V = logp.size(1)
         if banned_ids:
             logp.index_fill_(1, banned, float("-inf"))
         if t < min_length:
             logp[:, end_id] = float("-inf")
         if no_repeat_ngram and t >= no_repeat_ngram:
-            logp.masked_fill_(_repeating_words(history, no_repeat_ngram, V), float("-inf"))
+            logp.index_put_(_repeating_words(history, no_repeat_ngram), minus_inf)
+        # Only a row's K best words can be among its image's K best extensions (the row's log-probability and
+        # length are shared by all its words), so K candidates per row are ranked, not the whole vocabulary:
+        # four passes over the (A*K, V) log-probabilities fewer per step.
+        C = min(K, logp.size(1))  # candidates per row (fewer where the vocabulary is smaller than the beam)
+        cand, cand_word = logp.topk(C, dim=1)  # (A*K, C) each
+        if ended is None:
+            ended = torch.full((C,), float("-inf"), device=device)
+            ended[0] = 0.0
         # Finished beams: the only continuation is <end> again, free and without growing the length.
-        logp.masked_fill_(finished.unsqueeze(1), float("-inf"))
-        logp[:, end_id] = torch.where(finished, torch.zeros_like(logp[:, end_id]), logp[:, end_id])
+        cand = torch.where(finished.unsqueeze(1), ended, cand)
+        cand_word = cand_word.masked_fill_(finished.unsqueeze(1), end_id)
         new_len = (lengths + (~finished).float()).unsqueeze(1)  # (A*K, 1)
-        total = logprob.view(A * K, 1) + logp  # (A*K, V)
+        total = logprob.view(A * K, 1) + cand  # (A*K, C)
         ranked = total / new_len.pow(length_penalty) if length_penalty else total
-        top_index = ranked.view(A, K * V).topk(K, dim=1).indices  # (A, K)
-        beam = torch.div(top_index, V, rounding_mode="floor")  # (A, K)
-        word = top_index % V  # (A, K)
+        top_index = ranked.view(A, K * C).topk(K, dim=1).indices  # (A, K)
+        beam = torch.div(top_index, C, rounding_mode="floor")  # (A, K)
+        word = cand_word.view(A, K * C).gather(1, top_index)  # (A, K)
         offsets = torch.arange(0, A * K, K, device=device).unsqueeze(1)  # (A, 1)
         source = (offsets + beam).view(-1)  # (A*K,) row each new beam extends
 
-        logprob = total.view(A, K * V).gather(1, top_index)  # (A, K)
+        logprob = total.view(A, K * C).gather(1, top_index)  # (A, K)
         lengths = new_len.view(-1).index_select(0, source)
         was_finished = finished.index_select(0, source)
         tokens = word.view(-1)
@@ -158,13 +168,14 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         if n_done and 8 * n_done >= A:
             # Images whose beams have all ended can only repeat <end> at no cost: store them and drop their
             # rows, so the remaining steps run on the unfinished images alone.
-            keep, keep_rows = _rows_of(~done, K)
             gone, gone_rows = _rows_of(done, K)
             final.store(active[gone], gone_rows, logprob, lengths, finished, history, attn_hist, gate_hist)
+            keep, holes, movers = _fill_order(done)
+            keep_rows = _rows(keep, K)
             active = active[keep]
             logprob, lengths, finished = logprob[keep], lengths[keep_rows], finished[keep_rows]
             tokens, history, state = tokens[keep_rows], history[keep_rows], _select(state, keep_rows)
-            memory = _select(memory, keep if per_image else keep_rows)
+            memory = _fill(memory, holes, movers, keep.numel()) if per_image else _select(memory, keep_rows)
             attn_hist = attn_hist[keep_rows] if attn_hist is not None else None
             gate_hist = {k: v[keep_rows] for k, v in gate_hist.items()} if gate_hist is not None else None
 
@@ -184,21 +195,46 @@ def _expand(out: StepOutput, rows: torch.Tensor) -> StepOutput:
                       _select(out.gates, rows) if out.gates is not None else None)
 
 
-def _repeating_words(history: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
-    """(R, V) mask of the words that would complete, after each row's last n - 1 words, an n-gram the row
-    already holds."""
+def _repeating_words(history: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, words): the words that would complete, after each row's last n - 1 words, an n-gram the row
+    already holds (positions of an (R, V) tensor; a pair may repeat)."""
     windows = history.unfold(1, n, 1)  # (R, W, n): every n-gram generated so far
     last = history[:, history.size(1) - (n - 1):]  # (R, n - 1)
     rows, cols = (windows[:, :, :-1] == last.unsqueeze(1)).all(2).nonzero(as_tuple=True)
-    mask = torch.zeros(history.size(0), vocab_size, dtype=torch.bool, device=history.device)
-    mask[rows, windows[rows, cols, -1]] = True
-    return mask
+    return rows, windows[rows, cols, -1]
 
 
 def _rows_of(mask: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the images where `mask` (A,) is true, and of their K rows each."""
     images = mask.nonzero().view(-1)
-    return images, (images.unsqueeze(1) * K + torch.arange(K, device=mask.device)).view(-1)
+    return images, _rows(images, K)
+
+
+def _rows(images: torch.Tensor, K: int) -> torch.Tensor:
+    """The K rows of each image in `images`, image by image."""
+    return (images.unsqueeze(1) * K + torch.arange(K, device=images.device)).view(-1)
+
+
+def _fill_order(done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep, holes, movers) for dropping the `done` (A,) images: the images that stay, in their new order, are
+    those already among the first n = A - done.sum() places, with the ones from beyond filling the places
+    (`holes`) of the dropped ones; `movers` are where those came from. The per-image memory is then compacted by
+    copying the movers alone (`_fill`), not every image that stays: half the memory copying of a batch's search
+    on the general model (one or two drops of an eighth of 64 images)."""
+    n = done.numel() - int(done.sum())
+    holes = done[:n].nonzero().view(-1)
+    movers = (~done[n:]).nonzero().view(-1) + n
+    keep = torch.arange(n, device=done.device)
+    keep[holes] = movers
+    return keep, holes, movers
+
+
+def _fill(tensors: Tensors, holes: torch.Tensor, movers: torch.Tensor, n: int) -> Tensors:
+    """`tensors` indexed by `_fill_order`'s keep, in place: the movers' rows copied into the holes, then the
+    first n rows (views)."""
+    for v in tensors.values():
+        v[holes] = v[movers]
+    return {k: v[:n] for k, v in tensors.items()}
 
 
 class _Final:

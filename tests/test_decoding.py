@@ -215,3 +215,39 @@ def test_no_repeat_ngram_holds_for_every_hypothesis_of_a_real_decoder(tiny_cfg, 
                         no_repeat_ngram=3)
     assert any(repeats(h.tokens) for image in free for h in image)  # an untrained decoder loops
     assert not any(repeats(h.tokens) for image in ruled for h in image)
+
+
+class MemoryDecoder:
+    """Per-image memory (`memory_per_image`): image b repeats word `features[b, 0]` `features[b, 1]` times, then
+    ends. Its captions show whether each row still reads its own image's memory after others leave the batch."""
+
+    memory_per_image = True
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def init(self, features):
+        memory = {"word": features[:, 0].long(), "length": features[:, 1].clone(), "grid": features.repeat(1, 4)}
+        return memory, {"t": features.new_zeros(features.size(0), 1)}
+
+    def step(self, tokens, memory, state, return_gates=False):
+        rows = tokens.size(0)
+        k = rows // memory["word"].size(0)  # 1 at the first step, then the beam size
+        word, length = memory["word"].repeat_interleave(k), memory["length"].repeat_interleave(k)
+        t = state["t"].view(-1)
+        logits = torch.full((rows, self.vocab_size), -10.0)
+        logits[torch.arange(rows), torch.where(t < length, word, END)] = 0.0
+        logits[:, -1] = -5.0  # a second choice, so that the beams differ
+        return StepOutput(logits, {"t": state["t"] + 1})
+
+
+def test_rows_read_their_own_image_memory_after_finished_images_leave_the_batch():
+    lengths = [1, 8, 2, 7, 3, 6, 1, 5, 2, 8, 4, 1]  # early finishers everywhere: holes filled from the tail
+    features = torch.tensor([[5.0 + i % 4, n] for i, n in enumerate(lengths)])
+    decoder = MemoryDecoder(vocab_size=12)
+    got = beam_search(decoder, features, start_id=START, end_id=END, beam_size=3, max_length=10)
+    assert [h[0].tokens for h in got] == [[5 + i % 4] * n for i, n in enumerate(lengths)]
+    assert all(h[0].finished for h in got)
+    for i in range(len(lengths)):
+        alone = beam_search(decoder, features[i:i + 1], start_id=START, end_id=END, beam_size=3, max_length=10)[0]
+        assert [h.tokens for h in alone] == [h.tokens for h in got[i]]

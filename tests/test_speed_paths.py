@@ -59,7 +59,7 @@ from captioner.runtime.fast import (
     export_onnx,
     resolve_precision,
 )
-from captioner.runtime.fused_decoder import FusedAttentionDecoder, Product
+from captioner.runtime.fused_decoder import FACTORISED_IMAGES, FusedAttentionDecoder, Product
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
 SHAPES = ("circle", "square", "stripes", "dots")
@@ -336,6 +336,37 @@ def test_attention_energy_in_chunks_is_the_energy_in_one_pass(features, monkeypa
     for a, b in zip(chunked, whole):
         assert torch.allclose(a.attention, b.attention, atol=1e-6)
         assert torch.allclose(a.logits, b.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("key_bound,query_bound,images,factorised", [
+    (79.0, 79.0, FACTORISED_IMAGES, True),  # nothing clamped
+    (150.0, 60.0, FACTORISED_IMAGES, True),  # keys clamped to +-80: every sum they enter is saturated either way
+    (150.0, 75.0, FACTORISED_IMAGES, False),  # a clamped key's sum could leave saturation: the sigmoid form
+    (79.0, 79.0, FACTORISED_IMAGES - 1, False),  # too few images for the factorised form to pay
+])
+def test_attention_energy_is_the_sigmoid_energy_for_extreme_keys_and_queries(key_bound, query_bound, images,
+                                                                           factorised):
+    """The factorised energy (exp(-k) exp(-q)) against 2w . sigmoid(k + q) in float64, for doubled keys and
+    queries spread up to the bounds (the general model's reach 91 and 58)."""
+    torch.manual_seed(3)
+    vocab = Vocabulary.build(["a b c d"], min_count=1)
+    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, dropout=0.0)
+    fused = FusedAttentionDecoder(new_model(cfg, vocab, 16).decoder.eval())
+    B, K, N, A = images, 2, 25, 6
+    keys = (torch.rand(B, N, A) * 2 - 1) * key_bound
+    keys[0, 0, 0], keys[1, 3, 2] = key_bound, -key_bound
+    query = (torch.rand(B, K, 1, A) * 2 - 1) * query_bound
+    query[0, 0, 0, 0] = -query_bound  # meets the largest key: a sum of key_bound - query_bound
+    fused.keys = lambda feats: keys.clone()  # what `init` projects: these keys
+    memory, _ = fused.init(torch.rand(B, N, 16))
+    used = []
+    reciprocal = torch.Tensor.reciprocal_
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "reciprocal_", lambda t: used.append(1) or reciprocal(t))
+        scores = fused._scores(memory, query)
+    expected = (torch.sigmoid(keys.double().unsqueeze(1) + query.double()) @ fused.score_w.double()).squeeze(-1)
+    assert bool(used) == factorised
+    assert torch.allclose(scores.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_fp32_fast_captioner_matches_the_reference_captioner(encoder, pixels, tiny_model):
