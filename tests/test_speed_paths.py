@@ -59,7 +59,12 @@ from captioner.runtime.fast import (
     export_onnx,
     resolve_precision,
 )
-from captioner.runtime.fused_decoder import FACTORISED_IMAGES, FusedAttentionDecoder, Product
+from captioner.runtime.fused_decoder import (
+    FACTORISED_IMAGES,
+    ActivatedProduct,
+    FusedAttentionDecoder,
+    Product,
+)
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
 SHAPES = ("circle", "square", "stripes", "dots")
@@ -482,6 +487,63 @@ def test_bf16_product_through_onednn_is_the_bf16_mm(rows):
     assert _relative(fallback(x), mm + b) <= 1e-2 and _relative(y, fallback(x)) <= 1e-2
     batched = product(x.view(1, rows, 512))  # (..., K) inputs keep their leading dims
     assert batched.shape == (1, rows, 96) and _relative(batched[0], y) <= 1e-2
+
+
+@pytest.mark.parametrize("activation", [torch.nn.ReLU(), torch.nn.ReLU6()])
+def test_activated_product_is_the_layer_and_its_activation_in_bf16(activation):
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(64, 40)
+    with torch.no_grad():
+        linear.weight.mul_(8)  # outputs well past 6 and below 0: both bounds of ReLU6 are reached
+    fused = ActivatedProduct.of(linear, activation)
+    if fused is None:
+        pytest.skip("PyTorch's oneDNN linear is missing or refused the bf16 weight here")
+    x = torch.randn(2, 5, 64)
+    y = fused(x)
+    with torch.no_grad():
+        exact = activation(linear(x))
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 40)
+    assert _relative(y.float(), exact) <= 1e-2 and float(y.min()) == 0.0
+    assert float(y.max()) == (6.0 if isinstance(activation, torch.nn.ReLU6) else float(y.max()))
+    assert ActivatedProduct.of(linear, torch.nn.Tanh()) is None  # an activation oneDNN is not asked to fuse
+
+
+def test_bf16_projection_fuses_the_head_and_writes_its_features_in_place(monkeypatch):
+    torch.manual_seed(5)
+    vocab = Vocabulary.build(["a b c d"], min_count=1)
+    cfg = ModelConfig(embed_dim=8, hidden_dim=12, attention_dim=6, feature_dim=10, encoder_head=24, dropout=0.0)
+    decoder = new_model(cfg, vocab, 16).decoder.eval()
+    kinds = [type(layer).__name__ for layer in FusedAttentionDecoder(decoder, "bf16").project]
+    if kinds[0] != "ActivatedProduct":
+        pytest.skip("PyTorch's oneDNN linear is missing or refused the bf16 weight here")
+    assert kinds == ["ActivatedProduct", "Product", "ReLU"]  # the head fused; the last product stays fp32 out
+    assert [type(layer).__name__ for layer in FusedAttentionDecoder(decoder).project] == [
+        "Product", "ReLU6", "Product", "ReLU"]
+    features = torch.rand(11, 9, 16)  # 11 images: a last, shorter chunk
+    with torch.no_grad():
+        exact = decoder.project(features)
+    feats = FusedAttentionDecoder(decoder, "bf16").init(features)[0]["feats"]
+    assert feats.dtype == torch.float32 and _relative(feats, exact) <= 2e-2
+    # A post-op oneDNN gets wrong is never used: the layers run as before.
+    linear = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise",
+                        lambda x, w, b, attr, *rest: (2 if attr != "none" else 1) * linear(x, w, b, attr, *rest))
+    assert [type(layer).__name__ for layer in FusedAttentionDecoder(decoder, "bf16").project] == [
+        "Product", "ReLU6", "Product", "ReLU"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_product_writes_into_out(dtype):
+    torch.manual_seed(6)
+    x, w, b, base = torch.randn(4, 3, 32), torch.randn(32, 20), torch.randn(20), torch.randn(12, 20)
+    product = Product(w, b, dtype)
+    for kwargs in ({}, {"base": base}):
+        out = torch.full((4, 3, 20), float("nan"))
+        y = product(x, out=out, **kwargs)
+        assert y.data_ptr() == out.data_ptr() and torch.equal(out, product(x, **kwargs))
+    plain = Product(w, None, dtype)
+    out = torch.empty(4, 3, 20)
+    assert torch.equal(plain(x, out=out), plain(x)) and plain(x, out=out).data_ptr() == out.data_ptr()
 
 
 def _raise(*args, **kwargs):
