@@ -129,7 +129,8 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
             logp.index_put_(_repeating_words(history, no_repeat_ngram), minus_inf)
         # Only a row's K best words can be among its image's K best extensions (the row's log-probability and
         # length are shared by all its words), so K candidates per row are ranked, not the whole vocabulary:
-        # four passes over the (A*K, V) log-probabilities fewer per step.
+        # five passes over (A*K, V) tensors fewer per step (the n-gram rule's mask, the finished rows' mask, the
+        # totals and their length normalisation).
         C = min(K, logp.size(1))  # candidates per row (fewer where the vocabulary is smaller than the beam)
         cand, cand_word = logp.topk(C, dim=1)  # (A*K, C) each
         if ended is None:
@@ -219,8 +220,8 @@ def _fill_order(done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     """(keep, holes, movers) for dropping the `done` (A,) images: the images that stay, in their new order, are
     those already among the first n = A - done.sum() places, with the ones from beyond filling the places
     (`holes`) of the dropped ones; `movers` are where those came from. The per-image memory is then compacted by
-    copying the movers alone (`_fill`), not every image that stays: half the memory copying of a batch's search
-    on the general model (one or two drops of an eighth of 64 images)."""
+    copying the movers alone (`_fill`), at most as many rows as were dropped, not every image that stays (a
+    drop of 8 of 64 images: 8 rows instead of 56)."""
     n = done.numel() - int(done.sum())
     holes = done[:n].nonzero().view(-1)
     movers = (~done[n:]).nonzero().view(-1) + n

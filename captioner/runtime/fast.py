@@ -62,12 +62,12 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
     `openvino`: whether OpenVINO is installed (default: looked up).
 
     - AMX (amx_bf16) with OpenVINO: "bf16", a bf16 encoder in OpenVINO and bf16 decoder products. General
-      model (Lite2), beam 3, on a 2-core AMX Xeon: CIDEr-D 0.5598 against fp32's 0.5561 on Flickr8k dev and
-      0.7111 against 0.7138 on coco_small dev, 2.1x fp32's speed (144.6 against 67.4 images/s in one run of
-      benchmarks/batch_captioning.py). The int8 encoder (0.5404 and 0.7019) falls 0.016 below fp32 on
-      Flickr8k.
+      model (Lite2), beam 3, on a 2-core AMX Xeon (2026-12-04): CIDEr-D 0.5574 against fp32's 0.5561 on
+      Flickr8k dev and 0.7092 against 0.7138 on coco_small dev, 2.0x fp32's speed (153.8 against 75.9 images/s
+      in one run of benchmarks/batch_captioning.py). The int8 encoder (0.5409 and 0.7007) falls 0.015 below
+      fp32 on Flickr8k.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
-      and bf16 decoder products: 0.5534 and 0.7146 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
+      and bf16 decoder products: 0.5528 and 0.7164 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
       model on an AVX-512 + BF16 + VNNI EPYC (both with PIL's resizing, before 2026-12-02), decoder twice as
       fast. OpenVINO's bf16 encoder was not measured on a CPU without AMX, and PyTorch's (TorchScript) is
       slower than ONNX Runtime's fp32 one.

@@ -11,7 +11,9 @@ not memory, and on CPUs with native bf16 (AVX512-BF16 or AMX) PyTorch multiplies
 the weights and round their inputs to bf16, accumulate in fp32, and round their outputs to bf16 (PyTorch's CPU
 product has no fp32 output for bf16 inputs); everything between the products (biases, attention softmax, the LSTM
 nonlinearities, the state, the final log-softmax) stays fp32, as do the two small products of the attention
-itself (the energies' score over the attention units, and the weighted sum of the grid features).
+itself (the energies' score over the attention units, and the weighted sum of the grid features). The one
+exception is a projection layer whose output only feeds another product (the tuned encoder head): its bias
+(rounded to bf16) and activation run inside its product, which writes bf16 (`ActivatedProduct`).
 """
 
 from __future__ import annotations
