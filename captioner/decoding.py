@@ -130,7 +130,8 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         # Only a row's K best words can be among its image's K best extensions (the row's log-probability and
         # length are shared by all its words), so K candidates per row are ranked, not the whole vocabulary:
         # five passes over (A*K, V) tensors fewer per step (the n-gram rule's mask, the finished rows' mask, the
-        # totals and their length normalisation).
+        # totals and their length normalisation). Between exactly equal scores, another of the tied words may win
+        # than in a ranking of the whole vocabulary (random or saturated toy models; never seen on trained ones).
         C = min(K, logp.size(1))  # candidates per row (fewer where the vocabulary is smaller than the beam)
         cand, cand_word = logp.topk(C, dim=1)  # (A*K, C) each
         if ended is None:

@@ -296,14 +296,17 @@ def _captions(decoder, feats, vocab, **kw) -> list[list]:
 
 @pytest.mark.parametrize("deep_output", [False, True])
 @pytest.mark.parametrize("head,feature_dim", [(0, 20), (40, 20), (40, 0), (0, 0)])  # shipped: (1280, 0)
+@pytest.mark.parametrize("scene_sets", [1, 2])  # 2: enough images for the factorised energy (FACTORISED_IMAGES)
 def test_fused_decoder_gives_the_reference_captions_scores_attention_and_gates(features, deep_output, head,
-                                                                                 feature_dim):
+                                                                                 feature_dim, scene_sets):
     torch.manual_seed(1)  # a random decoder: near-ties everywhere, the hard case for equality
     vocab = Vocabulary.build(["a b c d e f g h i j k l m n o p"], min_count=1)
     cfg = ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=feature_dim, encoder_head=head,
                       dropout=0.0, deep_output=deep_output)
     decoder = new_model(cfg, vocab, 1280).decoder.eval()
-    feats = features["reference"][0]
+    feats = torch.cat([features["reference"][seed] for seed in range(scene_sets)])
+    factorised = "exp_keys" in FusedAttentionDecoder(decoder).init(feats)[0]
+    assert factorised == (feats.size(0) >= FACTORISED_IMAGES)
     ref = _captions(decoder, feats, vocab, return_attention=True, return_gates=True)
     fused = _captions(FusedAttentionDecoder(decoder), feats, vocab, return_attention=True, return_gates=True)
     assert [h.tokens for h in fused] == [h.tokens for h in ref]
