@@ -221,6 +221,9 @@ class FusedAttentionDecoder:
                 self.readout_context = Product(d.readout_context.weight.t(), None, dtype)  # (F, E)
             # init's products: the per-image projection (a third of the decoder's arithmetic) and the keys.
             self.project = self._projection(list(d.project.children()), dtype)
+            # the last product writes into `init`'s features, where the activations after it work in place
+            self._last_product = max((i for i, layer in enumerate(self.project) if isinstance(layer, Product)),
+                                     default=-1)
             self.feature_dim = d.att_feat.in_features  # F
             self.keys = Product.of(d.att_feat, dtype, scale=2)  # doubled for the sigmoid form
             self.initial = Product(torch.cat([d.init_h.weight, d.init_c.weight]).t(),
@@ -257,12 +260,10 @@ class FusedAttentionDecoder:
         with torch.inference_mode():
             B, N = features.shape[:2]
             feats = torch.empty(B, N, self.feature_dim)  # the search's own: beam search overwrites its rows
-            last = max((i for i, layer in enumerate(self.project) if isinstance(layer, Product)), default=-1)
             for start, chunk in zip(range(0, B, PROJECT_CHUNK), features.float().split(PROJECT_CHUNK)):
                 target = feats[start:start + chunk.size(0)]
                 for i, layer in enumerate(self.project):  # feature dropout is off in inference
-                    # the last product writes into `feats`, where the activations after it work in place
-                    chunk = layer(chunk, out=target) if i == last else layer(chunk)
+                    chunk = layer(chunk, out=target) if i == self._last_product else layer(chunk)
                 if chunk.data_ptr() != target.data_ptr():  # no product: the features themselves, copied
                     target.copy_(chunk)
             h, c = torch.tanh_(self.initial(feats.mean(1))).chunk(2, dim=1)  # (B, H) each
