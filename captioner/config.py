@@ -415,7 +415,7 @@ def dataclass_from_dict(cls: type, raw: Any, where: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"invalid config:\n  - {where or 'top level'}: expected a mapping, got {short_repr(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(str(k) for k in set(raw) - set(fields))  # YAML keys may be 1, True (yes/on) or None (~)
     if unknown:
         prefix = f"{where}." if where else ""
         raise ConfigError(

@@ -96,9 +96,16 @@ def to_json_line(rec: dict) -> str:
 
 
 def record_key(line: str, fmt: str) -> str | None:
-    """The (escaped) path of a whole written line, as `escape_path` gives it; None for headers and alt lines."""
+    """The (escaped) path of a whole written line, as `escape_path` gives it; None for headers and alt lines.
+
+    Raises:
+        ValueError: a jsonl line that is not JSON, or not an object with a string `path`.
+    """
     if fmt == "jsonl":
-        return json.loads(line)["path"]
+        rec = json.loads(line)
+        if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):  # JSON, but not one of our records
+            raise ValueError(f"not a record with a path: {line[:60].strip()}")
+        return rec["path"]
     if fmt == "csv":
         row = next(csv.reader([line]))
         return None if row[:4] == csv_header(1) else row[0]

@@ -32,6 +32,9 @@ def test_overrides_are_typed(tmp_path):
     ("model:\n  decoder: show_tell\n  deep_output: true\n", "model.deep_output needs model.decoder: attention"),
     ("model:\n  encoder_head: -1\n", "model.encoder_head must be >= 0"),
     ("train:\n  encoder_head_lr: -0.1\n", "train.encoder_head_lr must be >= 0"),
+    ("1: 2\n", "unknown key.*1"),  # keys that are not strings: YAML reads 1, yes/on, ~ as int, bool, None
+    ("model:\n  on: 1\n", "unknown key.*model.True"),
+    ("model:\n  ~: 1\n  bogus: 2\n", "unknown key.*model.None"),
 ])
 def test_bad_configs_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -88,6 +88,16 @@ def test_output_equal_to_an_input_is_refused(tmp_path, tiny_checkpoint, capsys):
     assert "input" in capsys.readouterr().err
 
 
+def test_output_that_is_a_folder_is_one_line_exit_4(tmp_path, tiny_checkpoint, capsys):
+    [img] = write_images(tmp_path, 1)
+    folder = tmp_path / "out.jsonl"
+    folder.mkdir()
+    assert _caption(tmp_path, tiny_checkpoint, img, "--format", "jsonl", "--output", folder) == 4
+    err = capsys.readouterr().err
+    assert "is a folder" in err and str(folder) in err and len(err.strip().splitlines()) == 1
+    assert not list(folder.iterdir()) and not list(tmp_path.glob(".*.partial"))
+
+
 def test_output_replaced_atomically_only_at_the_end(tmp_path, tiny_checkpoint):
     write_images(tmp_path / "in", 3)
     out = tmp_path / "o.jsonl"
@@ -160,6 +170,40 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, tiny_ch
     # the killed run used one thread, this process more: sums may differ in the last float bits
     assert [(r["path"], r["caption"]) for r in got] == [(r["path"], r["caption"]) for r in want]
     assert [r["score"] for r in got] == pytest.approx([r["score"] for r in want], rel=1e-5)
+
+
+def _evaluate(checkpoint, annotations, *args):
+    return main(["evaluate", "--checkpoint", str(checkpoint), "--format", "jsonl", "--data", str(annotations),
+                 "--precision", "reference", *map(str, args)])
+
+
+@pytest.mark.parametrize("bad_args", [["--batch-size", "0"], ["--beam-size", "0"], ["--max-images", "-1"]])
+def test_evaluate_bad_arguments_exit_2(tmp_path, tiny_checkpoint, capsys, bad_args):
+    [img] = write_images(tmp_path, 1)
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text(json.dumps({"image": img.name, "caption": "a dog"}) + "\n")
+    assert _evaluate(tiny_checkpoint, annotations, *bad_args) == 2
+    err = capsys.readouterr().err
+    assert bad_args[0] in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_output_that_is_a_file_is_refused_before_captioning(tmp_path, tiny_checkpoint, capsys):
+    [img] = write_images(tmp_path, 1)
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text(json.dumps({"image": img.name, "caption": "a dog"}) + "\n")
+    (tmp_path / "eval").write_text("keep me\n")
+    assert _evaluate(tiny_checkpoint, annotations, "--output", tmp_path / "eval") == 2
+    assert "--output" in capsys.readouterr().err and (tmp_path / "eval").read_text() == "keep me\n"
+
+
+def test_evaluate_with_no_image_to_score_is_an_error_not_a_hang(tmp_path, tiny_checkpoint, capsys):
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text(json.dumps({"image": "gone.jpg", "caption": "a dog"}) + "\n")
+    assert _evaluate(tiny_checkpoint, annotations) == 2  # the only image is missing: nothing to score
+    assert "no images to score" in capsys.readouterr().err
+    (tmp_path / "gone.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert _evaluate(tiny_checkpoint, annotations) == 1  # the only image cannot be decoded
+    assert "none of the 1 images could be captioned" in capsys.readouterr().err
 
 
 # ---- configs -------------------------------------------------------------------------------------------------

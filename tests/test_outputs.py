@@ -111,3 +111,22 @@ def test_parquet_rows_are_the_records(tmp_path):
     want = [record(c, 2) for c in captions]
     assert rows[0] == want[0] and rows[2] == want[2]
     assert rows[1] == {**want[1], "tags": None}  # a failed image has no tags: a null cell
+
+
+@pytest.mark.parametrize("line", ['{}', '[1]', '5', '{"path": 5}'])
+def test_resume_refuses_json_lines_that_are_not_records(tmp_path, line):
+    target = tmp_path / "o.jsonl"
+    target.write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(OutputResumeError, match="not a whole jsonl output"):
+        PartialOutput(target, "jsonl", resume=True).open()
+    assert target.read_text(encoding="utf-8") == line + "\n"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "text"])
+def test_resume_keeps_records_of_names_with_unicode_line_breaks(tmp_path, fmt):
+    names = ["p/a\u2028b.jpg", "p/c\x85d.jpg", "p/e\x0cf.jpg"]  # not newlines: written raw, one record a line
+    target = tmp_path / f"o.{fmt}"
+    target.write_text(_render(fmt, [_tagged(n) for n in names]), encoding="utf-8")
+    out = PartialOutput(target, fmt, resume=True)
+    assert out.open() == set(names)
+    out.close(keep=False)

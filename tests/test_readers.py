@@ -81,3 +81,39 @@ def test_missing_images_listed_or_skipped(tmp_path):
         check_images(samples, "error")
     kept, missing = check_images(samples, "skip")
     assert len(kept) == 2 and [p.name for p in missing] == ["gone.jpg", "gone2.jpg"]
+
+
+@pytest.mark.parametrize("fmt, name, content, message", [
+    ("coco", "x.json", b'{"images": [], "caption": "caf\xe9"}', "not UTF-8"),
+    ("jsonl", "x.jsonl", b'{"image": "a.jpg", "caption": "caf\xe9"}\n', "not UTF-8"),
+    ("csv", "x.csv", b"image,caption\na.jpg,caf\xe9\n", "not UTF-8"),
+    ("coco", "x.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("jsonl", "x.jsonl", b"[" * 100_000 + b"\n", "nested too deeply"),
+    ("csv", "x.csv", b'image,caption\na.jpg,"' + b"x" * 200_000 + b'"\n', "x.csv"),
+    ("csv", "x.csv", b"image,caption\na.jpg\n", "caption"),  # a row short of a column
+    ("jsonl", "x.jsonl", b'{"image": "a.jpg", "caption": null}\n', "caption"),
+    ("coco", "x.json", (b'{"images": [{"id": 1, "file_name": "a.jpg"}], '
+                        b'"annotations": [{"image_id": 1, "caption": NaN}]}'), "caption"),
+    ("karpathy", "x.json", b'{"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"raw": 5}]}]}',
+     "caption"),
+])
+def test_hostile_annotation_files_are_dataset_errors(tmp_path, fmt, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(DataConfig(format=fmt, annotations=str(path), images=str(tmp_path)), "test")
+
+
+def test_flickr8k_files_that_are_not_utf8_are_dataset_errors(tmp_path):
+    (tmp_path / "Flickr8k.token.txt").write_bytes(b"a.jpg#0\tcaf\xe9\n")
+    (tmp_path / "Flickr_8k.testImages.txt").write_bytes(b"a.jpg\n")
+    with pytest.raises(DatasetError, match="Flickr8k.token.txt: not UTF-8"):
+        read_dataset(DataConfig(root=str(tmp_path)), "test")
+
+
+def test_image_names_too_long_for_the_file_system_count_as_missing(tmp_path):
+    path = tmp_path / "caps.csv"
+    path.write_text("image,caption\n" + "a" * 300 + ".jpg,a dog\n")
+    samples = read_dataset(DataConfig(format="csv", annotations=str(path)), "test")
+    kept, missing = check_images(samples, "skip")
+    assert not kept and len(missing) == 1

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from captioner.outputs import escape_path
 from captioner.runtime.precisions import PRECISIONS
 
 
@@ -56,6 +58,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the options, as one line naming the argument; None when all are valid.
+
+    Checked before the model is loaded: the API would refuse most of them only at the call, with a traceback,
+    and a negative --max-images would silently drop images from the end of the split.
+    """
+    checks = [("--batch-size", args.batch_size, 1), ("--beam-size", args.beam_size, 1),
+              ("--max-images", args.max_images, 0), ("--no-repeat-ngram", args.no_repeat_ngram, 0)]
+    for name, value, low in checks:
+        if value is not None and value < low:
+            return f"{name} must be >= {low}, got {value}"
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        return f"--length-penalty must be a finite number, got {args.length_penalty}"
+    if args.split_list and args.format in ("flickr8k", "karpathy"):
+        return f"--split-list is for coco, csv and jsonl; {args.format} reads its own split lists"
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        return f"--output {escape_path(args.output)} is a file; it names the folder for scores.json and captions.jsonl"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """`captioner evaluate`: score a checkpoint on a dataset split, print JSON, write per-image captions."""
     from captioner.api import Captioner
@@ -63,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
     from captioner.data.readers import check_images, read_dataset
     from captioner.evaluation.diversity import diversity
     from captioner.evaluation.metrics import score_captions
-    from captioner.outputs import escape_path, record, to_json_line
+    from captioner.outputs import record, to_json_line
 
-    if args.split_list and args.format in ("flickr8k", "karpathy"):
-        print(f"captioner: error: --split-list is for coco, csv and jsonl; {args.format} reads its own split "
-              "lists", file=sys.stderr)
+    problem = _check_args(args)
+    if problem:
+        print(f"captioner: error: {problem}", file=sys.stderr)
         return 2
     cap = Captioner.load(args.checkpoint, precision=args.precision)
     if args.format == "flickr8k":
@@ -85,12 +107,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"captioner: skipping {len(missing)} missing images, e.g. {missing[0]}", file=sys.stderr)
     if args.max_images:
         samples = samples[: args.max_images]
+    if not samples:  # the scorers cannot score nothing (METEOR's Java process then hangs for good)
+        print(f"captioner: error: no images to score in the {args.split} split", file=sys.stderr)
+        return 2
     # Evaluation reads each image once: decode straight from the files through the public API.
     results = cap.caption([s.image for s in samples], beam_size=args.beam_size, batch_size=args.batch_size,
                           length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,
                           on_error="skip")
     ids = [str(s.image) for s in samples]
     good = [i for i, r in enumerate(results) if r.ok]
+    if not good:
+        print(f"captioner: error: none of the {len(samples)} images could be captioned, e.g. {results[0].error}",
+              file=sys.stderr)
+        return 1
     scores = score_captions({ids[i]: results[i].text for i in good},
                             {ids[i]: samples[i].captions for i in good})
     beam_size = args.beam_size or cap.model.decode_cfg.beam_size

@@ -11,11 +11,12 @@ goes through the same temporary file (binary) but cannot be resumed: its footer 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 from pathlib import Path
 
-from captioner.outputs import record_key
+from captioner.outputs import escape_path, record_key
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -45,8 +46,8 @@ class PartialOutput:
 
         `csv_header`: the header this run writes; a CSV to resume must start with it.
         """
-        if self.target.is_dir():
-            raise IsADirectoryError(f"--output {self.target} is a folder")
+        if self.target.is_dir():  # with its errno, so that the CLI reports it as an unwritable file (exit 4)
+            raise IsADirectoryError(errno.EISDIR, f"--output {escape_path(self.target)} is a folder")
         if self.fmt == "parquet":
             if self.resume:
                 raise OutputResumeError("--resume does not work with --format parquet")
@@ -82,7 +83,8 @@ class PartialOutput:
         if self.fmt == "csv":
             rows = list(csv.reader(io.StringIO(text)))
             return {row[0] for row in rows[1:] if row}
-        keys = (record_key(line, self.fmt) for line in text.splitlines() if line)
+        # split("\n"), not splitlines(): a name may hold U+2028, U+0085 or \f, which jsonl and text write raw
+        keys = (record_key(line, self.fmt) for line in text.split("\n") if line)
         return {k for k in keys if k is not None}
 
     def close(self, keep: bool = True) -> None:

@@ -36,11 +36,34 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def _load_json(path: Path) -> object:
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of `path`; a file in another encoding is a DatasetError naming it (not a traceback)."""
     try:
-        return json.loads(_require_file(path, "annotation file").read_text(encoding="utf-8"))
+        return _require_file(path, what).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+
+def _parse_json(text: str, where: str) -> object:
+    """`json.loads`, with its errors as DatasetErrors naming `where`; deep nesting overflows its recursion."""
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+        raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise DatasetError(f"{where}: not valid JSON (nested too deeply)") from exc
+
+
+def _load_json(path: Path) -> object:
+    return _parse_json(_read_text(path, "annotation file"), str(path))
+
+
+def _text(value: object, where: str, what: str = "caption") -> str:
+    """A caption (or image name), which must be text: JSON null/NaN/numbers or a CSV row short of a cell would
+    otherwise reach the tokenizer (or the path join) and fail there with a traceback, far from their file."""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: the {what} must be text, got {str(value)[:60]}")
+    return value
 
 
 def _group(pairs: list[tuple[Path, str]]) -> list[Sample]:
@@ -60,11 +83,10 @@ def read_flickr8k(root: str | Path, split: str) -> list[Sample]:
     if split not in FLICKR8K_SPLITS:
         raise DatasetError(f"unknown flickr8k split {split!r}; choose one of {', '.join(FLICKR8K_SPLITS)}")
     names = [line.strip() for line in
-             _require_file(root / FLICKR8K_SPLITS[split], f"flickr8k {split} split list").read_text().splitlines()
-             if line.strip()]
+             _read_text(root / FLICKR8K_SPLITS[split], f"flickr8k {split} split list").splitlines() if line.strip()]
     captions: dict[str, list[str]] = {}
-    tokens = _require_file(root / "Flickr8k.token.txt", "flickr8k caption file")
-    for number, line in enumerate(tokens.read_text(encoding="utf-8").splitlines(), 1):
+    tokens = root / "Flickr8k.token.txt"
+    for number, line in enumerate(_read_text(tokens, "flickr8k caption file").split("\n"), 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
@@ -92,7 +114,8 @@ def read_karpathy(annotations: str | Path, images: str | Path, split: str) -> li
             if entry["split"] not in wanted:
                 continue
             path = Path(images) / entry.get("filepath", "") / entry["filename"]
-            caps = [s["raw"] if "raw" in s else " ".join(s["tokens"]) for s in entry["sentences"]]
+            caps = [_text(s["raw"] if "raw" in s else " ".join(s["tokens"]), f"{annotations}: {path.name}")
+                    for s in entry["sentences"]]
         except (KeyError, TypeError) as exc:
             raise DatasetError(f"{annotations}: malformed image entry {str(entry)[:80]} ({exc})") from exc
         samples.append(Sample(path, caps))
@@ -109,7 +132,7 @@ def read_coco(annotations: str | Path, images: str | Path) -> list[Sample]:
         pairs = [(Path(images) / files[a["image_id"]], a["caption"]) for a in data["annotations"]]
     except (KeyError, TypeError) as exc:
         raise DatasetError(f"{annotations}: not COCO captions format ({exc})") from exc
-    return _group(pairs)
+    return _group([(image, _text(caption, f"{annotations}: {image.name}")) for image, caption in pairs])
 
 
 def read_table(annotations: str | Path, images: str | Path | None = None) -> list[Sample]:
@@ -121,23 +144,34 @@ def read_table(annotations: str | Path, images: str | Path | None = None) -> lis
     base = Path(images) if images else path.parent
     pairs = []
     if path.suffix.lower() == ".jsonl":
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for number, line in enumerate(_read_text(path, "annotation file").split("\n"), 1):
             if not line.strip():
                 continue
+            row = _parse_json(line, f"{path}:{number}")
             try:
-                row = json.loads(line)
-                pairs.append((base / row["image"], str(row["caption"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                pairs.append((base / row["image"], _text(row["caption"], f"{path}:{number}")))
+            except (KeyError, TypeError) as exc:
                 raise DatasetError(f"{path}:{number}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
     else:
+        pairs = _read_csv(path, base)
+    if not pairs:
+        raise DatasetError(f"{path}: no rows")
+    return _group(pairs)
+
+
+def _read_csv(path: Path, base: Path) -> list[tuple[Path, str]]:
+    """The (image, caption) rows of a CSV; bad bytes, an oversized cell or a short row name the file (and row)."""
+    try:
         with path.open(newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
                 raise DatasetError(f"{path}: CSV needs 'image' and 'caption' columns, found {reader.fieldnames}")
-            pairs = [(base / row["image"], row["caption"]) for row in reader]
-    if not pairs:
-        raise DatasetError(f"{path}: no rows")
-    return _group(pairs)
+            return [(base / _text(row["image"], f"{path}:{reader.line_num}", "image"),
+                     _text(row["caption"], f"{path}:{reader.line_num}")) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: not a readable CSV ({exc})") from exc
 
 
 def _held_out(image: Path, fraction: float) -> bool:
@@ -205,13 +239,21 @@ def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
     return [s for s in samples if _held_out(s.image, cfg.val_fraction) == is_val]
 
 
+def _usable(image: Path) -> bool:
+    """Whether `image` is a non-empty file; a name the file system refuses (too long, ...) is a missing image."""
+    try:
+        return image.is_file() and image.stat().st_size > 0
+    except OSError:
+        return False
+
+
 def check_images(samples: list[Sample], on_missing: str, what: str = "dataset") -> tuple[list[Sample], list[Path]]:
     """Find images that are missing or empty. `on_missing="error"` raises with the list; "skip" drops them.
 
     Returns:
         The usable samples and the list of dropped images.
     """
-    missing = [s.image for s in samples if not s.image.is_file() or s.image.stat().st_size == 0]
+    missing = [s.image for s in samples if not _usable(s.image)]
     if missing and on_missing == "error":
         listed = "\n  ".join(str(p) for p in missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
