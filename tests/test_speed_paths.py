@@ -620,7 +620,7 @@ def test_precision_choice(tiny_model, encoder, monkeypatch):
     for openvino in (True, False):
         assert auto_precision(AVX2, openvino=openvino) == "fp32"  # bf16 emulated: slow
         assert auto_precision(VNNI, openvino=openvino) == "fp32"  # int8 needs calibration
-        assert auto_precision(AVX512_BF16, openvino=openvino) == "bf16-decoder"  # OpenVINO measured on AMX only
+        assert auto_precision(AVX512_BF16, openvino=openvino) == "bf16-decoder"  # Zen 4: OpenVINO bf16 off tolerance
         assert auto_precision({"amx_tile", "amx_bf16", "amx_int8"}, openvino=openvino) == (
             "bf16" if openvino else "bf16-decoder")
     assert auto_precision(AMX, openvino=True) == "bf16" and auto_precision(AMX, openvino=False) == "bf16-decoder"

@@ -67,10 +67,10 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
       in one run of benchmarks/batch_captioning.py). The int8 encoder (0.5409 and 0.7007) falls 0.015 below
       fp32 on Flickr8k.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
-      and bf16 decoder products: 0.5528 and 0.7164 on the AMX Xeon; 0.5582 against 0.5584 for the Flickr8k
-      model on an AVX-512 + BF16 + VNNI EPYC (both with PIL's resizing, before 2026-12-02), decoder twice as
-      fast. OpenVINO's bf16 encoder was not measured on a CPU without AMX, and PyTorch's (TorchScript) is
-      slower than ONNX Runtime's fp32 one.
+      and bf16 decoder products. On a 2-core Zen 4 EPYC without AMX (2026-12-06): 0.5546 and 0.7146 against
+      fp32's 0.5561 and 0.7138, 1.15-1.19x fp32's speed; 0.5528 and 0.7164 on the AMX Xeon. OpenVINO's bf16
+      encoder is 1.5-1.75x faster than this on that EPYC but scored 0.5596 and 0.7009 there: coco_small falls
+      0.013 below fp32, outside the tolerance (on the AMX Xeon it stays within it).
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
       file, changes a third of the captions, and without VNNI has only 7-bit weights.
     """
