@@ -8,10 +8,10 @@ naive   what tutorial repositories do: load one image, encode it alone with the 
 batch   `Captioner.caption_iter` as shipped: decoding threads, batches, the fast paths of `captioner.runtime.fast`
         that precision "auto" picks on this CPU (printed with the CPU's features; fused decoder step, finished
         images leaving the batch). The ablation table also runs the batch pipeline on the reference modules, in
-        fp32 with the ONNX Runtime and the TorchScript encoder, and on CPUs with native bf16 "bf16-decoder" and
-        "bf16" (with the auto backend, and with TorchScript where that is another), and "int8" (ONNX Runtime and
-        OpenVINO where that is auto's) when the checkpoint has an int8 calibration file beside it, and counts
-        captions identical to the naive pipeline's.
+        fp32 with the ONNX Runtime and the TorchScript encoder, and on CPUs with native bf16 "bf16-decoder",
+        "bf16-encoder" and "bf16" (with the auto backend, and with TorchScript where that is another), and "int8"
+        (ONNX Runtime and OpenVINO where that is auto's) when the checkpoint has an int8 calibration file beside
+        it, and counts captions identical to the naive pipeline's.
 Pipelines are interleaved within each repeat, so load from other processes hits all of them alike; figures are
 medians over repeats with [min-max]. Peak memory and cold start come from fresh subprocesses. Without
 `--checkpoint` the decoder has random weights (default ModelConfig, 2,500-word vocabulary): it never ends a
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     # Without native bf16 (AVX512-BF16 or AMX) bf16 is emulated, over ten times slower than fp32: not worth a row.
     native_bf16 = cpu_has_bf16()
     auto = resolve_precision("auto")
-    precisions = ["reference", "fp32"] + (["bf16-decoder", "bf16"] if native_bf16 else [])
+    precisions = ["reference", "fp32"] + (["bf16-decoder", "bf16-encoder", "bf16"] if native_bf16 else [])
     if calibration_path(args.checkpoint).is_file():  # the int8 encoder needs the checkpoint's calibration
         precisions.append("int8")
     caps = {p: Captioner.load(args.checkpoint, precision=p) for p in precisions}
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     print()
     print("| pipeline | images/s | ratio to naive | captions identical to naive |")
     print("|---|---:|---:|---:|")
-    rows = ["naive", "reference", "fp32-torchscript", "fp32", "bf16-decoder", "bf16-torchscript", "bf16",
+    rows = ["naive", "reference", "fp32-torchscript", "fp32", "bf16-decoder", "bf16-encoder", "bf16-torchscript", "bf16",
             "int8-onnxruntime", "int8"]
     for key in rows:
         if key in e2e:

@@ -601,10 +601,10 @@ def test_bf16_decoder_steps_within_tolerance(features, deep_output):
 def test_decoder_products_follow_the_precision(native, monkeypatch, tiny_model, encoder):
     monkeypatch.setattr("captioner.runtime.fast.cpu_has_bf16", lambda: native)
     assert decoder_products("fp32") == "fp32" and decoder_products("bf16") == "bf16"
-    assert decoder_products("bf16-decoder") == "bf16"
+    assert decoder_products("bf16-decoder") == "bf16" and decoder_products("bf16-encoder") == "fp32"
     assert decoder_products("int8") == ("bf16" if native else "fp32")  # emulated bf16 would be slower than fp32
     monkeypatch.setattr("captioner.runtime.fast.FastEncoder", lambda *args, **kwargs: None)  # the decoder is the point
-    for precision in ("fp32", "bf16", "bf16-decoder", "int8"):
+    for precision in ("fp32", "bf16", "bf16-decoder", "bf16-encoder", "int8"):
         _, decoder = FastPaths(encoder, tiny_model.decoder, precision).get()
         assert decoder.products == decoder_products(precision)
 
@@ -711,3 +711,8 @@ def test_bf16_decoder_precision_runs_the_fp32_encoder(encoder, pixels, features)
     fast = FastEncoder(encoder, "bf16-decoder")
     assert fast.precision == "fp32"
     assert torch.allclose(fast(pixels[0]), features["fp32"][0], atol=1e-6, rtol=0)
+
+
+def test_bf16_encoder_precision_runs_the_bf16_encoder(encoder):
+    fast = FastEncoder(encoder, "bf16-encoder", backend="torchscript", script=False)
+    assert fast.precision == "bf16" and fast.dtype == torch.bfloat16

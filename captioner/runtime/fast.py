@@ -6,11 +6,11 @@
   TorchScript (fp32 or bf16), in micro-batches small enough to stay in cache.
 - `FusedAttentionDecoder` (`captioner.runtime.fused_decoder`): the attention decoder's `init`/`step` with the matrix
   products regrouped, in fp32 or with bf16 products (precisions "bf16", "bf16-decoder", and "int8" on CPUs with
-  native bf16).
+  native bf16; "bf16-encoder" keeps them in fp32).
 
 "auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): "bf16" (OpenVINO bf16
 encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-decoder" (fp32 encoder, bf16 decoder products) on
-other CPUs with native bf16, fp32 elsewhere.
+other CPUs with native bf16, fp32 elsewhere. "bf16-encoder" (bf16 encoder, fp32 decoder products) is opt-in.
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
 checks each fast path against them (feature extraction for training runs the fp32 `FastEncoder`, and
@@ -67,10 +67,11 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
       in one run of benchmarks/batch_captioning.py). The int8 encoder (0.5409 and 0.7007) falls 0.015 below
       fp32 on Flickr8k.
     - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
-      and bf16 decoder products. On a 2-core Zen 4 EPYC without AMX (2026-12-06): 0.5546 and 0.7146 against
-      fp32's 0.5561 and 0.7138, 1.15-1.19x fp32's speed; 0.5528 and 0.7164 on the AMX Xeon. OpenVINO's bf16
-      encoder is 1.5-1.75x faster than this on that EPYC but scored 0.5596 and 0.7009 there: coco_small falls
-      0.013 below fp32, outside the tolerance (on the AMX Xeon it stays within it).
+      and bf16 decoder products: 0.5546 and 0.7146 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC
+      without AMX (2026-12-06), 0.5528 and 0.7164 on the AMX Xeon. There "bf16" (0.5596 and 0.7009) falls
+      outside the tolerance on coco_small. "bf16-encoder" (OpenVINO bf16 encoder, fp32 decoder products)
+      keeps it (0.5559 and 0.7121) and gave 1.17-1.38x "bf16-decoder"'s throughput on that EPYC, but its
+      single-image p50 was 48 against 33 ms (fp32 decoder steps), so it stays opt-in until it wins both.
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
       file, changes a third of the captions, and without VNNI has only 7-bit weights.
     """
@@ -93,8 +94,8 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu", flags:
 
 
 def encoder_precision(precision: str) -> str:
-    """The encoder's half of a resolved precision: "bf16-decoder" runs an fp32 encoder."""
-    return "fp32" if precision == "bf16-decoder" else precision
+    """The encoder's half of a resolved precision: "bf16-decoder" runs an fp32 encoder, "bf16-encoder" a bf16 one."""
+    return {"bf16-decoder": "fp32", "bf16-encoder": "bf16"}.get(precision, precision)
 
 
 def openvino_usable() -> bool:
@@ -142,7 +143,7 @@ def cpu_has_vnni() -> bool:
 def decoder_products(precision: str) -> Products:
     """The arithmetic of the decoder's matrix products for a resolved precision: "bf16" for "bf16" and
     "bf16-decoder", and for "int8" where the CPU has native bf16 (elsewhere bf16 is emulated, far slower than
-    fp32); otherwise "fp32"."""
+    fp32); otherwise "fp32" ("bf16-encoder" among them)."""
     if precision in ("bf16", "bf16-decoder") or (precision == "int8" and cpu_has_bf16()):
         return "bf16"
     return "fp32"

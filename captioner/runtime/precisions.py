@@ -4,5 +4,5 @@ from __future__ import annotations
 
 from typing import Literal
 
-Precision = Literal["auto", "bf16", "bf16-decoder", "fp32", "int8", "reference"]
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "bf16-decoder", "fp32", "int8", "reference")
+Precision = Literal["auto", "bf16", "bf16-decoder", "bf16-encoder", "fp32", "int8", "reference"]
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "bf16-decoder", "bf16-encoder", "fp32", "int8", "reference")
