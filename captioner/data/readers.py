@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -161,15 +162,12 @@ def read_table(annotations: str | Path, images: str | Path | None = None) -> lis
 
 def _read_csv(path: Path, base: Path) -> list[tuple[Path, str]]:
     """The (image, caption) rows of a CSV; bad bytes, an oversized cell or a short row name the file (and row)."""
+    reader = csv.DictReader(io.StringIO(_read_text(path, "annotation file"), newline=""))
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-                raise DatasetError(f"{path}: CSV needs 'image' and 'caption' columns, found {reader.fieldnames}")
-            return [(base / _text(row["image"], f"{path}:{reader.line_num}", "image"),
-                     _text(row["caption"], f"{path}:{reader.line_num}")) for row in reader]
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text ({exc.reason})") from exc
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise DatasetError(f"{path}: CSV needs 'image' and 'caption' columns, found {reader.fieldnames}")
+        return [(base / _text(row["image"], f"{path}:{reader.line_num}", "image"),
+                 _text(row["caption"], f"{path}:{reader.line_num}")) for row in reader]
     except csv.Error as exc:
         raise DatasetError(f"{path}: not a readable CSV ({exc})") from exc
 
