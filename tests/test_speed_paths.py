@@ -64,6 +64,7 @@ from captioner.runtime.fused_decoder import (
     ActivatedProduct,
     FusedAttentionDecoder,
     Product,
+    _onednn_linear,
 )
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
@@ -458,7 +459,7 @@ def test_products_in_fp32_and_bf16():
     fp32 = Product(w, b)
     assert torch.allclose(fp32(x), exact + b, atol=1e-5) and fp32(x).shape == (6, 2, 24)
     assert torch.allclose(fp32(x.view(12, 40), base), exact.view(12, 24) + base, atol=1e-5)
-    assert torch.equal(Product(w)(x), torch.mm(x.view(12, 40), w).view(6, 2, 24))
+    assert torch.allclose(Product(w)(x), torch.mm(x.view(12, 40), w).view(6, 2, 24), rtol=1e-6, atol=1e-5)
     bf16 = Product(w, b, torch.bfloat16)
     y = bf16(x)
     assert y.dtype == torch.float32 and bf16.weight.dtype == torch.bfloat16
@@ -553,10 +554,33 @@ def _raise(*args, **kwargs):
     raise RuntimeError("oneDNN: could not create a primitive descriptor")
 
 
+@pytest.mark.parametrize("rows", [1, 3, 64, 200])
+def test_fp32_product_through_onednn_is_the_fp32_addmm(rows):
+    """fp32 products also run through oneDNN's linear on a prepared weight (where PyTorch has it): an fp32
+    result within fp32 rounding of `torch.addmm` (another summation order, not bit for bit), with the bias
+    added inside, a (rows, N) `base` added after, or written into `out`."""
+    torch.manual_seed(rows)
+    x, w, b, base = torch.randn(rows, 512), torch.randn(512, 96), torch.randn(96), torch.randn(rows, 96)
+    if _onednn_linear(w) is None:
+        pytest.skip("PyTorch's oneDNN linear is missing or refused the fp32 weight here: torch.addmm runs it")
+    product = Product(w, b)
+    assert product._linear is not None
+    y = product(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    assert _relative(y, torch.addmm(b, x, w)) <= 1e-6
+    assert _relative(product(x, base), torch.addmm(base, x, w)) <= 1e-6
+    assert _relative(Product(w)(x), torch.mm(x, w)) <= 1e-6
+    out = torch.full((rows, 96), float("nan"))
+    assert product(x, base, out=out).data_ptr() == out.data_ptr() and torch.equal(out, product(x, base))
+    exact = torch.addmm(b.double(), x.double(), w.double())
+    assert _relative(y.double(), exact) <= 1e-6  # as near the exact product as MKL's sgemm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("failure", ["reorder-raises", "wrong-product", "no-mkldnn"])
-def test_bf16_product_falls_back_to_mm(monkeypatch, failure):
+def test_product_falls_back_to_mm(monkeypatch, failure, dtype):
     """A oneDNN linear that cannot be set up, or that gives another product than `torch.mm`, is never used:
-    the Product runs `torch.mm` and gives its result."""
+    the Product runs `torch.mm` (`torch.addmm` in fp32) and gives its result."""
     torch.manual_seed(0)
     x, w, b = torch.randn(5, 64), torch.randn(64, 40), torch.randn(40)
     if failure == "reorder-raises":
@@ -566,10 +590,13 @@ def test_bf16_product_falls_back_to_mm(monkeypatch, failure):
         monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: 2 * linear(*args))
     else:
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    product = Product(w, b, torch.bfloat16)
+    product = Product(w, b, dtype)
     assert product._linear is None
     y = product(x)
-    assert y.dtype == torch.float32 and torch.equal(y, torch.mm(x.bfloat16(), w.bfloat16()).float() + b)
+    if dtype == torch.float32:
+        assert torch.equal(y, torch.addmm(b, x, w))
+    else:
+        assert y.dtype == torch.float32 and torch.equal(y, torch.mm(x.bfloat16(), w.bfloat16()).float() + b)
     assert _relative(y, x @ w + b) <= 1e-2
 
 

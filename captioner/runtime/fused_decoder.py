@@ -62,14 +62,21 @@ LINEAR_ROWS_HINT = 64
 
 
 def _onednn_linear(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` (K, N) bf16 as oneDNN's linear takes it ((N, K), reordered once), or None where PyTorch's oneDNN
-    linear is missing or refuses it (then `torch.mm` runs the product).
+    """`weight` (K, N), fp32 or bf16, as oneDNN's linear takes it ((N, K), reordered once), or None where
+    PyTorch's oneDNN linear is missing or refuses it (then `torch.mm` runs the product).
 
-    Why: `torch.mm` on bf16 sets up oneDNN's product anew at every call. Through oneDNN's linear with the weight
-    prepared once, the decoder's products ran 1.3-3x faster on a 2-core AMX Xeon (a (3 x 512) by (512 x 2816)
-    product: 148 against 44 us; (192 x 512): 352 against 244 us). Both accumulate in fp32 and round the output to
-    bf16, but for some row counts oneDNN picks a kernel that sums in another order, so a result may differ from
-    `torch.mm`'s in the last bf16 bit (the general model's dev scores moved by at most 0.0001 BLEU-4).
+    Why, in bf16: `torch.mm` on bf16 sets up oneDNN's product anew at every call. Through oneDNN's linear with
+    the weight prepared once, the decoder's products ran 1.3-3x faster on a 2-core AMX Xeon (a (3 x 512) by
+    (512 x 2816) product: 148 against 44 us; (192 x 512): 352 against 244 us). Both accumulate in fp32 and round
+    the output to bf16, but for some row counts oneDNN picks a kernel that sums in another order, so a result may
+    differ from `torch.mm`'s in the last bf16 bit (the general model's dev scores moved by at most 0.0001 BLEU-4).
+
+    Why, in fp32: `torch.addmm` (MKL's sgemm) repacks the weight at every call, which dominates a beam's few
+    rows. On a 2-core Zen 4 EPYC (2026-12-07) a (3 x 512) by (512 x 2656) product took 68-72 against 275 us,
+    (3 x 512) by (512 x 2755) 91 against 426 us, and with 192 rows 2.5 against 3.2 ms; single-image beam search
+    of the general model 17-22 against 33-43 ms. oneDNN sums in another order than MKL (results about 1e-6
+    relative apart), yet all 1,150 dev captions of the general model (Flickr8k and coco_small) and their
+    scores stayed the same to every digit.
     """
     ops = torch.ops.mkldnn
     if not (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
@@ -88,6 +95,7 @@ def _onednn_linear(weight: torch.Tensor) -> torch.Tensor | None:
 
 class Product:
     """`base + x @ weight` with fp32 operands, or with bf16 inputs (see the module docstring); always fp32 out.
+    Both run through oneDNN's linear on a weight prepared once where PyTorch has it (`_onednn_linear`).
 
     `weight` is (K, N) (already transposed), `bias` (N,) is the default `base`.
     """
@@ -96,7 +104,7 @@ class Product:
         self.dtype = dtype
         self.weight = weight.detach().float().contiguous().to(dtype)
         self.bias = bias.detach().float() if bias is not None else None
-        self._linear = _onednn_linear(self.weight) if dtype == torch.bfloat16 else None
+        self._linear = _onednn_linear(self.weight)
 
     @classmethod
     def of(cls, linear: nn.Linear, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Product:
@@ -112,7 +120,14 @@ class Product:
         flat = x.reshape(-1, x.size(-1))
         flat_out = out.view(-1, out.size(-1)) if out is not None else None
         if self.dtype == torch.float32:
-            if base is None:
+            if self._linear is not None:
+                bias = base if base is not None and base.dim() == 1 else None  # added inside the product
+                y = torch.ops.mkldnn._linear_pointwise(flat, self._linear, bias, "none", [], "")
+                if bias is None and base is not None:
+                    y = y.add_(base)
+                if flat_out is not None:
+                    y = flat_out.copy_(y)
+            elif base is None:
                 y = torch.mm(flat, self.weight, out=flat_out)
             else:
                 y = torch.addmm(base, flat, self.weight, out=flat_out)
