@@ -9,8 +9,9 @@
   native bf16; "bf16-encoder" keeps them in fp32).
 
 "auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): "bf16" (OpenVINO bf16
-encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-decoder" (fp32 encoder, bf16 decoder products) on
-other CPUs with native bf16, fp32 elsewhere. "bf16-encoder" (bf16 encoder, fp32 decoder products) is opt-in.
+encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-encoder" (OpenVINO bf16 encoder, fp32 decoder
+products) with AVX512-BF16 but no AMX, "bf16-decoder" (fp32 encoder, bf16 decoder products) on CPUs with native
+bf16 but no OpenVINO, fp32 elsewhere.
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
 checks each fast path against them (feature extraction for training runs the fp32 `FastEncoder`, and
@@ -66,20 +67,23 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
       Flickr8k dev and 0.7092 against 0.7138 on coco_small dev, 2.0x fp32's speed (153.8 against 75.9 images/s
       in one run of benchmarks/batch_captioning.py). The int8 encoder (0.5409 and 0.7007) falls 0.015 below
       fp32 on Flickr8k.
-    - native bf16 otherwise (AVX512-BF16 without AMX, or AMX without OpenVINO): "bf16-decoder", an fp32 encoder
-      and bf16 decoder products: 0.5546 and 0.7146 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC
-      without AMX (2026-12-06), 0.5528 and 0.7164 on the AMX Xeon. There "bf16" (0.5596 and 0.7009) falls
-      outside the tolerance on coco_small. "bf16-encoder" (OpenVINO bf16 encoder, fp32 decoder products)
-      keeps it (0.5559 and 0.7121) and gave 1.17-1.38x "bf16-decoder"'s throughput on that EPYC, but its
-      single-image p50 was 48 against 33 ms (fp32 decoder steps), so it stays opt-in until it wins both.
+    - AVX512-BF16 without AMX, with OpenVINO: "bf16-encoder", the OpenVINO bf16 encoder and fp32 decoder
+      products: 0.5559 and 0.7121 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC without AMX
+      (2026-12-06, the same on 2026-12-07). There "bf16" (0.5596 and 0.7009) falls outside the tolerance on
+      coco_small. On that EPYC (2026-12-07, after the fp32 decoder products moved to oneDNN's linear) it ran
+      at 67.4 against "bf16-decoder"'s 57.3 images/s in one run of benchmarks/batch_captioning.py, and one
+      image at a time at a p50 of 35.8 against 37.2 ms (100 photos, the two alternating).
+    - other native bf16 (AMX without OpenVINO, or AVX512-BF16 without it): "bf16-decoder", an fp32 encoder and
+      bf16 decoder products: 0.5546 and 0.7146 on the Zen 4 EPYC, 0.5528 and 0.7164 on the AMX Xeon. Without
+      OpenVINO the bf16 encoder would run in TorchScript, which was not scored.
     - otherwise (VNNI, or AVX2 alone): "fp32". bf16 is emulated there, far slower; int8 needs a calibration
       file, changes a third of the captions, and without VNNI has only 7-bit weights.
     """
-    if "amx_bf16" in flags and (openvino_usable() if openvino is None else openvino):
-        return "bf16"
-    if flags & BF16_FLAGS:
+    if not flags & BF16_FLAGS:
+        return "fp32"
+    if not (openvino_usable() if openvino is None else openvino):
         return "bf16-decoder"
-    return "fp32"
+    return "bf16" if "amx_bf16" in flags else "bf16-encoder"
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu", flags: set[str] | None = None) -> str:
