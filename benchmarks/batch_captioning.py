@@ -44,7 +44,14 @@ from captioner.decoding import beam_search
 from captioner.images import open_image
 from captioner.models.checkpoint import new_model, save_model
 from captioner.models.vocab import SPECIALS, Vocabulary
-from captioner.runtime.fast import FastPaths, cpu_flags, cpu_has_bf16, default_backend, resolve_precision
+from captioner.runtime.fast import (
+    FastPaths,
+    cpu_flags,
+    cpu_has_bf16,
+    default_backend,
+    encoder_precision,
+    resolve_precision,
+)
 from captioner.runtime.int8 import calibration_path
 
 
@@ -326,7 +333,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
           f"{mem['auto']['load_s'] + mem['auto']['first_s']:.2f} | |")
     print(f"| peak RSS after half / all images, MB | {mem['naive']['peak_mb'][0]:.0f} / "
           f"{mem['naive']['peak_mb'][1]:.0f} | {mem['auto']['peak_mb'][0]:.0f} / {mem['auto']['peak_mb'][1]:.0f} | |")
-    dtype = torch.bfloat16 if auto == "bf16" else torch.float32  # the arithmetic of auto's encoder
+    dtype = torch.bfloat16 if encoder_precision(auto) == "bf16" else torch.float32  # auto's encoder arithmetic
     kind = "bf16" if dtype == torch.bfloat16 else "fp32"
     print(f"| encoder GFLOP/s ({gflop:.2f} GFLOP per image) | {enc_naive_gf:.0f} = {enc_naive_gf / peak[torch.float32]:.0%}"
           f" of fp32 matmul | {enc_fast_gf:.0f} = {enc_fast_gf / peak[dtype]:.0%} of {kind} matmul | |")
@@ -346,12 +353,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     print("|---|---:|---:|")
     for name, sec in stage.items():
         print(f"| {name} | {sec * 1e3:.2f} | {sec / total:.0%} |")
-    fp32_peak = peak[dtype]
-    limit = fp32_peak / (gflop + dec_gflop)
+    peak_rate = peak[dtype]
+    limit = peak_rate / (gflop + dec_gflop)
     print(f"| sum (if nothing overlapped) | {total * 1e3:.2f} | = {1 / total:.0f} images/s |")
     print()
     print(f"Arithmetic limit: encoder {gflop:.2f} + decoder {dec_gflop:.3f} GFLOP per image (beam {beam}) at the "
-          f"{kind} matmul peak of {fp32_peak:.0f} GFLOP/s = {limit:.0f} images/s for the network alone, "
+          f"{kind} matmul peak of {peak_rate:.0f} GFLOP/s = {limit:.0f} images/s for the network alone, "
           f"{1 / (1 / limit + jpeg_s / torch.get_num_threads()):.0f} images/s with the JPEG work on the same "
           f"{torch.get_num_threads()} threads; depthwise convolutions and the step-by-step decoder run well below "
           "matmul peak, so the reachable limit is lower")
