@@ -101,8 +101,9 @@ class Captioner:
 
         Args:
             precision: "auto" picks per CPU the fastest of the paths below whose dev CIDEr-D stays within 0.01
-                of fp32's (`captioner.runtime.fast.auto_precision`: "bf16" with AMX, "bf16-encoder" with
-                AVX512-BF16 alone, "bf16-decoder" with native bf16 but no OpenVINO, "fp32" elsewhere), after captioning the instance's first 16 images
+                of fp32's (`captioner.runtime.fast.auto_precision`: "bf16" with AMX and OpenVINO,
+                "bf16-encoder" with AVX512-BF16 but no AMX and OpenVINO, "bf16-decoder" with native bf16 but
+                no OpenVINO, "fp32" elsewhere), after captioning the instance's first 16 images
                 (`captioner.runtime.fast.SMALL_JOB`) on the reference modules: a job of a few photos finishes
                 sooner than the fast paths take to build, and a batch of more builds them. "reference" runs
                 the training-time fp32 modules unchanged;

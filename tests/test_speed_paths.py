@@ -574,6 +574,14 @@ def test_fp32_product_through_onednn_is_the_fp32_addmm(rows):
     assert product(x, base, out=out).data_ptr() == out.data_ptr() and torch.equal(out, product(x, base))
     exact = torch.addmm(b.double(), x.double(), w.double())
     assert _relative(y.double(), exact) <= 1e-6  # as near the exact product as MKL's sgemm
+    # Bases oneDNN cannot take as its bias (strided, expanded, (1,), (1, N), (rows, 1)), a strided bias, and
+    # strided inputs: the same as torch.addmm, never garbage.
+    strided = torch.randn(192)[::2]
+    for odd in (strided, torch.tensor(1.5).expand(96), torch.randn(1), torch.randn(1, 96), torch.randn(rows, 1)):
+        assert _relative(product(x, odd), torch.addmm(odd, x, w)) <= 1e-6
+    assert _relative(Product(w, strided)(x), torch.addmm(strided, x, w)) <= 1e-6
+    wide = torch.randn(rows, 1024)
+    assert _relative(product(wide[:, ::2]), torch.addmm(b, wide[:, ::2], w)) <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 on CPUs with AMX and OpenVINO installed (OpenVINO bf16 encoder), "
-                        "bf16-encoder on CPUs with AVX512-BF16 but no AMX, bf16-decoder on CPUs with native "
+                        "bf16-encoder on CPUs with AVX512-BF16 but no AMX (OpenVINO installed), bf16-decoder on CPUs with native "
                         "bf16 but no OpenVINO, fp32 elsewhere; "
                         "fp32: fast CPU path, same captions as reference (the training-time modules); "
                         "bf16-decoder: fp32 encoder, bf16 decoder products; "

@@ -97,13 +97,14 @@ class Product:
     """`base + x @ weight` with fp32 operands, or with bf16 inputs (see the module docstring); always fp32 out.
     Both run through oneDNN's linear on a weight prepared once where PyTorch has it (`_onednn_linear`).
 
-    `weight` is (K, N) (already transposed), `bias` (N,) is the default `base`.
+    `weight` is (K, N) (already transposed), `bias` (N,) is the default `base`. Inference only: oneDNN's linear
+    has no backward, and its prepared weight cannot be copied or pickled (build a Product again instead).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
         self.dtype = dtype
         self.weight = weight.detach().float().contiguous().to(dtype)
-        self.bias = bias.detach().float() if bias is not None else None
+        self.bias = bias.detach().float().contiguous() if bias is not None else None
         self._linear = _onednn_linear(self.weight)
 
     @classmethod
@@ -115,13 +116,17 @@ class Product:
     def __call__(self, x: torch.Tensor, base: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
         """(..., K) -> (..., N); `base` (broadcastable to (M, N)) replaces the bias when given; `out`, a
-        contiguous (..., N) fp32 tensor, receives the result (no new tensor, no copy)."""
+        contiguous (..., N) fp32 tensor, receives the result (written in place by `torch.addmm`, copied there
+        from oneDNN's linear, which has no `out`)."""
         base = self.bias if base is None else base
         flat = x.reshape(-1, x.size(-1))
         flat_out = out.view(-1, out.size(-1)) if out is not None else None
         if self.dtype == torch.float32:
             if self._linear is not None:
-                bias = base if base is not None and base.dim() == 1 else None  # added inside the product
+                # A dense (N,) base is oneDNN's bias, added inside the product; any other is added after it
+                # (oneDNN reads its bias as N contiguous values: no strides, no broadcasting).
+                dense = base is not None and base.dim() == 1 and base.numel() == self.weight.size(1)
+                bias = base.contiguous() if dense else None
                 y = torch.ops.mkldnn._linear_pointwise(flat, self._linear, bias, "none", [], "")
                 if bias is None and base is not None:
                     y = y.add_(base)
