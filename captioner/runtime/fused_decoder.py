@@ -121,31 +121,25 @@ class Product:
         base = self.bias if base is None else base
         flat = x.reshape(-1, x.size(-1))
         flat_out = out.view(-1, out.size(-1)) if out is not None else None
-        if self.dtype == torch.float32:
-            if self._linear is not None:
-                # A dense (N,) base is oneDNN's bias, added inside the product; any other is added after it
-                # (oneDNN reads its bias as N contiguous values: no strides, no broadcasting).
-                dense = base is not None and base.dim() == 1 and base.numel() == self.weight.size(1)
-                bias = base.contiguous() if dense else None
-                y = torch.ops.mkldnn._linear_pointwise(flat, self._linear, bias, "none", [], "")
-                if bias is None and base is not None:
-                    y = y.add_(base)
-                if flat_out is not None:
-                    y = flat_out.copy_(y)
-            elif base is None:
-                y = torch.mm(flat, self.weight, out=flat_out)
-            else:
-                y = torch.addmm(base, flat, self.weight, out=flat_out)
+        fp32 = self.dtype == torch.float32
+        if self._linear is not None:
+            # In fp32 a dense (N,) base is oneDNN's bias, added inside the product (oneDNN reads its bias as N
+            # contiguous values: no strides, no broadcasting); any other base is added below.
+            inner = fp32 and base is not None and base.dim() == 1 and base.numel() == self.weight.size(1)
+            y = torch.ops.mkldnn._linear_pointwise(flat.to(self.dtype), self._linear,
+                                                   base.contiguous() if inner else None, "none", [], "")
+            base = None if inner else base
+        elif fp32:
+            y = torch.mm(flat, self.weight, out=flat_out) if base is None else torch.addmm(
+                base, flat, self.weight, out=flat_out)
+            return y.view(*x.shape[:-1], y.size(-1))
         else:
-            if self._linear is not None:
-                y = torch.ops.mkldnn._linear_pointwise(flat.to(self.dtype), self._linear, None, "none", [], "")
-            else:
-                y = torch.mm(flat.to(self.dtype), self.weight)
-            # One op: the bf16 product is widened exactly, then added in fp32 (as .float().add_(base) would).
-            if base is None:
-                y = y.float() if flat_out is None else flat_out.copy_(y)
-            else:
-                y = torch.add(base, y, out=flat_out)
+            y = torch.mm(flat.to(self.dtype), self.weight)
+        # One op: a bf16 product is widened exactly, then added in fp32 (as .float().add_(base) would).
+        if base is None:
+            y = y.float() if flat_out is None else flat_out.copy_(y)
+        else:
+            y = torch.add(base, y, out=flat_out)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
