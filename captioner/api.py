@@ -109,7 +109,7 @@ class Captioner:
                 the training-time fp32 modules unchanged;
                 "fp32" the CPU fast paths in fp32: same captions, features within 1e-3; "bf16-decoder" an fp32
                 encoder and bf16 decoder products; "bf16-encoder" a bf16 encoder (OpenVINO where bf16 is native)
-                and fp32 decoder products; "bf16" runs the encoder and the decoder's matrix products in bf16,
+                and fp32 decoder step products (the per-image projection in bf16); "bf16" runs the encoder and the decoder's matrix products in bf16,
                 faster on CPUs with bf16 instructions but it changes some captions; "int8" runs the encoder
                 quantised to 8 bits from `int8_calibration`, and the decoder's products in bf16 where the CPU
                 has bf16 instructions (fp32 elsewhere): the fastest, and it changes more captions (tolerances:

@@ -57,6 +57,7 @@ from captioner.runtime.fast import (
     decoder_products,
     default_backend,
     export_onnx,
+    projection_products,
     resolve_precision,
 )
 from captioner.runtime.fused_decoder import (
@@ -632,16 +633,49 @@ def test_bf16_decoder_steps_within_tolerance(features, deep_output):
         FusedAttentionDecoder(decoder, "fp16")
 
 
+def test_bf16_projection_alone_leaves_the_step_products_in_fp32(features):
+    """`projection="bf16"` (precision "bf16-encoder"): init's per-image projection rounds to bf16, while every
+    step product stays fp32, so a step on the same memory and state gives the fp32 decoder's outputs exactly."""
+    torch.manual_seed(3)
+    vocab = Vocabulary.build(["a b c d e f g h i j k l m n o p"], min_count=1)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, encoder_head=40,
+                      dropout=0.0, deep_output=True)
+    decoder = new_model(cfg, vocab, 1280).decoder.eval()
+    fp32, mixed = FusedAttentionDecoder(decoder), FusedAttentionDecoder(decoder, "fp32", projection="bf16")
+    assert (mixed.products, mixed.projection, fp32.projection) == ("fp32", "bf16", "fp32")
+    projection = [layer for layer in mixed.project if not isinstance(layer, torch.nn.Module)]
+    assert projection and all(getattr(layer, "dtype", torch.bfloat16) == torch.bfloat16 for layer in projection)
+    steps = [mixed.hidden, mixed.context, mixed.out, mixed.readout_hidden, mixed.readout_context, mixed.keys]
+    assert all(product.dtype == torch.float32 for product in steps)
+    feats = features["reference"][1]
+    with torch.no_grad():
+        exact = decoder.project(feats)
+    (mem_a, state_a), (mem_b, _) = fp32.init(feats), mixed.init(feats)
+    assert not torch.equal(mem_a["feats"], mem_b["feats"])  # the projection did run in bf16
+    assert _relative(mem_b["feats"], exact) <= 2e-2
+    tokens = torch.arange(4, 20).repeat_interleave(3)[:48]  # 16 images x 3 beams
+    state = {k: v.repeat_interleave(3, 0) for k, v in state_a.items()}
+    out_a, out_b = fp32.step(tokens, mem_a, state), mixed.step(tokens, mem_a, state)
+    assert torch.equal(out_a.logits, out_b.logits) and torch.equal(out_a.state["h"], out_b.state["h"])
+    with pytest.raises(ValueError, match="unknown products 'int4'"):
+        FusedAttentionDecoder(decoder, "fp32", projection="int4")
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_decoder_products_follow_the_precision(native, monkeypatch, tiny_model, encoder):
     monkeypatch.setattr("captioner.runtime.fast.cpu_has_bf16", lambda: native)
     assert decoder_products("fp32") == "fp32" and decoder_products("bf16") == "bf16"
     assert decoder_products("bf16-decoder") == "bf16" and decoder_products("bf16-encoder") == "fp32"
     assert decoder_products("int8") == ("bf16" if native else "fp32")  # emulated bf16 would be slower than fp32
+    # "bf16-encoder" runs its per-image projection in bf16 where bf16 is native; every other precision as its steps
+    assert projection_products("bf16-encoder") == ("bf16" if native else "fp32")
+    for precision in ("fp32", "bf16", "bf16-decoder", "int8"):
+        assert projection_products(precision) == decoder_products(precision)
     monkeypatch.setattr("captioner.runtime.fast.FastEncoder", lambda *args, **kwargs: None)  # the decoder is the point
     for precision in ("fp32", "bf16", "bf16-decoder", "bf16-encoder", "int8"):
         _, decoder = FastPaths(encoder, tiny_model.decoder, precision).get()
         assert decoder.products == decoder_products(precision)
+        assert decoder.projection == projection_products(precision)
 
 
 AVX2 = frozenset({"avx2", "fma"})

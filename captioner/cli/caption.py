@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "bf16 but no OpenVINO, fp32 elsewhere; "
                         "fp32: fast CPU path, same captions as reference (the training-time modules); "
                         "bf16-decoder: fp32 encoder, bf16 decoder products; "
-                        "bf16-encoder: bf16 encoder, fp32 decoder products; "
+                        "bf16-encoder: bf16 encoder, fp32 decoder step products (projection in bf16); "
                         "bf16: bf16 encoder and decoder products, faster on CPUs with bf16 instructions, "
                         "changes some captions (dev CIDEr-D within 0.01 of fp32 with AMX); int8: int8 encoder "
                         "(and bf16 decoder products where the CPU has bf16 instructions), changes more captions, needs the checkpoint's "

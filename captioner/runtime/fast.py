@@ -6,11 +6,11 @@
   TorchScript (fp32 or bf16), in micro-batches small enough to stay in cache.
 - `FusedAttentionDecoder` (`captioner.runtime.fused_decoder`): the attention decoder's `init`/`step` with the matrix
   products regrouped, in fp32 or with bf16 products (precisions "bf16", "bf16-decoder", and "int8" on CPUs with
-  native bf16; "bf16-encoder" keeps them in fp32).
+  native bf16; "bf16-encoder" keeps the step's in fp32 and runs the per-image projection alone in bf16).
 
 "auto" (the default) picks one of these per CPU from its feature flags (`auto_precision`): "bf16" (OpenVINO bf16
 encoder, bf16 decoder products) with AMX and OpenVINO, "bf16-encoder" (OpenVINO bf16 encoder, fp32 decoder
-products) with AVX512-BF16 but no AMX, "bf16-decoder" (fp32 encoder, bf16 decoder products) on CPUs with native
+step products) with AVX512-BF16 but no AMX, "bf16-decoder" (fp32 encoder, bf16 decoder products) on CPUs with native
 bf16 but no OpenVINO, fp32 elsewhere.
 
 The reference modules (`Encoder.forward`, `AttentionDecoder.step`) stay the ground truth: `tests/test_speed_paths.py`
@@ -68,7 +68,7 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
       in one run of benchmarks/batch_captioning.py). The int8 encoder (0.5409 and 0.7007) falls 0.015 below
       fp32 on Flickr8k.
     - AVX512-BF16 without AMX, with OpenVINO: "bf16-encoder", the OpenVINO bf16 encoder and fp32 decoder
-      products: 0.5559 and 0.7121 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC without AMX
+      step products (the per-image projection in bf16 since 2026-12-07: 0.5557 and 0.7121): 0.5559 and 0.7121 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC without AMX
       (2026-12-06, the same on 2026-12-07). There "bf16" (0.5596 and 0.7009) falls outside the tolerance on
       coco_small. On that EPYC (2026-12-07, after the fp32 decoder products moved to oneDNN's linear) it ran
       at 67.4 against "bf16-decoder"'s 57.3 images/s in one run of benchmarks/batch_captioning.py, and one
@@ -151,6 +151,15 @@ def decoder_products(precision: str) -> Products:
     if precision in ("bf16", "bf16-decoder") or (precision == "int8" and cpu_has_bf16()):
         return "bf16"
     return "fp32"
+
+
+def projection_products(precision: str) -> Products:
+    """The arithmetic of the decoder's per-image projection (`FusedAttentionDecoder`'s `projection`): that of its
+    products, except under "bf16-encoder" on CPUs with native bf16, where the projection alone runs in bf16
+    (its six changed captions of 1,150 and its speed: `FusedAttentionDecoder`)."""
+    if precision == "bf16-encoder" and cpu_has_bf16():
+        return "bf16"
+    return decoder_products(precision)
 
 
 def export_onnx(encoder: Encoder) -> bytes:
@@ -325,7 +334,8 @@ class FastPaths:
                 if self._built is None:
                     decoder = self._decoder
                     if isinstance(decoder, AttentionDecoder):
-                        decoder = FusedAttentionDecoder(decoder, decoder_products(self.precision))
+                        decoder = FusedAttentionDecoder(decoder, decoder_products(self.precision),
+                                                        projection_products(self.precision))
                     encoder = FastEncoder(self._encoder, self.precision, backend=self.backend,
                                           calibration=self.calibration)
                     self._built = (encoder, decoder)
