@@ -68,8 +68,9 @@ def auto_precision(flags: set[str] | frozenset[str], openvino: bool | None = Non
       in one run of benchmarks/batch_captioning.py). The int8 encoder (0.5409 and 0.7007) falls 0.015 below
       fp32 on Flickr8k.
     - AVX512-BF16 without AMX, with OpenVINO: "bf16-encoder", the OpenVINO bf16 encoder and fp32 decoder
-      step products (the per-image projection in bf16 since 2026-12-07: 0.5557 and 0.7121): 0.5559 and 0.7121 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC without AMX
-      (2026-12-06, the same on 2026-12-07). There "bf16" (0.5596 and 0.7009) falls outside the tolerance on
+      step products: 0.5559 and 0.7121 against fp32's 0.5561 and 0.7138 on a 2-core Zen 4 EPYC without AMX
+      (2026-12-06, the same on 2026-12-07); with the per-image projection in bf16 as well (since 2026-12-07,
+      `projection_products`) 0.5557 and 0.7121. There "bf16" (0.5596 and 0.7009) falls outside the tolerance on
       coco_small. On that EPYC (2026-12-07, after the fp32 decoder products moved to oneDNN's linear) it ran
       at 67.4 against "bf16-decoder"'s 57.3 images/s in one run of benchmarks/batch_captioning.py, and one
       image at a time at a p50 of 35.8 against 37.2 ms (100 photos, the two alternating).

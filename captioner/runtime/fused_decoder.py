@@ -210,11 +210,11 @@ class FusedAttentionDecoder:
     projection to the attention features): "bf16" there with fp32 elsewhere is precision "bf16-encoder"'s mix.
 
     Why the projection can be bf16 on its own: it runs once per image, not once per beam and step, so its
-    rounding reaches every step only through the features, and it is a fifth of the decoder's arithmetic at batch
+    rounding reaches the steps only through the features, and it is a fifth of the decoder's arithmetic at batch
     64. On a 2-core Zen 4 EPYC (2026-12-07), beam search of 192 photos in batches of 64 took 3.61-3.79 against
     4.03-4.51 ms per image with it in bf16, and of the general model's 1,150 dev captions under "bf16-encoder"
-    six changed, all on Flickr8k (dev CIDEr-D 0.5557 and 0.7121 against 0.5559 and 0.7121). The step products stay fp32 there: in
-    bf16 too they moved coco_small dev by 0.007-0.013 (docs/performance.md).
+    six changed, all on Flickr8k (dev CIDEr-D 0.5557 and 0.7121 against 0.5559 and 0.7121). The step products
+    stay fp32 there: with them in bf16 too, coco_small dev fell 0.007-0.013 below fp32 (docs/performance.md).
     """
 
     memory_per_image = True
