@@ -32,11 +32,19 @@ def read_run(path: Path) -> tuple[dict[str, str], dict[str, list[str]], set[str]
             try:
                 row = json.loads(line)
                 key, error = row["path"], row.get("error")
-                if error is None:
-                    captions[key], references[key] = str(row["caption"]), [str(r) for r in row["references"]]
-                else:
+                if not isinstance(key, str):
+                    raise TypeError("its path is not a string")
+                if error is not None:
                     failed.add(key)
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    continue
+                caption, refs = row["caption"], row["references"]
+                if not isinstance(caption, str):
+                    raise TypeError("its caption is not a string")
+                if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+                    raise TypeError("its references are not a non-empty list of strings")
+                captions[key], references[key] = caption, refs
+            except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:
+                # RecursionError: JSON nested too deep for the parser
                 raise ValueError(f"{path}: line {number} is not a caption record ({exc})") from exc
     return captions, references, failed
 
@@ -58,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.a} and {args.b} share no captioned images", file=sys.stderr)
         return 2
     left_out = len(set(a) | set(b) | failed_a | failed_b) - len(shared)
-    result = compare({k: a[k] for k in shared}, {k: b[k] for k in shared}, refs,
-                     resamples=args.resamples, seed=args.seed)
+    try:
+        result = compare({k: a[k] for k in shared}, {k: b[k] for k in shared}, refs,
+                         resamples=args.resamples, seed=args.seed)
+    except ValueError as exc:  # an option out of range
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print("| images | CIDEr-D A | CIDEr-D B | B - A [95% interval] | captions changed |")
     print("|---:|---:|---:|---|---:|")
     print(f"| {result.images} | {result.score_a:.4f} | {result.score_b:.4f} | {result.difference:+.4f} "

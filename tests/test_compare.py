@@ -82,3 +82,26 @@ def test_script_names_a_broken_file(tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
     (tmp_path / "other.jsonl").write_bytes(b"\xff\xfe not utf-8\n")
     assert script.main([str(a), str(tmp_path / "other.jsonl")]) == 2
+    assert script.main([str(a), str(a), "--resamples", "0"]) == 2 and "resamples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"path": "img0.jpg", "caption": "a dog", "references": "a dog runs", "error": None}, "references"),  # not split
+    ({"path": "img0.jpg", "caption": "a dog", "references": [], "error": None}, "references"),
+    ({"path": "img0.jpg", "caption": float("nan"), "references": ["a dog"], "error": None}, "caption"),
+    ({"path": 7, "caption": "a dog", "references": ["a dog"], "error": None}, "path"),
+    ([1, 2], "list indices"),
+])
+def test_script_refuses_records_that_lie(tmp_path, capsys, record, reason):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(record) + "\n", encoding="utf-8")  # NaN written as JSON's non-standard NaN
+    assert _script().main([str(bad), str(_write(tmp_path / "a.jsonl", GOOD))]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: line 1 is not a caption record" in err and reason in err
+
+
+def test_script_survives_json_nested_too_deep(tmp_path, capsys):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    assert _script().main([str(deep), str(deep)]) == 2
+    assert "line 1 is not a caption record" in capsys.readouterr().err
