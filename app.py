@@ -17,6 +17,10 @@ import os
 import re
 from dataclasses import dataclass
 
+from captioner.runtime import openmp
+
+openmp.limit_spinning()  # before anything imports torch: the encoder's threads and torch's share the cores
+
 import streamlit as st
 from PIL import Image
 

@@ -33,10 +33,14 @@ import time
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from captioner.runtime import openmp
+
+openmp.limit_spinning()  # before torch loads, as the `captioner` command does (captioner.runtime.openmp)
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from captioner import Captioner
 from captioner.config import DecodeConfig, ModelConfig
@@ -326,7 +330,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average (1/5/15 min) at start "
           f"{' '.join(f'{v:.2f}' for v in load_start)}, at end {' '.join(f'{v:.2f}' for v in load_end)}; "
-          f"other processes used {other_share:.0%} of the CPU time during the run")
+          f"other processes used {other_share:.0%} of the CPU time during the run; "
+          f"{openmp.VARIABLE}={os.environ.get(openmp.VARIABLE, 'unset')}")
     print(f"{len(paths)} JPEGs from {args.images}; beam {beam}; batch {args.batch_size}; {args.num_workers} "
           f"decoding worker(s); {args.repeats} repeats, median [min-max]")
     print(note)

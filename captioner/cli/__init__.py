@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 
 from captioner.cli import app, caption, evaluate, models, train
+from captioner.runtime import openmp
 
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG)
 """The errnos that mean "a file could not be written" (exit code 4)."""
@@ -63,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
     """Carry out the parsed command; the library's errors become exit codes 2 and 3."""
     if getattr(args, "light", False):  # commands that need no library errors (`models`): no torch imported
         return args.func(args)
+    if getattr(args, "pipeline", False):  # `caption`, `evaluate`: before torch is imported (runtime.openmp)
+        openmp.limit_spinning()
     from captioner.cli.output_file import OutputResumeError
     from captioner.config import ConfigError
     from captioner.data.readers import DatasetError

@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray-actors", type=int, default=None, metavar="N",
                    help="with --ray: actors in the pool, one model each (default 1); each reserves --threads CPUs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, pipeline=True)  # main() shortens OpenMP's spinning first
 
 
 def _check_args(args: argparse.Namespace) -> str | None:

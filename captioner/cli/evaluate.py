@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="score only the first N images of the split (0 = all)")
     p.add_argument("--output", metavar="DIR",
                    help="folder for scores.json and captions.jsonl (default: print only)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, pipeline=True)  # main() shortens OpenMP's spinning first
 
 
 def _check_args(args: argparse.Namespace) -> str | None:
