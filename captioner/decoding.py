@@ -27,7 +27,9 @@ class StepDecoder(Protocol):
     K rows per image, image-major. A decoder may also set `memory_per_image = True`: its `step` then takes
     `memory` with one row per image and broadcasts it over that image's rows (rows b*K ... b*K + K - 1, K = 1 at
     the first step), so the memory is never copied K times. The memory `init` returns is then the search's own:
-    rows of images that have finished are overwritten.
+    rows of images that have finished are overwritten. A decoder that sets `skips_ended_rows = True` is handed
+    `ended=` the (B*K,) mask of rows whose hypothesis has ended, whose outputs the search never reads (an ended
+    row's only candidate is <end> again, its successor ended too), so that it may skip their work.
     """
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]: ...
@@ -93,6 +95,7 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
     memory, state = decoder.init(features)  # per-image work is shared by the beams, not recomputed
     rows = torch.arange(B, device=device).repeat_interleave(K)  # (B*K,) image of each row
     per_image = getattr(decoder, "memory_per_image", False)
+    skips_ended = getattr(decoder, "skips_ended_rows", False)
     image_memory = memory
     if not per_image:
         memory = _select(memory, rows)
@@ -118,6 +121,8 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         if t == 0:
             out = decoder.step(tokens, image_memory, state, return_gates=return_gates)
             out = _expand(out, rows) if K > 1 else out
+        elif skips_ended:
+            out = decoder.step(tokens, memory, state, return_gates=return_gates, ended=finished)
         else:
             out = decoder.step(tokens, memory, state, return_gates=return_gates)
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # (A*K, V)

@@ -251,3 +251,37 @@ def test_rows_read_their_own_image_memory_after_finished_images_leave_the_batch(
     for i in range(len(lengths)):
         alone = beam_search(decoder, features[i:i + 1], start_id=START, end_id=END, beam_size=3, max_length=10)[0]
         assert [h.tokens for h in alone] == [h.tokens for h in got[i]]
+
+
+class EndedRowsDecoder(MemoryDecoder):
+    """`MemoryDecoder` that may skip ended rows (`skips_ended_rows`): it records each mask it is handed and poisons
+    the outputs of those rows, which the search must never read."""
+
+    skips_ended_rows = True
+
+    def __init__(self, vocab_size: int):
+        super().__init__(vocab_size)
+        self.handed: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def step(self, tokens, memory, state, return_gates=False, ended=None):
+        out = super().step(tokens, memory, state, return_gates)
+        if ended is not None:
+            self.handed.append((tokens.clone(), ended.clone()))
+            out.logits[ended] = 50.0 * torch.randn(int(ended.sum()), self.vocab_size)  # wrong, loud and finite
+            out.state["t"][ended] = -100.0
+        return out
+
+
+def test_ended_rows_are_named_to_a_decoder_that_skips_them_and_their_outputs_are_never_read():
+    lengths = [1, 8, 2, 7, 3, 6, 1, 5, 2, 8, 4, 1]
+    features = torch.tensor([[5.0 + i % 4, n] for i, n in enumerate(lengths)])
+    kw = {"start_id": START, "end_id": END, "beam_size": 3, "n_best": 3, "max_length": 10}
+    plain = beam_search(MemoryDecoder(vocab_size=12), features, **kw)
+    skipping = EndedRowsDecoder(vocab_size=12)
+    got = beam_search(skipping, features, **kw)
+    assert [[(h.tokens, h.score) for h in image] for image in got] == \
+        [[(h.tokens, h.score) for h in image] for image in plain]
+    assert skipping.handed and any(bool(ended.any()) for _, ended in skipping.handed)
+    for tokens, ended in skipping.handed:  # the first step (one row per image) is never handed a mask
+        assert tokens.numel() % 3 == 0
+        assert torch.equal(ended, tokens == END)  # an ended row's last word is <end>, and only an ended row's

@@ -62,6 +62,7 @@ from captioner.runtime.fast import (
 )
 from captioner.runtime.fused_decoder import (
     FACTORISED_IMAGES,
+    SKIP_ENDED_ROWS,
     ActivatedProduct,
     FusedAttentionDecoder,
     Product,
@@ -746,9 +747,9 @@ def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, voca
     rows_per_step = []
     step = fused.step
 
-    def counting_step(tokens, memory, state, return_gates=False):
+    def counting_step(tokens, memory, state, return_gates=False, **kw):
         rows_per_step.append(tokens.numel())
-        return step(tokens, memory, state, return_gates)
+        return step(tokens, memory, state, return_gates, **kw)
 
     fused.step = counting_step
     torch.manual_seed(0)
@@ -766,6 +767,48 @@ def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, voca
             assert torch.allclose(a.attention, b.attention, atol=1e-5)
             assert torch.allclose(a.gates["cell"], b.gates["cell"], atol=1e-5)
     assert len({len(h[0].tokens) for h in batched}) > 1
+
+
+@pytest.mark.parametrize("products", ["fp32", "bf16"])
+@pytest.mark.parametrize("deep_output", [False, True])
+@pytest.mark.parametrize("images", [SKIP_ENDED_ROWS // 3 - 1, SKIP_ENDED_ROWS // 3 + 4])
+def test_fused_step_multiplies_only_the_rows_that_have_not_ended(monkeypatch, products, deep_output, images):
+    torch.manual_seed(6)
+    vocab = Vocabulary.build(["a b c d e f g h i j k l m n o p"], min_count=1)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, encoder_head=40,
+                      dropout=0.0, deep_output=deep_output)
+    fused = FusedAttentionDecoder(new_model(cfg, vocab, 32).decoder.eval(), products)
+    memory, state = fused.init(torch.randn(images, 9, 32))
+    rows = 3 * images
+    state = {k: v.repeat_interleave(3, 0) + 0.1 * torch.randn(rows, v.size(1)) for k, v in state.items()}
+    ended = torch.rand(rows, generator=torch.Generator().manual_seed(1)) < 0.4
+    ended[0], ended[1] = True, False
+    tokens = torch.randint(4, len(vocab), (rows,)).masked_fill_(ended, vocab.end_id)
+    multiplied: list[int] = []
+    call = Product.__call__
+
+    def counting(self, x, base=None, out=None):
+        multiplied.append(x.reshape(-1, x.size(-1)).size(0))
+        return call(self, x, base, out)
+
+    monkeypatch.setattr(Product, "__call__", counting)
+    every = fused.step(tokens, memory, state, return_gates=True)
+    assert set(multiplied) == {rows}
+    multiplied.clear()
+    skipping = fused.step(tokens, memory, state, return_gates=True, ended=ended)
+    live = ~ended
+    if rows < SKIP_ENDED_ROWS:  # a beam's few rows: the products are bound by reading the weights, all rows run
+        assert set(multiplied) == {rows}
+        assert torch.equal(skipping.logits, every.logits)
+        return
+    assert multiplied == [int(live.sum())] * (5 if deep_output else 3)  # hidden, context, (readout x 2), output
+    assert torch.allclose(skipping.logits[live], every.logits[live], atol=1e-5)
+    assert torch.equal(skipping.logits[ended], torch.zeros(int(ended.sum()), len(vocab)))
+    for key in ("h", "c"):
+        assert torch.allclose(skipping.state[key][live], every.state[key][live], atol=1e-5)
+        assert torch.isfinite(skipping.state[key]).all()
+    assert torch.allclose(skipping.attention[live], every.attention[live], atol=1e-6)
+    assert all(torch.allclose(skipping.gates[k][live], every.gates[k][live], atol=1e-5) for k in every.gates)
 
 
 @pytest.mark.parametrize("native", [True, False])
