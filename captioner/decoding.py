@@ -28,8 +28,9 @@ class StepDecoder(Protocol):
     `memory` with one row per image and broadcasts it over that image's rows (rows b*K ... b*K + K - 1, K = 1 at
     the first step), so the memory is never copied K times. The memory `init` returns is then the search's own:
     rows of images that have finished are overwritten. A decoder that sets `skips_ended_rows = True` is handed
-    `ended=` the (B*K,) mask of rows whose hypothesis has ended, whose outputs the search never reads (an ended
-    row's only candidate is <end> again, its successor ended too), so that it may skip their work.
+    `ended=` (a keyword its `step` must accept) the mask of the rows now in the batch whose hypothesis has ended,
+    so that it may skip their work: their outputs never reach a result (an ended row's only candidate is <end>
+    again, and its successor has ended too). Their state is still handed back to `step`, so it must stay finite.
     """
 
     def init(self, features: torch.Tensor) -> tuple[Tensors, Tensors]: ...
@@ -114,7 +115,7 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
     final = _Final(B, K, max_length, end_id, device)
     active = torch.arange(B, device=device)  # (A,) original index of each image still being searched
     minus_inf = torch.tensor(float("-inf"), device=device)
-    ended: torch.Tensor | None = None  # a finished row's candidates: <end> at no cost, then nothing
+    end_again: torch.Tensor | None = None  # a finished row's candidates: <end> at no cost, then nothing
 
     for t in range(max_length):
         A = active.numel()
@@ -139,11 +140,11 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         # than in a ranking of the whole vocabulary (random or saturated toy models; never seen on trained ones).
         C = min(K, logp.size(1))  # candidates per row (fewer where the vocabulary is smaller than the beam)
         cand, cand_word = logp.topk(C, dim=1)  # (A*K, C) each
-        if ended is None:
-            ended = torch.full((C,), float("-inf"), device=device)
-            ended[0] = 0.0
+        if end_again is None:
+            end_again = torch.full((C,), float("-inf"), device=device)
+            end_again[0] = 0.0
         # Finished beams: the only continuation is <end> again, free and without growing the length.
-        cand = torch.where(finished.unsqueeze(1), ended, cand)
+        cand = torch.where(finished.unsqueeze(1), end_again, cand)
         cand_word = cand_word.masked_fill_(finished.unsqueeze(1), end_id)
         new_len = (lengths + (~finished).float()).unsqueeze(1)  # (A*K, 1)
         total = logprob.view(A * K, 1) + cand  # (A*K, C)

@@ -262,12 +262,13 @@ class EndedRowsDecoder(MemoryDecoder):
     def __init__(self, vocab_size: int):
         super().__init__(vocab_size)
         self.handed: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.poison = torch.Generator().manual_seed(0)
 
     def step(self, tokens, memory, state, return_gates=False, ended=None):
         out = super().step(tokens, memory, state, return_gates)
         if ended is not None:
             self.handed.append((tokens.clone(), ended.clone()))
-            out.logits[ended] = 50.0 * torch.randn(int(ended.sum()), self.vocab_size)  # wrong, loud and finite
+            out.logits[ended] = 50.0 * torch.randn(int(ended.sum()), self.vocab_size, generator=self.poison)  # loud, finite
             out.state["t"][ended] = -100.0
         return out
 

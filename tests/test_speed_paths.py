@@ -744,22 +744,23 @@ def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, voca
         decoder.out.weight[vocab.end_id] *= 36
         decoder.out.bias[vocab.end_id] = 1.0
     fused = FusedAttentionDecoder(decoder)
-    rows_per_step = []
+    rows_per_step, masks = [], []
     step = fused.step
 
     def counting_step(tokens, memory, state, return_gates=False, **kw):
         rows_per_step.append(tokens.numel())
+        masks.append(kw.get("ended"))
         return step(tokens, memory, state, return_gates, **kw)
 
     fused.step = counting_step
     torch.manual_seed(0)
-    features = torch.randn(12, 9, 32) * 3
+    features = torch.randn(18, 9, 32) * 3  # 54 rows: ended rows are skipped too
     kw = {"start_id": vocab.start_id, "end_id": vocab.end_id, "beam_size": 3, "n_best": 3, "max_length": 12,
           "return_attention": True, "return_gates": True}
     batched = beam_search(fused, features, **kw)
-    assert rows_per_step[:2] == [12, 36]  # the first step runs one row per image, the next every beam
-    assert rows_per_step[-1] < 36  # finished images were dropped on the way
-    for i in range(12):
+    assert rows_per_step[:2] == [18, 54]  # the first step runs one row per image, the next every beam
+    assert rows_per_step[-1] < 54  # finished images were dropped on the way
+    for i in range(18):
         alone = beam_search(decoder, features[i:i + 1], **kw)[0]
         assert [h.tokens for h in batched[i]] == [h.tokens for h in alone]
         assert [h.score for h in batched[i]] == pytest.approx([h.score for h in alone], abs=1e-4)
@@ -767,11 +768,12 @@ def test_finished_images_leave_the_batch_without_changing_results(tiny_cfg, voca
             assert torch.allclose(a.attention, b.attention, atol=1e-5)
             assert torch.allclose(a.gates["cell"], b.gates["cell"], atol=1e-5)
     assert len({len(h[0].tokens) for h in batched}) > 1
+    assert any(m is not None and m.numel() >= SKIP_ENDED_ROWS and 0 < int(m.sum()) < m.numel() for m in masks)
 
 
 @pytest.mark.parametrize("products", ["fp32", "bf16"])
 @pytest.mark.parametrize("deep_output", [False, True])
-@pytest.mark.parametrize("images", [SKIP_ENDED_ROWS // 3 - 1, SKIP_ENDED_ROWS // 3 + 4])
+@pytest.mark.parametrize("images", [SKIP_ENDED_ROWS // 3 - 1, SKIP_ENDED_ROWS // 3, SKIP_ENDED_ROWS // 3 + 4])
 def test_fused_step_multiplies_only_the_rows_that_have_not_ended(monkeypatch, products, deep_output, images):
     torch.manual_seed(6)
     vocab = Vocabulary.build(["a b c d e f g h i j k l m n o p"], min_count=1)

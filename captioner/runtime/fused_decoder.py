@@ -100,8 +100,9 @@ search ran (256 Flickr8k photos in batches of 64, beam 3). With many rows the pr
 and skipping those rows saves their share; with a beam's few rows they are bound by reading the weights, which
 skipping does not change, while the gathers and scatters still cost. Beam search alone, 2-core Zen 4 EPYC
 (2026-12-07), ms per image with skipping at every size against never: 1 image 22.3 against 18.9, 2 images 12.1
-against 10.8, 4 images 7.4 against 7.3, 8 images 5.9 against 6.0, 16 images 4.8 against 4.8, 64 images 4.2-4.9
-against 4.7-5.0 (medians of 7-12 alternating rounds; docs/performance.md)."""
+against 10.8, 4 images 7.4 against 7.3, 8 images 5.9 against 6.0, 16 images 4.8 against 4.8, 32 images 5.7
+against 5.6, 64 images 4.2-4.9 against 4.7-5.1 (medians of 7-12 alternating rounds; docs/performance.md). From 8
+images up the differences are within the noise of that machine, so 48 rows (16 images) is a cautious choice."""
 
 
 def _live_rows(ended: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -123,7 +124,7 @@ def _on_rows(product: Product, x: torch.Tensor, rows: tuple[torch.Tensor, torch.
     live, skipped = rows
     y = product(x.index_select(0, live), None if base is None else base.index_select(0, live))
     if base is None:  # zeros written to the skipped rows alone: a (R, V) fill would cost more than it saves
-        return x.new_empty(x.size(0), y.size(1)).index_copy_(0, live, y).index_fill_(0, skipped, 0.0)
+        return y.new_empty(x.size(0), y.size(1)).index_copy_(0, live, y).index_fill_(0, skipped, 0.0)
     return base.index_copy_(0, live, y)
 
 
@@ -341,9 +342,10 @@ class FusedAttentionDecoder:
              ended: torch.Tensor | None = None) -> StepOutput:
         """One step for R rows. `ended` (R,) bool marks rows whose hypothesis has ended (beam search passes it,
         `skips_ended_rows`): their weight products are skipped, and their logits, state, attention and gates are
-        left meaningless (finite), since the search replaces an ended row's candidates by <end> and never reads
-        them. Every other row gets what it would without `ended`, up to the summation order of a product with
-        fewer rows (`SKIP_ENDED_ROWS`)."""
+        left meaningless but finite: the search replaces an ended row's candidates by <end>, so they never reach
+        a result, though their state is handed back to the next step. Every other row gets what it would without
+        `ended`, up to rounding: a product of fewer rows may sum in another order, and the attention energy may
+        take its other exact form (`_scores` chooses it from every row's query). From `SKIP_ENDED_ROWS` rows up."""
         feats = memory["feats"]  # (B, N, F)
         B, N = feats.shape[:2]
         A = self.score_w.size(0)
