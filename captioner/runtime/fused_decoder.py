@@ -109,10 +109,10 @@ def _live_rows(ended: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] 
     """(rows to compute, rows to skip) when `ended` rows may be skipped, or None to compute every row."""
     if ended is None or ended.numel() < SKIP_ENDED_ROWS:
         return None
-    n_ended = int(ended.sum())
-    if n_ended == 0 or n_ended == ended.numel():
+    skipped = ended.nonzero().squeeze(1)
+    if not 0 < skipped.numel() < ended.numel():
         return None
-    return (~ended).nonzero().squeeze(1), ended.nonzero().squeeze(1)
+    return (~ended).nonzero().squeeze(1), skipped
 
 
 def _on_rows(product: Product, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor] | None,
