@@ -813,6 +813,27 @@ def test_fused_step_multiplies_only_the_rows_that_have_not_ended(monkeypatch, pr
     assert all(torch.allclose(skipping.gates[k][live], every.gates[k][live], atol=1e-5) for k in every.gates)
 
 
+@pytest.mark.parametrize("all_ended", [False, True])
+def test_fused_step_multiplies_every_row_when_none_or_all_have_ended(monkeypatch, all_ended):
+    torch.manual_seed(7)
+    vocab = Vocabulary.build(["a b c d e f g h"], min_count=1)
+    cfg = ModelConfig(embed_dim=16, hidden_dim=24, attention_dim=12, feature_dim=20, dropout=0.0, deep_output=True)
+    fused = FusedAttentionDecoder(new_model(cfg, vocab, 32).decoder.eval())
+    images = SKIP_ENDED_ROWS // 3 + 2
+    memory, state = fused.init(torch.randn(images, 9, 32))
+    state = {k: v.repeat_interleave(3, 0) for k, v in state.items()}
+    ended = torch.full((3 * images,), all_ended)
+    tokens = torch.full((3 * images,), vocab.end_id if all_ended else 4)
+    multiplied: list[int] = []
+    call = Product.__call__
+    monkeypatch.setattr(Product, "__call__", lambda self, x, base=None, out=None: (
+        multiplied.append(x.reshape(-1, x.size(-1)).size(0)), call(self, x, base, out))[1])
+    every = fused.step(tokens, memory, state)
+    skipping = fused.step(tokens, memory, state, ended=ended)
+    assert multiplied == [3 * images] * 10
+    assert torch.equal(skipping.logits, every.logits)
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_warns_when_the_cpu_would_emulate_it(encoder, monkeypatch, native):
     monkeypatch.setattr("captioner.runtime.fast.cpu_has_bf16", lambda: native)
