@@ -57,8 +57,9 @@ from captioner.runtime.fast import (
     encoder_precision,
     resolve_precision,
 )
-from captioner.runtime.fused_decoder import FusedAttentionDecoder, Product
+from captioner.runtime.fused_decoder import FusedAttentionDecoder
 from captioner.runtime.int8 import calibration_path
+from captioner.runtime.products import Product
 
 
 def random_checkpoint(path: Path) -> None:

@@ -60,14 +60,8 @@ from captioner.runtime.fast import (
     projection_products,
     resolve_precision,
 )
-from captioner.runtime.fused_decoder import (
-    FACTORISED_IMAGES,
-    SKIP_ENDED_ROWS,
-    ActivatedProduct,
-    FusedAttentionDecoder,
-    Product,
-    _onednn_linear,
-)
+from captioner.runtime.fused_decoder import FACTORISED_IMAGES, SKIP_ENDED_ROWS, FusedAttentionDecoder
+from captioner.runtime.products import ActivatedProduct, Product, onednn_linear
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (240, 210, 40)}
 SHAPES = ("circle", "square", "stripes", "dots")
@@ -563,7 +557,7 @@ def test_fp32_product_through_onednn_is_the_fp32_addmm(rows):
     added inside, a (rows, N) `base` added after, or written into `out`."""
     torch.manual_seed(rows)
     x, w, b, base = torch.randn(rows, 512), torch.randn(512, 96), torch.randn(96), torch.randn(rows, 96)
-    if _onednn_linear(w) is None:
+    if onednn_linear(w) is None:
         pytest.skip("PyTorch's oneDNN linear is missing or refused the fp32 weight here: torch.addmm runs it")
     product = Product(w, b)
     assert product._linear is not None

@@ -37,8 +37,9 @@ from torch import nn
 from captioner.models.conv_passes import fold_batchnorm, static_same_padding
 from captioner.models.decoder import AttentionDecoder
 from captioner.runtime import cache, int8, onnx_runtime, openvino_runtime
-from captioner.runtime.fused_decoder import FusedAttentionDecoder, Products
+from captioner.runtime.fused_decoder import FusedAttentionDecoder
 from captioner.runtime.precisions import PRECISIONS, Precision  # noqa: F401 (re-exported)
+from captioner.runtime.products import Products
 
 if TYPE_CHECKING:
     from captioner.models.encoder import Encoder
