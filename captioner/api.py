@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from captioner.config import DecodeConfig
+from captioner.config import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, DecodeConfig
 from captioner.decoding import Hypothesis, beam_search
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
@@ -379,11 +379,17 @@ class Captioner:
 
 def _check_decode(beam_size: int, n_best: int, max_length: int, min_length: int | None,
                   length_penalty: float | None, no_repeat_ngram: int | None) -> None:
-    """Raise ValueError naming the first decode argument out of range (None means the checkpoint's default)."""
+    """Raise ValueError naming the first decode argument out of range (None means the checkpoint's default).
+
+    beam_size and max_length have the config's upper bounds too (`MAX_BEAM_SIZE`, `MAX_DECODE_LENGTH`): above
+    them the search's buffers fail to allocate, with an allocator traceback from deep inside it."""
     for name, value, low in (("beam_size", beam_size, 1), ("n_best", n_best, 1), ("max_length", max_length, 1),
                              ("min_length", min_length, 0), ("no_repeat_ngram", no_repeat_ngram, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, high in (("beam_size", beam_size, MAX_BEAM_SIZE), ("max_length", max_length, MAX_DECODE_LENGTH)):
+        if value > high:
+            raise ValueError(f"{name} must be <= {high}, got {value}")
     if n_best > beam_size:
         raise ValueError(f"n_best ({n_best}) must not exceed beam_size ({beam_size})")
     if length_penalty is not None and not math.isfinite(length_penalty):

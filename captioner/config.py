@@ -26,6 +26,12 @@ class ConfigError(ValueError):
 
 MAX_WIDTH = 8192
 """Largest layer width a config (or a checkpoint's config) may ask for: the models here use 16 to 2048."""
+MAX_BEAM_SIZE = 100
+"""Most beams a decode may ask for, in a config, the API or the CLI: the search holds every beam's copy of the
+grid features, so `--beam-size 1000000` asked for gigabytes and failed with an allocator traceback."""
+MAX_DECODE_LENGTH = 1000
+"""Most words a decode may ask for, in a config, the API or the CLI: buffers are sized by it up front
+(`--max-length 1000000000` tried to allocate 24 GB)."""
 
 
 @dataclass
@@ -113,10 +119,10 @@ class DecodeConfig:
             problems.append("decode.no_repeat_ngram must be >= 0")
         if not 0.0 <= self.length_penalty <= 2.0:  # also refuses nan; the app's slider spans 0-2
             problems.append(f"decode.length_penalty must be in [0, 2], got {self.length_penalty}")
-        if self.max_length > 1000:
-            problems.append(f"decode.max_length must be <= 1000, got {self.max_length}")
-        if self.beam_size > 100:
-            problems.append(f"decode.beam_size must be <= 100, got {self.beam_size}")
+        if self.max_length > MAX_DECODE_LENGTH:
+            problems.append(f"decode.max_length must be <= {MAX_DECODE_LENGTH}, got {self.max_length}")
+        if self.beam_size > MAX_BEAM_SIZE:
+            problems.append(f"decode.beam_size must be <= {MAX_BEAM_SIZE}, got {self.beam_size}")
         _raise(problems)
 
 
@@ -391,7 +397,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"invalid config:\n  - {where}: expected {annotation}, got {short_repr(value)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of 309+ digits (YAML, --set, a checkpoint's JSON): no float holds it
+            raise ConfigError(f"invalid config:\n  - {where} must be a finite number, got an integer too "
+                              "large for a float") from None
     if annotation is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             return float(value)

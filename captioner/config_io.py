@@ -74,6 +74,10 @@ def load_yaml(text: str | bytes) -> Any:
         value = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise YamlInputError(f"not valid YAML: {short_repr(str(exc))}") from exc
+    except YamlInputError:
+        raise
+    except ValueError as exc:  # an integer of more than 4,300 digits: Python's limit on int conversion
+        raise YamlInputError(f"not valid YAML: {short_repr(str(exc))}") from exc
     except RecursionError as exc:
         raise YamlInputError("nested too deeply") from exc
     _count(value, [MAX_NODES])

@@ -13,6 +13,8 @@ local loop or Ray actors, `captioner.integrations.ray_data`) writes the same byt
   `tags` (with --tags) as `label:probability` pairs joined by `;`, e.g. `pizza:0.931;plate:0.041`.
 - text: `path<TAB>caption`, and with --tags a TAB and the tags in brackets, `[pizza 0.93, plate 0.04]`; a failed
   image is `path<TAB>ERROR reason`; with n_best > 1 one `path<TAB>  alt SCORE: text` line per alternative follows.
+  A tab, newline or carriage return in a path or reason is written as `\\t`, `\\n`, `\\r` (`text_field`), so
+  every line is one record (or alternative) and `--resume` finds it; use JSONL or CSV to be lossless.
 - parquet (`ParquetCaptionWriter`, needs pyarrow): one row per image, the record's fields as columns; nested
   `alternatives` and `tags` as list-of-struct columns (not JSON strings); `path_bytes` is a column that is null
   unless the name is not valid UTF-8, and `tags` is null for a failed image.
@@ -61,6 +63,24 @@ def escape_path(path: str | os.PathLike) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+_TEXT_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def text_field(text: str) -> str:
+    """`text` as one field of the text format: tabs, newlines and carriage returns as `\\t`, `\\n`, `\\r`.
+
+    Why: written raw, a file named `a<NEWLINE>b.jpg` split its record over two lines (and a tab moved the
+    caption to another column), so `--resume` did not recognise it and captioned it again, appending a duplicate.
+    """
+    return text.translate(_TEXT_ESCAPES)
+
+
+def written_path(path: str | os.PathLike, fmt: str) -> str:
+    """`path` as a whole written record of format `fmt` names it (what `record_key` reads back)."""
+    text = escape_path(path)
+    return text_field(text) if fmt == "text" else text
+
+
 def _has_undecodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -96,7 +116,7 @@ def to_json_line(rec: dict) -> str:
 
 
 def record_key(line: str, fmt: str) -> str | None:
-    """The (escaped) path of a whole written line, as `escape_path` gives it; None for headers and alt lines.
+    """The path of a whole written line, as `written_path` gives it; None for headers and alt lines.
 
     Raises:
         ValueError: a jsonl line that is not JSON, or not an object with a string `path`.
@@ -184,7 +204,8 @@ class CaptionWriter:
                 row.append(_tags_csv(rec.get("tags")))
             self._csv.writerow(row)
             return self._take()
-        text = f"ERROR {error}" if error else rec["caption"]
+        path = text_field(path)
+        text = f"ERROR {text_field(error)}" if error else text_field(rec["caption"])
         if not error and rec.get("tags") is not None:
             text += "\t" + _tags_text(rec["tags"])
         lines = [f"{path}\t{text}\n"]

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -68,7 +69,8 @@ def test_record_and_to_json_line_are_strict():
 
 
 @pytest.mark.parametrize("bad_args", [["--n-best", "5"], ["--batch-size", "0"], ["--max-length", "-1"],
-                                      ["--threads", "-2"], ["--beam-size", "0"], ["--n-best", "0"]])
+                                      ["--threads", "-2"], ["--beam-size", "0"], ["--n-best", "0"],
+                                      ["--threads", "99999999999"], ["--beam-size", "101"], ["--max-length", "1001"]])
 def test_bad_arguments_exit_2_before_touching_the_output(tmp_path, tiny_checkpoint, capsys, bad_args):
     [img] = write_images(tmp_path, 1)
     out = tmp_path / "precious.jsonl"
@@ -113,7 +115,8 @@ def test_api_rejects_out_of_range_decode_arguments(tmp_path, tiny_checkpoint):
     cap = Captioner.load(tiny_checkpoint, precision="reference")
     for kwargs, name in [({"beam_size": 0}, "beam_size"), ({"max_length": 0}, "max_length"),
                          ({"length_penalty": float("nan")}, "length_penalty"), ({"n_best": 9}, "n_best"),
-                         ({"batch_size": 0}, "batch_size")]:
+                         ({"batch_size": 0}, "batch_size"), ({"beam_size": 101}, "beam_size"),
+                         ({"max_length": 1001}, "max_length")]:
         with pytest.raises(ValueError, match=name):
             cap.caption_iter([img], **kwargs)  # raised at the call, not at the first record
 
@@ -177,7 +180,8 @@ def _evaluate(checkpoint, annotations, *args):
                  "--precision", "reference", *map(str, args)])
 
 
-@pytest.mark.parametrize("bad_args", [["--batch-size", "0"], ["--beam-size", "0"], ["--max-images", "-1"]])
+@pytest.mark.parametrize("bad_args", [["--batch-size", "0"], ["--beam-size", "0"], ["--max-images", "-1"],
+                                      ["--beam-size", "101"]])
 def test_evaluate_bad_arguments_exit_2(tmp_path, tiny_checkpoint, capsys, bad_args):
     [img] = write_images(tmp_path, 1)
     annotations = tmp_path / "a.jsonl"
@@ -357,6 +361,7 @@ def _rewrite_meta(src, dst, change):
     (lambda m: {**m, "encoder_dim": 10**12}, "encoder_dim"),
     (lambda m: {**m, "model": {**m["model"], "hidden_dim": 32}}, "do not match"),
     (lambda m: {**m, "vocab": "abc"}, "vocab"),
+    (lambda m: {**m, "decode": {**m["decode"], "length_penalty": 10**400}}, "length_penalty"),
 ])
 def test_hostile_checkpoint_metadata_is_a_checkpoint_error(tmp_path, tiny_checkpoint, change, reason):
     from captioner.models.checkpoint import CheckpointError, load_model
@@ -563,3 +568,175 @@ def test_damaged_jpegs_are_error_records_and_exit_1_in_the_cli(tmp_path, tiny_ch
     err = capsys.readouterr().err
     assert all(any(name in line and "incomplete scan data" in line for line in err.splitlines()) for name in damaged)
     assert f"{len(damaged)} of {len(damaged) + 1} images failed" in err
+
+
+# ---- found by red-teaming (docs/robustness.md, the rows after issue 20's) ---------------------------------------
+
+
+def test_text_output_keeps_one_line_a_record_for_names_with_newlines_and_tabs(tmp_path, tiny_checkpoint):
+    [a, b, c] = write_images(tmp_path / "src", 3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for src, name in ((a, "new\nline.jpg"), (b, "tab\there.jpg"), (c, "cr\rhere.jpg")):
+        shutil.copy(src, folder / name)
+    out = tmp_path / "o.txt"
+    args = (folder, "--format", "text", "--output", out, "--precision", "reference", "--n-best", "2")
+    assert _caption(tmp_path, tiny_checkpoint, *args) == 0
+    first = out.read_bytes().decode("utf-8")
+    lines = first.split("\n")[:-1]
+    assert len(lines) == 6 and all(line.count("\t") == 1 and "\r" not in line for line in lines)
+    assert {line.split("\t")[0] for line in lines} == {f"{folder}/new\\nline.jpg", f"{folder}/tab\\there.jpg",
+                                                        f"{folder}/cr\\rhere.jpg"}
+    assert _caption(tmp_path, tiny_checkpoint, *args, "--resume") == 0  # all done: nothing appended twice
+    assert out.read_bytes().decode("utf-8") == first
+
+
+def test_int8_calibration_that_is_deep_or_holds_unusable_ranges_is_a_calibration_error(tmp_path):
+    from captioner.runtime.int8 import CalibrationError, read_calibration
+
+    def ranges(low, high):
+        array = lambda v: {"CLS": "numpy.array", "data": [v], "dtype": "float32"}  # noqa: E731
+        return {"format": 1, "encoder": "enc", "ranges": {"CLS": "TensorsData", "data": {
+            "t": {"CLS": "TensorData", "lowest": array(low), "highest": array(high)}}}}
+
+    path = tmp_path / "m.int8.json"
+    path.write_text(json.dumps(ranges(0.0, 6.0)))
+    assert set(read_calibration(path, "enc")["data"]) == {"t"}
+    for payload, reason in ((ranges(0.0, float("nan")), "not finite"), (ranges(float("-inf"), 1.0), "not finite"),
+                            (ranges(0.0, 1e5), "not finite"), (ranges(7.0, 6.0), "above")):
+        text = json.dumps(payload)
+        path.write_text(text.replace('"float32"', '"float16"') if "100000" in text else text)
+        with pytest.raises(CalibrationError, match=reason):
+            read_calibration(path, "enc")
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CalibrationError, match="nested too deeply"):
+        read_calibration(path, "enc")
+
+
+def test_blank_captions_are_dropped_with_a_warning_and_an_image_left_without_any_is_refused(tmp_path):
+    from captioner.data.readers import DatasetError, read_coco, read_flickr8k, read_karpathy, read_table
+
+    karpathy = tmp_path / "k.json"
+    two = [{"filename": "a.jpg", "split": "test", "sentences": [{"raw": "a dog"}, {"tokens": [" "]}]},
+           {"filename": "b.jpg", "split": "test", "sentences": [{"raw": "a cat"}]}]
+    karpathy.write_text(json.dumps({"images": two}))
+    with pytest.warns(UserWarning, match=r"k\.json: 1 blank caption\(s\) ignored"):
+        assert [s.captions for s in read_karpathy(karpathy, tmp_path, "test")] == [["a dog"], ["a cat"]]
+    for sentences, reason in (([], "no captions"), ([{"raw": "  "}], "no captions"), ([{"tokens": "a dog"}], "tokens")):
+        karpathy.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "test", "sentences": sentences}]}))
+        with pytest.raises(DatasetError, match=reason), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            read_karpathy(karpathy, tmp_path, "test")
+    coco = tmp_path / "c.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                                "annotations": [{"image_id": 1, "caption": ""}, {"image_id": 2, "caption": "a cat"},
+                                                {"image_id": 1, "caption": "a dog"}]}))
+    with pytest.warns(UserWarning, match="1 blank"):
+        assert sorted((s.image.name, s.captions) for s in read_coco(coco, tmp_path)) == [("a.jpg", ["a dog"]),
+                                                                                          ("b.jpg", ["a cat"])]
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\na.jpg,a dog\nb.jpg,\nc.jpg, \n")
+    with pytest.warns(UserWarning, match=r"t\.csv: 2 blank"):
+        assert [s.image.name for s in read_table(table)] == ["a.jpg"]  # b and c are left without captions
+    table.write_text("image,caption\nb.jpg,\n")
+    with pytest.raises(DatasetError, match="every caption is blank"), pytest.warns(UserWarning):
+        read_table(table)
+    table.write_text("image,caption\n ,a dog\n")
+    with pytest.raises(DatasetError, match=r"t\.csv:2: the image name is empty"):
+        read_table(table)
+    root = tmp_path / "f8k"
+    root.mkdir()
+    (root / "Flickr_8k.devImages.txt").write_text("a.jpg\nb.jpg\n")
+    (root / "Flickr8k.token.txt").write_text("a.jpg#0\ta dog\na.jpg#1\t \nb.jpg#0\t\n")
+    with pytest.raises(DatasetError, match=r"1 images of the dev split have no captions, e.g. \['b.jpg'\]"), \
+            pytest.warns(UserWarning, match="2 blank"):
+        read_flickr8k(root, "dev")
+
+
+def test_blank_references_are_ignored_by_evaluate_not_a_scorer_traceback(tmp_path, tiny_checkpoint, capsys):
+    [a, b] = write_images(tmp_path, 2)
+    annotations = tmp_path / "a.jsonl"
+    rows = [{"image": a.name, "caption": " "}, {"image": a.name, "caption": "a dog"}, {"image": b.name, "caption": ""},
+            {"image": b.name, "caption": "a cat"}]
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="2 blank"):
+        assert _evaluate(tiny_checkpoint, annotations) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_coco_image_id_given_to_two_files_is_refused(tmp_path):
+    from captioner.data.readers import DatasetError, read_coco
+
+    coco = tmp_path / "c.json"
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}]
+    coco.write_text(json.dumps({"images": images, "annotations": [{"image_id": 1, "caption": "a dog"}]}))
+    with pytest.raises(DatasetError, match="image id 1 is given to both a.jpg and b.jpg"):
+        read_coco(coco, tmp_path)
+    coco.write_text(json.dumps({"images": images[:1] * 2, "annotations": [{"image_id": 1, "caption": "a dog"}]}))
+    assert [s.captions for s in read_coco(coco, tmp_path)] == [["a dog"]]  # the same entry twice is harmless
+
+
+def test_byte_order_mark_of_a_text_annotation_or_split_list_is_ignored(tmp_path):
+    from captioner.data.readers import read_split_list, read_table
+
+    bom = b"\xef\xbb\xbf"
+    table = tmp_path / "t.csv"
+    table.write_bytes(bom + b"image,caption\r\na.jpg,a dog\r\n")  # Excel's "CSV UTF-8"
+    assert [(s.image.name, s.captions) for s in read_table(table)] == [("a.jpg", ["a dog"])]
+    listed = tmp_path / "dev.txt"
+    listed.write_bytes(bom + b"a.jpg\r\nb.jpg\r\n")
+    assert read_split_list(listed) == ["a.jpg", "b.jpg"]
+
+
+def test_integer_too_large_for_a_float_key_is_a_config_error():
+    from captioner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(None, ["train.lr=1" + "0" * 400])
+
+
+def test_checkpoint_path_that_is_a_folder_says_so(tmp_path):
+    from captioner.models.checkpoint import CheckpointError, load_model
+
+    folder = tmp_path / "model.safetensors"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_model(folder)
+
+
+def test_number_of_more_than_4300_digits_is_a_data_config_or_checkpoint_error(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from captioner.config import ConfigError, load_config
+    from captioner.data.readers import DatasetError, read_coco
+    from captioner.models.checkpoint import CheckpointError, load_tensors
+
+    digits = "1" * 5000  # Python refuses to convert it to an int: a plain ValueError, outside every except
+    coco = tmp_path / "c.json"
+    coco.write_text(f'{{"images": [{{"id": {digits}, "file_name": "a.jpg"}}], "annotations": []}}')
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        read_coco(coco, tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"train:\n  lr: {digits}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(config)
+    checkpoint = tmp_path / "c.safetensors"
+    save_file({"x": torch.zeros(1)}, str(checkpoint), metadata={"json": f'{{"format": "captioner", "x": {digits}}}'})
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_tensors(checkpoint)
+
+
+def test_csv_resume_drops_a_record_cut_inside_a_quoted_name(tmp_path, tiny_checkpoint):
+    [a, b] = write_images(tmp_path / "src", 2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(a, folder / "new\nline.jpg")
+    shutil.copy(b, folder / "z.jpg")
+    full, out = tmp_path / "full.csv", tmp_path / "o.csv"
+    args = (folder, "--format", "csv", "--precision", "reference")
+    assert _caption(tmp_path, tiny_checkpoint, *args, "--output", full) == 0
+    header = full.read_bytes().split(b"\n")[0]
+    (tmp_path / ".o.csv.partial").write_bytes(header + b'\n"' + os.fsencode(folder) + b"/new\n")  # cut by a kill
+    assert _caption(tmp_path, tiny_checkpoint, *args, "--output", out, "--resume") == 0
+    assert out.read_bytes() == full.read_bytes()

@@ -105,3 +105,16 @@ def test_old_files_are_pruned(folder):
     for i in range(cache.KEEP + 3):
         assert cache.write(cache.path_for("encoder-fp32", f"{i:040d}"), b"x")
     assert len(list(folder.glob("*.onnx"))) == cache.KEEP
+
+
+def test_cache_entry_that_is_a_fifo_or_a_folder_is_built_again_without_blocking(folder):
+    import os
+
+    folder.mkdir()
+    fifo, directory = cache.path_for("encoder-fp32", "f" * 40), cache.path_for("encoder-fp32", "d" * 40)
+    os.mkfifo(fifo)  # reading it would wait for a writer for good
+    directory.mkdir()
+    for path in (fifo, directory):
+        with pytest.warns(RuntimeWarning, match="not a regular file"):
+            assert cache.read(path) is None
+    assert cache.read(cache.path_for("encoder-fp32", "0" * 40)) is None  # absent: no warning

@@ -13,6 +13,10 @@ import sys
 from captioner.outputs import FORMATS
 from captioner.runtime.precisions import PRECISIONS
 
+MAX_THREADS = 1024
+"""Most `--threads`: torch starts that many OpenMP threads, and `--threads 100000` crashed the process with a
+segmentation fault (thread creation failing inside libgomp), `--threads 99999999999` with a traceback."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `caption` and its options."""
@@ -69,11 +73,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the numeric options, as one line naming the argument; None when all are valid."""
+    from captioner.config import MAX_BEAM_SIZE, MAX_DECODE_LENGTH
+
     checks = [("--batch-size", args.batch_size, 1), ("--n-best", args.n_best, 1), ("--num-workers", args.num_workers, 0),
               ("--beam-size", args.beam_size, 1), ("--max-length", args.max_length, 1), ("--threads", args.threads, 1)]
     for name, value, low in checks:
         if value is not None and value < low:
             return f"{name} must be >= {low}, got {value}"
+    highs = [("--beam-size", args.beam_size, MAX_BEAM_SIZE), ("--max-length", args.max_length, MAX_DECODE_LENGTH),
+             ("--threads", args.threads, MAX_THREADS)]
+    for name, value, high in highs:
+        if value is not None and value > high:
+            return f"{name} must be <= {high}, got {value}"
     if args.beam_size is not None and args.n_best > args.beam_size:
         return f"--n-best {args.n_best} is above --beam-size {args.beam_size}"
     if args.resume and not args.output:
@@ -176,12 +187,12 @@ def run(args: argparse.Namespace) -> int:
 def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace, signal, threading,
            PartialOutput) -> int:
     """Open the output, caption `paths` (locally with `captioner`, or on Ray when it is None), close the output."""
-    from captioner.outputs import CaptionWriter, ParquetCaptionWriter, csv_header, escape_path
+    from captioner.outputs import CaptionWriter, ParquetCaptionWriter, csv_header, escape_path, written_path
 
     output = PartialOutput(args.output, args.format, resume=args.resume) if args.output else None
     if output is not None:
         done = output.open(csv_header(args.n_best, args.tags) if args.format == "csv" else None)
-        paths = [p for p in paths if escape_path(p) not in done]
+        paths = [p for p in paths if written_path(p, args.format) not in done]
         stream_out = output.stream
         header = not done and not output.has_header
     else:

@@ -64,11 +64,15 @@ def _check_args(args: argparse.Namespace) -> str | None:
     Checked before the model is loaded: the API would refuse most of them only at the call, with a traceback,
     and a negative --max-images would silently drop images from the end of the split.
     """
+    from captioner.config import MAX_BEAM_SIZE
+
     checks = [("--batch-size", args.batch_size, 1), ("--beam-size", args.beam_size, 1),
               ("--max-images", args.max_images, 0), ("--no-repeat-ngram", args.no_repeat_ngram, 0)]
     for name, value, low in checks:
         if value is not None and value < low:
             return f"{name} must be >= {low}, got {value}"
+    if args.beam_size is not None and args.beam_size > MAX_BEAM_SIZE:
+        return f"--beam-size must be <= {MAX_BEAM_SIZE}, got {args.beam_size}"
     if args.length_penalty is not None and not math.isfinite(args.length_penalty):
         return f"--length-penalty must be a finite number, got {args.length_penalty}"
     if args.split_list and args.format in ("flickr8k", "karpathy"):

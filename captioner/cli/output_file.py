@@ -27,6 +27,22 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def _whole_csv_records(raw: bytes) -> bytes:
+    """`raw` (whole lines) up to the end of its last whole CSV record.
+
+    Why: a name holding a newline is written quoted, over two lines; a record cut after that newline left an
+    open quote that swallowed the records `--resume` appended after it. A record ends at a newline outside
+    quotes, i.e. after an even number of quote characters (an escaped quote is doubled).
+    """
+    offset = end = quotes = 0
+    for line in raw.split(b"\n")[:-1]:
+        offset += len(line) + 1
+        quotes += line.count(b'"')
+        if quotes % 2 == 0:
+            end = offset
+    return raw[:end]
+
+
 class OutputResumeError(ValueError):
     """The file to resume from is not a whole-records output of this format."""
 
@@ -59,6 +75,8 @@ class PartialOutput:
             if source.exists():
                 raw = source.read_bytes()
                 raw = raw[:raw.rfind(b"\n") + 1]  # drop a trailing partial line
+                if self.fmt == "csv":
+                    raw = _whole_csv_records(raw)
                 try:
                     kept = raw.decode("utf-8")
                     done = self._keys(kept)

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,18 +39,22 @@ def _require_file(path: Path, what: str) -> Path:
 
 
 def _read_text(path: Path, what: str) -> str:
-    """The UTF-8 text of `path`; a file in another encoding is a DatasetError naming it (not a traceback)."""
+    """The UTF-8 text of `path`; a file in another encoding is a DatasetError naming it (not a traceback).
+
+    A leading byte order mark (Excel's "CSV UTF-8", Notepad) is dropped: kept, it became part of the first
+    column's name or the first image's, and the file was refused for lacking an 'image' column or captions."""
     try:
-        return _require_file(path, what).read_text(encoding="utf-8")
+        return _require_file(path, what).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
 def _parse_json(text: str, where: str) -> object:
-    """`json.loads`, with its errors as DatasetErrors naming `where`; deep nesting overflows its recursion."""
+    """`json.loads`, with its errors as DatasetErrors naming `where`; deep nesting overflows its recursion, and a
+    number of more than 4,300 digits is a plain ValueError (Python's limit on int conversion)."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # json.JSONDecodeError is one
         raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise DatasetError(f"{where}: not valid JSON (nested too deeply)") from exc
@@ -61,16 +66,35 @@ def _load_json(path: Path) -> object:
 
 def _text(value: object, where: str, what: str = "caption") -> str:
     """A caption (or image name), which must be text: JSON null/NaN/numbers or a CSV row short of a cell would
-    otherwise reach the tokenizer (or the path join) and fail there with a traceback, far from their file."""
+    otherwise reach the tokenizer (or the path join) and fail there with a traceback, far from their file. A
+    blank image name is refused too: joined to the image folder, it is the folder itself."""
     if not isinstance(value, str):
         raise DatasetError(f"{where}: the {what} must be text, got {str(value)[:60]}")
+    if what != "caption" and not value.strip():
+        raise DatasetError(f"{where}: the {what} is empty")
     return value
 
 
-def _group(pairs: list[tuple[Path, str]]) -> list[Sample]:
+def _warn_blank(source: str | Path, count: int) -> None:
+    """Say that `count` blank captions of `source` were dropped (nothing when there were none).
+
+    Why drop and not refuse: one empty cell in a spreadsheet export should not stop a run over thousands of
+    rows, but a blank reference must not reach the scorers (an image whose references were all blank crashed
+    CIDEr-D with an empty `max()`) nor teach the decoder to stop at once. An image left with none is refused
+    where a split names it (Flickr8k, Karpathy, split lists) and is absent otherwise."""
+    if count:
+        warnings.warn(f"{source}: {count} blank caption(s) ignored", UserWarning, stacklevel=3)
+
+
+def _group(pairs: list[tuple[Path, str]], source: str | Path) -> list[Sample]:
+    """(image, caption) rows as one Sample per image, in first-seen order; blank captions are dropped."""
     grouped: OrderedDict[Path, list[str]] = OrderedDict()
     for image, caption in pairs:
-        grouped.setdefault(image, []).append(caption)
+        if caption.strip():
+            grouped.setdefault(image, []).append(caption)
+    _warn_blank(source, len(pairs) - sum(len(caps) for caps in grouped.values()))
+    if not grouped:
+        raise DatasetError(f"{source}: every caption is blank")
     return [Sample(image, caps) for image, caps in grouped.items()]
 
 
@@ -87,13 +111,18 @@ def read_flickr8k(root: str | Path, split: str) -> list[Sample]:
              _read_text(root / FLICKR8K_SPLITS[split], f"flickr8k {split} split list").splitlines() if line.strip()]
     captions: dict[str, list[str]] = {}
     tokens = root / "Flickr8k.token.txt"
+    blank = 0
     for number, line in enumerate(_read_text(tokens, "flickr8k caption file").split("\n"), 1):
         if not line.strip():
             continue
         key, sep, caption = line.partition("\t")
         if not sep or "#" not in key:
             raise DatasetError(f"{tokens}:{number}: expected 'image.jpg#n<TAB>caption', got {line[:60]!r}")
-        captions.setdefault(key.rsplit("#", 1)[0], []).append(caption.strip())
+        if caption.strip():
+            captions.setdefault(key.rsplit("#", 1)[0], []).append(caption.strip())
+        else:
+            blank += 1
+    _warn_blank(tokens, blank)
     without = [n for n in names if n not in captions]
     if without:
         raise DatasetError(f"{len(without)} images of the {split} split have no captions, e.g. {without[:3]}")
@@ -109,31 +138,57 @@ def read_karpathy(annotations: str | Path, images: str | Path, split: str) -> li
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{annotations}: expected an object with an 'images' list (Karpathy split format)")
     wanted = {"train": {"train", "restval"}, "dev": {"val"}}.get(split, {split})
-    samples = []
+    samples, blank = [], 0
     for entry in data["images"]:
         try:
             if entry["split"] not in wanted:
                 continue
             path = Path(images) / entry.get("filepath", "") / entry["filename"]
-            caps = [_text(s["raw"] if "raw" in s else " ".join(s["tokens"]), f"{annotations}: {path.name}")
-                    for s in entry["sentences"]]
+            given = [_sentence(s, f"{annotations}: {path.name}") for s in entry["sentences"]]
+            caps = [c for c in given if c.strip()]
+            blank += len(given) - len(caps)
         except (KeyError, TypeError) as exc:
             raise DatasetError(f"{annotations}: malformed image entry {str(entry)[:80]} ({exc})") from exc
+        if not caps:  # BLEU's scorer asserts on an image without references (a traceback in evaluate)
+            raise DatasetError(f"{annotations}: {path.name} has no captions (its 'sentences' are empty or blank)")
         samples.append(Sample(path, caps))
+    _warn_blank(annotations, blank)
     if not samples:
         raise DatasetError(f"{annotations}: no images in split {split!r}")
     return samples
+
+
+def _sentence(sentence: dict, where: str) -> str:
+    """One Karpathy sentence: its `raw` text, else its `tokens` (a list of words) joined by spaces."""
+    if "raw" in sentence:
+        return _text(sentence["raw"], where)
+    tokens = sentence["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):  # a str became its letters
+        raise DatasetError(f"{where}: a sentence's tokens must be a list of words, got {str(tokens)[:60]}")
+    return _text(" ".join(tokens), where)
+
+
+def _coco_files(images: list, annotations: str | Path) -> dict:
+    """{image id: file_name} of COCO's `images`; an id given to two files is refused: with the last one winning,
+    the captions of one image were silently attributed to the other and the first image was dropped."""
+    files: dict = {}
+    for img in images:
+        known = files.setdefault(img["id"], img["file_name"])
+        if known != img["file_name"]:
+            raise DatasetError(f"{annotations}: image id {str(img['id'])[:40]} is given to both {str(known)[:80]} "
+                               f"and {str(img['file_name'])[:80]}")
+    return files
 
 
 def read_coco(annotations: str | Path, images: str | Path) -> list[Sample]:
     """COCO captions JSON (`images` with id/file_name, `annotations` with image_id/caption)."""
     data = _load_json(Path(annotations))
     try:
-        files = {img["id"]: img["file_name"] for img in data["images"]}
+        files = _coco_files(data["images"], annotations)
         pairs = [(Path(images) / files[a["image_id"]], a["caption"]) for a in data["annotations"]]
     except (KeyError, TypeError) as exc:
         raise DatasetError(f"{annotations}: not COCO captions format ({exc})") from exc
-    return _group([(image, _text(caption, f"{annotations}: {image.name}")) for image, caption in pairs])
+    return _group([(image, _text(caption, f"{annotations}: {image.name}")) for image, caption in pairs], annotations)
 
 
 def read_table(annotations: str | Path, images: str | Path | None = None) -> list[Sample]:
@@ -150,14 +205,15 @@ def read_table(annotations: str | Path, images: str | Path | None = None) -> lis
                 continue
             row = _parse_json(line, f"{path}:{number}")
             try:
-                pairs.append((base / row["image"], _text(row["caption"], f"{path}:{number}")))
+                where = f"{path}:{number}"
+                pairs.append((base / _text(row["image"], where, "image name"), _text(row["caption"], where)))
             except (KeyError, TypeError) as exc:
                 raise DatasetError(f"{path}:{number}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
     else:
         pairs = _read_csv(path, base)
     if not pairs:
         raise DatasetError(f"{path}: no rows")
-    return _group(pairs)
+    return _group(pairs, path)
 
 
 def _read_csv(path: Path, base: Path) -> list[tuple[Path, str]]:
@@ -166,7 +222,7 @@ def _read_csv(path: Path, base: Path) -> list[tuple[Path, str]]:
     try:
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise DatasetError(f"{path}: CSV needs 'image' and 'caption' columns, found {reader.fieldnames}")
-        return [(base / _text(row["image"], f"{path}:{reader.line_num}", "image"),
+        return [(base / _text(row["image"], f"{path}:{reader.line_num}", "image name"),
                  _text(row["caption"], f"{path}:{reader.line_num}")) for row in reader]
     except csv.Error as exc:
         raise DatasetError(f"{path}: not a readable CSV ({exc})") from exc
@@ -180,8 +236,8 @@ def _held_out(image: Path, fraction: float) -> bool:
 def read_split_list(path: str | Path) -> list[str]:
     """Image names of a split list: one per line, blank lines and outer whitespace ignored."""
     listed = _require_file(Path(path), "split list")
-    try:
-        names = [line.strip() for line in listed.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:  # utf-8-sig: a byte order mark would be part of the first name (see `_read_text`)
+        names = [line.strip() for line in listed.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{listed}: not UTF-8 text ({exc.reason})") from exc
     if not names:

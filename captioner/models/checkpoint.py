@@ -110,6 +110,8 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         CheckpointError: missing, pickle-based, damaged, or without captioner metadata.
     """
     path = Path(path)
+    if path.is_dir():  # not "not found": the folder is there (a run folder instead of its best.safetensors?)
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
@@ -126,6 +128,8 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         metadata = json.loads(raw["json"])
     except (KeyError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: safetensors file without captioner metadata") from exc
+    except ValueError as exc:  # a number of more than 4,300 digits: Python's limit on int conversion
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from exc
     except RecursionError as exc:
         raise CheckpointError(f"{path}: metadata is nested too deeply") from exc
     if not isinstance(metadata, dict):

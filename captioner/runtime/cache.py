@@ -93,8 +93,14 @@ def path_for(kind: str, cache_key: str, folder: Path | None = None) -> Path:
 
 
 def read(path: Path) -> bytes | None:
-    """A cached payload, or None when it is absent, unreadable or damaged (damage is warned about)."""
+    """A cached payload, or None when it is absent, unreadable or damaged (damage is warned about).
+
+    Only a regular file is read: a FIFO of that name blocked the read (and so the model's load) for good."""
     try:
+        if path.exists() and not path.is_file():
+            warnings.warn(f"captioner cache: {path} is not a regular file; building it again", RuntimeWarning,
+                          stacklevel=3)
+            return None
         data = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         return None

@@ -113,13 +113,45 @@ def read_calibration(path: str | os.PathLike, encoder_key: str) -> dict:
         version, encoder, ranges = payload["format"], payload["encoder"], payload["ranges"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CalibrationError(f"{path}: not an int8 calibration file ({exc})") from exc
+    except RecursionError as exc:  # json's C scanner on deeply nested arrays
+        raise CalibrationError(f"{path}: not an int8 calibration file (nested too deeply)") from exc
     if version != FORMAT:
         raise CalibrationError(f"{path}: calibration format {version}, this version reads {FORMAT}")
     if encoder != encoder_key:
         raise CalibrationError(f"{path}: measured for encoder {encoder!r}, not {encoder_key!r}; calibrate again")
     if not isinstance(ranges, dict) or not isinstance(ranges.get("data"), dict):
         raise CalibrationError(f"{path}: not an int8 calibration file (no table of ranges)")
+    _check_ranges(path, ranges["data"])
     return ranges
+
+
+def _bounds(value: object) -> np.ndarray | None:
+    """A range bound as ONNX Runtime's `TensorData.from_dict` reads it (a number, or {"data", "dtype"} of a
+    numpy array), as float64; None for what it is not (its quantiser reports those)."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to inf is what the caller looks for
+            if isinstance(value, dict) and value.get("CLS") == "numpy.array":
+                return np.array(value["data"], dtype=np.dtype(value["dtype"])).astype(np.float64)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return np.array(value, dtype=np.float32).astype(np.float64)
+    except (KeyError, TypeError, ValueError, OverflowError):
+        pass
+    return None
+
+
+def _check_ranges(path: Path, table: dict) -> None:
+    """Refuse ranges no quantiser can use: a bound that is not finite (also after the cast to its dtype: 1e5 in
+    float16 is inf) or a minimum above its maximum. ONNX Runtime took a NaN to an AssertionError traceback
+    ("scale issue"), an infinity to an OpenVINO compile error, and an inverted range to an int8 encoder that ran."""
+    for name, entry in table.items():
+        if not isinstance(entry, dict):
+            continue
+        low, high = _bounds(entry.get("lowest")), _bounds(entry.get("highest"))
+        for bound in (low, high):
+            if bound is not None and not np.isfinite(bound).all():
+                raise CalibrationError(f"{path}: the range of {str(name)[:80]} is not finite; calibrate again")
+        if low is not None and high is not None and low.shape == high.shape and (low > high).any():
+            raise CalibrationError(f"{path}: the minimum of {str(name)[:80]} is above its maximum; calibrate again")
 
 
 def quantize(model: bytes, ranges: dict, *, reduce_range: bool = False) -> bytes:
