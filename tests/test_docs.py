@@ -19,7 +19,7 @@ def _generator():
 def test_training_doc_matches_the_dataclasses():
     expected = _generator().render()
     actual = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
-    assert actual == expected, ("docs/training.md is out of date with captioner/config.py; regenerate it "
+    assert actual == expected, ("docs/training.md is out of date with captioner/config/; regenerate it "
                                 "with `.venv/bin/python scripts/training_doc.py --write`")
 
 

@@ -6,7 +6,7 @@ import argparse
 
 DESCRIPTION = """\
 Train a captioning model from a YAML recipe. The recipe has four sections that mirror the
-dataclasses in captioner/config.py:
+dataclasses in captioner/config/:
   model   encoder and decoder architecture
   data    dataset format and paths, vocabulary, feature cache
   train   optimiser, schedule, validation, run folder

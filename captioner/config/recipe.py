@@ -1,0 +1,104 @@
+"""The whole recipe (`Config`), read from YAML with `--set` overrides and written back."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from captioner.config.checks import ConfigError
+from captioner.config.data import DataConfig
+from captioner.config.mapping import dataclass_from_dict
+from captioner.config.model import DecodeConfig, ModelConfig
+from captioner.config.train import TrainConfig
+from captioner.config.yaml_io import YamlInputError, load_yaml, short_repr
+
+
+@dataclass
+class Config:
+    """A whole training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping (unknown keys and wrong types raise ConfigError)."""
+    return dataclass_from_dict(Config, raw, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain-dict form of any config dataclass (JSON and YAML safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"invalid config:\n  - override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    try:
+        return key.strip().split("."), load_yaml(text)
+    except YamlInputError as exc:
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {exc}") from exc
+
+
+def _index(node: list, key: str, item: str) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {key} is not an entry of that list "
+                          f"(0..{len(node) - 1})")
+    return int(key)
+
+
+def _step(node: Any, key: str, item: str) -> Any:
+    """One step of a dotted override: into a section, or by position into a list (`data.datasets.1.weight`)."""
+    if isinstance(node, list):
+        node = node[_index(node, key, item)]
+    else:
+        node = node.setdefault(key, {})
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {key} is not a section")
+    return node
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply `section.key=value` overrides and validate the result.
+
+    Raises:
+        ConfigError: the file is missing, empty, not UTF-8 or not YAML, has a duplicate key or expands to an
+            absurd size (`captioner.config.yaml_io`), a key is unknown, or a value has the wrong type or range.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"invalid config:\n  - config file {path} does not exist")
+        try:
+            raw = load_yaml(path.read_bytes())
+        except YamlInputError as exc:
+            raise ConfigError(f"invalid config:\n  - {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"invalid config:\n  - cannot read {path}: {exc.strerror}") from exc
+        if raw is None:
+            raise ConfigError(f"invalid config:\n  - {path} is empty")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"invalid config:\n  - {path}: the top level must be a mapping")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node: Any = raw
+        for key in keys[:-1]:
+            node = _step(node, key, item)
+        if isinstance(node, list):  # data.datasets.1=...: a whole entry
+            node[_index(node, keys[-1], item)] = value
+        else:
+            node[keys[-1]] = value
+    return config_from_dict(raw)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (the format `load_config` reads back)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
