@@ -14,19 +14,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from captioner.api import Alternative, Caption, Captioner, Tag
+    from captioner.api import Captioner
     from captioner.config import ConfigError
     from captioner.images import ImageLoadError
     from captioner.models.checkpoint import CheckpointError
+    from captioner.results import Alternative, Caption, Tag
 
 _LAZY = {
-    "Alternative": "captioner.api",
-    "Caption": "captioner.api",
+    "Alternative": "captioner.results",
+    "Caption": "captioner.results",
     "Captioner": "captioner.api",
     "CheckpointError": "captioner.models.checkpoint",
     "ConfigError": "captioner.config",
     "ImageLoadError": "captioner.images",
-    "Tag": "captioner.api",
+    "Tag": "captioner.results",
     "TagError": "captioner.models.tags",
     "UnknownModelError": "captioner.models.shipped",
 }

@@ -10,7 +10,7 @@ from captioner.config import DecodeConfig
 from captioner.models.shipped import dataset_scores
 
 if TYPE_CHECKING:
-    from captioner.api import Tag
+    from captioner.results import Tag
 
 TAGS_HINT = ("ImageNet classes that the encoder's own classifier sees, not part of the caption: the two can "
              "disagree (ImageNet has no plain \"person\" class, for one).")

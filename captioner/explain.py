@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from captioner.api import Caption
+from captioner.results import Caption
 
 END = "<end>"
 GATES = ("forget", "input", "output")

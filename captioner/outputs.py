@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from captioner.api import Caption
+    from captioner.results import Caption
 
 TEXT_FORMATS = ("text", "jsonl", "csv")
 """The line-based formats: streamed record by record, to stdout or a file, and resumable (`--resume`)."""

@@ -57,8 +57,8 @@ def test_error_records_are_strict_json(tmp_path, tiny_checkpoint):
 
 
 def test_record_and_to_json_line_are_strict():
-    from captioner.api import Alternative, Caption
     from captioner.outputs import record, to_json_line
+    from captioner.results import Alternative, Caption
 
     rec = record(Caption(source="x", text="a", score=float("inf"),
                          alternatives=[Alternative("a", float("nan"), -1.0)]))

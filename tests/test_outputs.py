@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from captioner.api import Alternative, Caption, Tag
 from captioner.cli.output_file import OutputResumeError, PartialOutput
 from captioner.outputs import RECORD_FIELDS, CaptionWriter, csv_header, record, record_key, to_json_line
+from captioner.results import Alternative, Caption, Tag
 
 
 def _tagged(source="a/pizza.jpg", text="a pizza on a plate") -> Caption:
