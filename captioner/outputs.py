@@ -81,6 +81,17 @@ def written_path(path: str | os.PathLike, fmt: str) -> str:
     return text_field(text) if fmt == "text" else text
 
 
+def text_clash(paths: list) -> tuple | None:
+    """Two of `paths` that the text format writes the same (a literal `\\n` in one name, a newline in the other;
+    `\\xff` and an undecodable byte), or None. `--resume` of a text output cannot tell which was done."""
+    seen: dict[str, object] = {}
+    for path in paths:
+        other = seen.setdefault(written_path(path, "text"), path)
+        if other != path:
+            return other, path
+    return None
+
+
 def _has_undecodable(text: str) -> bool:
     try:
         text.encode("utf-8")

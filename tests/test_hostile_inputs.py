@@ -632,8 +632,10 @@ def test_blank_captions_are_dropped_with_a_warning_and_an_image_left_without_any
                                 "annotations": [{"image_id": 1, "caption": ""}, {"image_id": 2, "caption": "a cat"},
                                                 {"image_id": 1, "caption": "a dog"}]}))
     with pytest.warns(UserWarning, match="1 blank"):
-        assert sorted((s.image.name, s.captions) for s in read_coco(coco, tmp_path)) == [("a.jpg", ["a dog"]),
-                                                                                          ("b.jpg", ["a cat"])]
+        assert [(s.image.name, s.captions) for s in read_coco(coco, tmp_path)] == [("a.jpg", ["a dog"]),
+                                                                                    ("b.jpg", ["a cat"])]
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}))
+    assert read_coco(coco, tmp_path) == []  # no captions at all: not "every caption is blank"
     table = tmp_path / "t.csv"
     table.write_text("image,caption\na.jpg,a dog\nb.jpg,\nc.jpg, \n")
     with pytest.warns(UserWarning, match=r"t\.csv: 2 blank"):
@@ -662,6 +664,21 @@ def test_blank_references_are_ignored_by_evaluate_not_a_scorer_traceback(tmp_pat
     with pytest.warns(UserWarning, match="2 blank"):
         assert _evaluate(tiny_checkpoint, annotations) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_text_resume_refuses_two_names_it_would_write_the_same(tmp_path, tiny_checkpoint, capsys):
+    [a, b] = write_images(tmp_path / "src", 2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(a, folder / "a\\nb.jpg")  # a backslash and an n
+    shutil.copy(b, folder / "a\nb.jpg")  # a newline: both are written a\nb.jpg
+    out = tmp_path / "o.txt"
+    out.write_text("precious\n")
+    args = (folder, "--format", "text", "--output", out, "--precision", "reference", "--resume")
+    assert _caption(tmp_path, tiny_checkpoint, *args) == 2
+    assert "are written the same in the text format" in capsys.readouterr().err
+    assert out.read_text() == "precious\n"
+    assert _caption(tmp_path, tiny_checkpoint, *args[:-1], "--format", "jsonl") == 0  # other formats: no clash
 
 
 def test_coco_image_id_given_to_two_files_is_refused(tmp_path):
@@ -740,3 +757,129 @@ def test_csv_resume_drops_a_record_cut_inside_a_quoted_name(tmp_path, tiny_check
     (tmp_path / ".o.csv.partial").write_bytes(header + b'\n"' + os.fsencode(folder) + b"/new\n")  # cut by a kill
     assert _caption(tmp_path, tiny_checkpoint, *args, "--output", out, "--resume") == 0
     assert out.read_bytes() == full.read_bytes()
+
+
+# ---- red-team pass 2: the app and training ---------------------------------------------------------------------
+
+
+def _shapes_config(tmp_path, **data):
+    """A tiny training recipe over the synthetic shapes (24 images): one epoch of a small decoder."""
+    import yaml
+
+    from tests.synthetic import make_shapes_dataset
+
+    csv_path = make_shapes_dataset(tmp_path / "images", copies=1)[0]
+    cfg = {"model": {"embed_dim": 16, "hidden_dim": 24, "attention_dim": 12, "feature_dim": 20, "dropout": 0.0,
+                     "feature_dropout": 0.0},
+           "data": {"format": "csv", "annotations": str(csv_path), "min_word_count": 1, "val_fraction": 0.25,
+                    "cache_dir": str(tmp_path / "cache"), **data},
+           "train": {"out_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 8, "warmup_steps": 1,
+                     "patience": 0},
+           "decode": {"beam_size": 2, "max_length": 6}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_vocabulary_left_without_words_is_a_data_error_not_a_validation_traceback(tmp_path, capsys):
+    config = _shapes_config(tmp_path, min_word_count=1000)  # no word of the captions is that frequent
+    for extra in (["--dry-run"], []):
+        assert main(["train", "--config", str(config), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "data.min_word_count=1000" in err and "vocabulary would be empty" in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "run" / "train_state.safetensors").exists()
+
+
+@pytest.mark.parametrize("index", ['[1, 2]', '{"rows": [0]}', '{"rows": null}', '{"rows": {"k": "0"}}',
+                                   '{"rows": {"k": -2}}', '{"rows": {"k": true}}'])
+def test_a_feature_store_index_of_the_wrong_shape_is_named_and_its_rows_recomputed(tmp_path, index, capsys):
+    import numpy as np
+
+    from captioner.data.feature_store import FeatureStore
+
+    store = FeatureStore(tmp_path / "store")
+    writer = store.writer(2)
+    writer.add(["k", "j"], np.ones((2, 3, 4), dtype=np.float16))
+    writer.close()
+    [index_file] = (tmp_path / "store").glob("shard-*.index.json")
+    index_file.write_text(index)
+    assert FeatureStore(tmp_path / "store").index() == {}  # was a TypeError / AttributeError, or a row at -2
+    assert str(index_file).removesuffix(".index.json") in capsys.readouterr().err
+    assert not index_file.exists()
+
+
+def test_a_shard_copied_in_from_another_encoders_cache_is_not_used(tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from captioner.data.features import FeatureCache
+    from captioner.models.encoder import build_encoder
+
+    paths = write_images(tmp_path / "images", 2)
+    encoder = build_encoder("efficientnet_lite0", image_size=96)
+    plain, mirrored = FeatureCache(tmp_path / "cache", encoder), FeatureCache(tmp_path / "cache", encoder, True)
+    mirrored.extract(paths, progress=False)
+    for shard in mirrored.folder.glob("shard-*"):  # same rows keys (they name the image), other features
+        shutil.copy(shard, plain.folder / shard.name)
+    plain = FeatureCache(tmp_path / "cache", encoder)
+    assert not plain.is_cached(paths[0])
+    assert "not this cache's" in capsys.readouterr().err
+    plain.extract(paths, progress=False)
+    with torch.inference_mode():
+        expected = encoder(torch.stack([encoder.preprocess(_open_for(p, encoder)) for p in paths]))
+    assert torch.allclose(plain.load(paths).float(), expected, atol=2e-2)
+
+
+def _open_for(path, encoder):
+    from captioner.images import open_image
+
+    return open_image(path, encoder.preprocess.size)
+
+
+def test_an_image_gone_after_the_check_is_skipped_or_named_not_a_traceback(tmp_path, monkeypatch, capsys):
+    from captioner.data import features
+
+    config = _shapes_config(tmp_path)
+    gone = sorted((tmp_path / "images").glob("*.png"))[3]
+    real = features.FeatureCache.extract
+
+    def delete_first(self, images, **kwargs):  # deleted between the split's check and its extraction
+        gone.unlink(missing_ok=True)
+        return real(self, images, **kwargs)
+
+    monkeypatch.setattr(features.FeatureCache, "extract", delete_first)
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"{gone}: cannot be read" in err and "Traceback" not in err, err  # was a FileNotFoundError
+    shutil.copy(sorted((tmp_path / "images").glob("*.png"))[0], gone)
+    assert main(["train", "--config", str(config), "--set", "data.on_missing=skip",
+                 "--set", f"train.out_dir={tmp_path / 'run2'}"]) == 0
+    assert "skipping 1 unreadable images" in capsys.readouterr().out  # the training log
+
+
+def test_an_image_changed_while_or_after_it_is_encoded_is_never_given_stale_features(tmp_path, monkeypatch):
+    from captioner.data import features
+    from captioner.data.readers import DatasetError
+    from captioner.models.encoder import build_encoder
+
+    a, b = write_images(tmp_path / "images", 2)
+    cache = features.FeatureCache(tmp_path / "cache", build_encoder("efficientnet_lite0", image_size=96))
+    real = features.open_image
+
+    def rewritten_while_read(path, size):
+        image = real(path, size)
+        if path == a:
+            shutil.copy(b, a)  # another picture, another size and time: another key
+        return image
+
+    monkeypatch.setattr(features, "open_image", rewritten_while_read)
+    cache.extract([a, b], progress=False)
+    assert not cache.is_cached(a)  # was: a's old pixels stored under its new key, reused by every later run
+    with pytest.raises(DatasetError, match=r"1 image\(s\) changed after their features were extracted, e\.g\. "
+                       + str(a)):
+        cache.load([a, b])  # was a StoreError (ValueError) traceback
+    a.unlink()
+    with pytest.raises(DatasetError, match="disappeared after its features were extracted"):
+        cache.load([a, b])

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from captioner.cli.output_file import PartialOutput, same_file
-    from captioner.outputs import escape_path, pyarrow_missing
+    from captioner.outputs import escape_path, pyarrow_missing, text_clash
     from captioner.sharding import parse_shard, take_shard
 
     problem = _check_args(args)
@@ -154,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.output and any(same_file(p, args.output) for p in paths):
         print(f"captioner: error: --output {escape_path(args.output)} is one of the input images", file=sys.stderr)
+        return 2
+    clash = text_clash(paths) if args.resume and args.format == "text" else None
+    if clash:
+        print(f"captioner: error: --resume: {' and '.join(escape_path(p) for p in clash)} are written the same in "
+              "the text format, so a resume cannot tell which one is done; use --format jsonl or csv", file=sys.stderr)
         return 2
     from captioner.api import Captioner
 

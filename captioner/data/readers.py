@@ -90,12 +90,13 @@ def _group(pairs: list[tuple[Path, str]], source: str | Path) -> list[Sample]:
     """(image, caption) rows as one Sample per image, in first-seen order; blank captions are dropped."""
     grouped: OrderedDict[Path, list[str]] = OrderedDict()
     for image, caption in pairs:
+        caps = grouped.setdefault(image, [])  # first-seen order, a blank first caption included
         if caption.strip():
-            grouped.setdefault(image, []).append(caption)
+            caps.append(caption)
     _warn_blank(source, len(pairs) - sum(len(caps) for caps in grouped.values()))
-    if not grouped:
+    if grouped and not any(grouped.values()):
         raise DatasetError(f"{source}: every caption is blank")
-    return [Sample(image, caps) for image, caps in grouped.items()]
+    return [Sample(image, caps) for image, caps in grouped.items() if caps]
 
 
 FLICKR8K_SPLITS = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
