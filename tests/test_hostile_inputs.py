@@ -883,3 +883,17 @@ def test_an_image_changed_while_or_after_it_is_encoded_is_never_given_stale_feat
     a.unlink()
     with pytest.raises(DatasetError, match="disappeared after its features were extracted"):
         cache.load([a, b])
+
+
+def test_a_validation_split_left_empty_by_on_missing_skip_stops_the_run_before_any_extraction(tmp_path, capsys):
+    import csv
+
+    config = _shapes_config(tmp_path, on_missing="skip", val_list=str(tmp_path / "dev.txt"))
+    table = tmp_path / "images" / "captions.csv"
+    names = sorted({row["image"] for row in csv.DictReader(table.open())})
+    (tmp_path / "dev.txt").write_text("\n".join(names[:3]) + "\n")
+    for name in names[:3]:
+        (tmp_path / "images" / name).unlink()
+    assert main(["train", "--config", str(config)]) == 2
+    assert "the dev split has no usable images" in capsys.readouterr().err
+    assert not list((tmp_path / "cache").glob("*/shard-*"))  # the training split used to be encoded first

@@ -1,10 +1,11 @@
 """Encoder grids in a few large memory-mapped arrays: written resumably, read row by row through the page cache.
 
 Layout of one store folder: `shard-<id>.npy`, an fp16 (R, N, D) array preallocated (sparse) when an extraction
-starts, and beside it `shard-<id>.index.json`, {"rows": {image key: row}}, replaced atomically every
-`flush_every` rows and at the end. The index lists only rows already written (the array is flushed first), so
-an interrupted extraction loses at most the rows since the last flush; a rerun skips every listed key. Each
-extraction (and each torchrun rank) writes its own shard, so concurrent writers never share a file.
+starts, and beside it `shard-<id>.index.json`, {"rows": {image key: row}, "encoder": the cache's key}, replaced
+atomically every `flush_every` rows and at the end. The index lists only rows already written (the array is
+flushed first), so an interrupted extraction loses at most the rows since the last flush; a rerun skips every
+listed key. Each extraction (and each torchrun rank) writes its own shard, so concurrent writers never share a
+file. A shard whose index is damaged, or stamped with another encoder's key, is named, removed and recomputed.
 
 Reading gathers rows with `os.preadv` into a fresh (b, N, D) buffer: the bytes come through the page cache but
 are never mapped into the process, so a training run's resident memory does not grow with the dataset.
@@ -94,8 +95,11 @@ class FeatureRows:
 class FeatureStore:
     """Rows keyed by string, in append-only shards of one folder."""
 
-    def __init__(self, folder: str | Path, flush_every: int = 512):
+    def __init__(self, folder: str | Path, flush_every: int = 512, stamp: str = ""):
+        """`stamp` (the encoder's cache key) is written into every index; a shard stamped otherwise (copied in
+        from another encoder's folder: the row keys name only the image) is left out and removed."""
         self.folder = Path(folder)
+        self.stamp = stamp
         self.folder.mkdir(parents=True, exist_ok=True)
         self.flush_every = flush_every
         self._shards: dict[Path, _Shard] = {}
@@ -106,17 +110,30 @@ class FeatureStore:
         for index_file in sorted(self.folder.glob("shard-*.index.json")):
             array = index_file.with_name(index_file.name.removesuffix(".index.json") + ".npy")
             try:
-                rows = json.loads(index_file.read_text())["rows"]
+                rows = self._read_index(index_file)
                 shard = self._open(array)
                 total = (array.stat().st_size - shard.offset) // shard.row_bytes
                 if rows and max(rows.values()) >= total:
                     raise ValueError(f"{total} rows on disk, the index lists row {max(rows.values())}")
-            except (OSError, ValueError, KeyError) as exc:
-                log(f"feature store file {array} is damaged ({exc}); its rows will be recomputed")
+            except (OSError, ValueError) as exc:
+                log(f"feature store file {array} is damaged or not this cache's ({exc}); its rows will be recomputed")
                 self._drop(array, index_file)
                 continue
             found.update((k, (array, r)) for k, r in rows.items())
         return found
+
+    def _read_index(self, index_file: Path) -> dict[str, int]:
+        """The {key: row} of an index file, checked: a hand-edited or foreign index is a ValueError, not a
+        TypeError later (or rows read from the wrong offset, a negative row reading the .npy header)."""
+        doc = json.loads(index_file.read_text())
+        if not isinstance(doc, dict) or not isinstance(doc.get("rows"), dict):
+            raise ValueError('the index is not {"rows": {key: row}}')
+        rows = doc["rows"]
+        if not all(type(r) is int and r >= 0 for r in rows.values()):
+            raise ValueError("the index lists a row that is not a whole number >= 0")
+        if self.stamp and doc.get("encoder", self.stamp) != self.stamp:  # shards written before stamps: trusted
+            raise ValueError(f"written for another encoder or preprocessing: {str(doc['encoder'])[:200]!r}")
+        return rows
 
     def _open(self, array: Path) -> _Shard:
         if array not in self._shards:
@@ -124,10 +141,11 @@ class FeatureStore:
                 version = np.lib.format.read_magic(fh)
                 read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                         else np.lib.format.read_array_header_2_0)
-                shape, _, dtype = read(fh)
+                shape, fortran_order, dtype = read(fh)
                 offset = fh.tell()
-            if dtype != np.float16 or len(shape) != 3:
-                raise ValueError(f"expected an fp16 (R, N, D) array, found {dtype} {shape}")
+            if dtype != np.float16 or len(shape) != 3 or fortran_order or 0 in shape[1:]:
+                raise ValueError(f"expected an fp16 (R, N, D) array in C order, found {dtype} {shape}"
+                                 + (" in Fortran order" if fortran_order else ""))
             row_bytes = int(np.prod(shape[1:])) * 2
             if os.path.getsize(array) < offset + shape[0] * row_bytes:
                 raise ValueError(f"truncated: {os.path.getsize(array)} bytes of {offset + shape[0] * row_bytes}")
@@ -156,7 +174,8 @@ class FeatureStore:
                            np.array([index[k][1] for k in keys], dtype=np.int64))
 
     def writer(self, capacity: int) -> ShardWriter:
-        return ShardWriter(self.folder / f"shard-{time.time_ns():x}-{os.getpid()}", capacity, self.flush_every)
+        return ShardWriter(self.folder / f"shard-{time.time_ns():x}-{os.getpid()}", capacity, self.flush_every,
+                           self.stamp)
 
     def close(self) -> None:
         for shard in self._shards.values():
@@ -167,9 +186,9 @@ class FeatureStore:
 class ShardWriter:
     """Appends rows to one preallocated shard; the index is replaced atomically every `flush_every` rows."""
 
-    def __init__(self, stem: Path, capacity: int, flush_every: int):
+    def __init__(self, stem: Path, capacity: int, flush_every: int, stamp: str = ""):
         self.array_path, self.index_path = stem.with_suffix(".npy"), stem.with_name(stem.name + ".index.json")
-        self.capacity, self.flush_every = capacity, flush_every
+        self.capacity, self.flush_every, self.stamp = capacity, flush_every, stamp
         self.array: np.memmap | None = None
         self.rows: dict[str, int] = {}
         self._unflushed = 0
@@ -193,7 +212,7 @@ class ShardWriter:
             return
         self.array.flush()
         tmp = self.index_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"rows": self.rows}))
+        tmp.write_text(json.dumps({"rows": self.rows, **({"encoder": self.stamp} if self.stamp else {})}))
         os.replace(tmp, self.index_path)
         self._unflushed = 0
 

@@ -20,7 +20,8 @@ import torch
 from PIL import ImageOps
 from tqdm import tqdm
 
-from captioner.data.feature_store import FeatureRows, FeatureStore, log
+from captioner.data.feature_store import FeatureRows, FeatureStore, StoreError, log
+from captioner.data.readers import DatasetError
 from captioner.images import ImageLoadError, open_image
 from captioner.models.encoder import Encoder
 
@@ -45,7 +46,7 @@ class FeatureCache:
         self.folder = Path(cache_dir) / _digest(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "ENCODER.txt").write_text(key + "\n")
-        self.store = FeatureStore(self.folder, flush_every)
+        self.store = FeatureStore(self.folder, flush_every, stamp=key)
 
     @staticmethod
     def key_for(image: Path) -> str:
@@ -69,8 +70,17 @@ class FeatureCache:
             (image, reason) for each image that could not be decoded; its features are not stored.
         """
         done = self.store.index()
-        todo = [p for p in dict.fromkeys(images) if self.key_for(p) not in done]
         failures: list[tuple[Path, str]] = []
+        # Each key is taken before its image is read: one rewritten while it is encoded is then stored under its
+        # old key (and encoded again by the next run), never its old pixels under the new key. An image gone since
+        # the split was checked is a failure like an unreadable one, not a FileNotFoundError.
+        keys: dict[Path, str] = {}
+        for p in dict.fromkeys(images):
+            try:
+                keys[p] = self.key_for(p)
+            except OSError as exc:
+                failures.append((p, f"cannot be read ({exc.strerror or exc})"))
+        todo = [p for p, k in keys.items() if k not in done]
         if not todo:
             return failures
         writer = self.store.writer(len(todo))
@@ -96,7 +106,7 @@ class FeatureCache:
                 failures += [(p, x) for p, x in zip(chunk, loaded) if isinstance(x, str)]
                 if good:
                     grids = encoder(torch.stack([x for _, x in good])).to(torch.float16).numpy()  # (b, N, D)
-                    writer.add([self.key_for(p) for p, _ in good], grids)
+                    writer.add([keys[p] for p, _ in good], grids)
                 bar.update(len(chunk))
         writer.close()
         bar.close()
@@ -137,5 +147,24 @@ class FeatureCache:
         return FastEncoder(self.encoder, "fp32")
 
     def load(self, images: Sequence[Path]) -> FeatureRows:
-        """A (len(images), N, D) fp16 view of images already extracted; rows are read when indexed."""
-        return self.store.rows([self.key_for(p) for p in images])
+        """A (len(images), N, D) fp16 view of images already extracted; rows are read when indexed.
+
+        Raises:
+            DatasetError: an image was deleted or changed (its size or modification time) since it was encoded.
+        """
+        keys = []
+        for p in images:
+            try:
+                keys.append(self.key_for(p))
+            except OSError as exc:
+                raise DatasetError(f"{p}: disappeared after its features were extracted "
+                                   f"({exc.strerror or exc})") from exc
+        try:
+            return self.store.rows(keys)
+        except StoreError as exc:
+            index = self.store.index()
+            changed = [p for p, k in zip(images, keys) if k not in index]
+            if not changed:
+                raise
+            raise DatasetError(f"{len(changed)} image(s) changed after their features were extracted, e.g. "
+                               f"{changed[0]}; run again to encode them") from exc

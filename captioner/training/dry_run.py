@@ -13,7 +13,6 @@ import yaml
 
 from captioner.config import Config, DatasetConfig, config_to_dict
 from captioner.data.readers import DatasetError, check_images, read_dataset
-from captioner.models.vocab import Vocabulary
 from captioner.training.start import starting_model
 
 
@@ -53,7 +52,7 @@ def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[
 
     what = split_name(cfg, source, split)
     usable, missing = check_images(samples, cfg.data.on_missing, what)
-    if not usable:  # as training would stop, after extracting the other split's features
+    if not usable:  # as training stops, before extracting any features
         raise DatasetError(f"the {what} has no usable images")
     captions = [c for s in usable for c in s.captions]
     return SplitReport(split, len(samples), len(captions), len(missing), source.label()), captions
@@ -84,7 +83,9 @@ def dry_run(cfg: Config) -> DryRunReport:
         splits.append(_split(cfg, source, source.val_split, cfg.train.val_max_images)[0])
     if cfg.train.init_from:  # the run checks its starting model before extracting anything: so does the check
         return DryRunReport(splits, len(starting_model(cfg).vocab), cfg.train.init_from)
-    vocab = Vocabulary.build(train_captions, cfg.data.min_word_count)
+    from captioner.training.prepare import build_vocabulary
+
+    vocab = build_vocabulary(train_captions, cfg.data.min_word_count)
     return DryRunReport(splits, len(vocab))
 
 

@@ -25,7 +25,7 @@ from captioner.training.distributed import Dist, barrier, broadcast, setup, tear
 from captioner.training.ema import WeightAverage, averaged
 from captioner.training.log import log
 from captioner.training.plots import plot_history
-from captioner.training.prepare import Prepared, prepare_data, validate_paths
+from captioner.training.prepare import Prepared, build_vocabulary, prepare_data, validate_paths
 from captioner.training.run_state import Progress, load_state, save_state
 from captioner.training.start import check_features, run_vocabulary, starting_model
 from captioner.training.validation import per_dataset, validation_scores
@@ -202,7 +202,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     elif cfg.train.init_from and resuming:
         vocab = Vocabulary(run_vocabulary(state_file))
     else:
-        vocab = Vocabulary.build((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
+        vocab = build_vocabulary((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
     if start:
         model.decoder.load_state_dict(start.decoder.state_dict())

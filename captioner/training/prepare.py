@@ -6,6 +6,8 @@ rank then reads all of them. The splits hold views of the store (`FeatureRows`):
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, Sample, check_images, read_dataset
 from captioner.models.encoder import build_encoder
+from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
 from captioner.training.distributed import Dist, gather
 from captioner.training.log import log
 
@@ -47,7 +50,23 @@ def _read(cfg: Config, source: DatasetConfig, split: str, limit: int, dist: Dist
     samples, missing = check_images(samples, cfg.data.on_missing, what)
     if missing and dist.is_main:
         log(f"skipping {len(missing)} missing images of the {what} (data.on_missing=skip)")
+    if not samples:  # here, before any split is encoded: not after the training split's hours of extraction
+        raise DatasetError(f"the {what} has no usable images")
     return samples
+
+
+def build_vocabulary(captions: Iterable[str], min_count: int) -> Vocabulary:
+    """The vocabulary of the training captions (`data.min_word_count`); one that would hold no word is refused, as
+    its model could only ever say <unk> (validation then failed with an IndexError traceback)."""
+    captions = list(captions)
+    vocab = Vocabulary.build(captions, min_count)
+    if len(vocab) == len(SPECIALS):
+        counts = Counter(tok for caption in captions for tok in tokenize(caption))
+        top = counts.most_common(1)
+        most = f" (the most frequent, {top[0][0]!r}, occurs {top[0][1]} times)" if top else ""
+        raise DatasetError(f"no word of the training captions occurs data.min_word_count={min_count} times{most}: "
+                           "the vocabulary would be empty; lower data.min_word_count")
+    return vocab
 
 
 def _extract(cfg: Config, cache: FeatureCache, samples: list[Sample], what: str, dist: Dist,
