@@ -66,13 +66,19 @@ def _load_json(path: Path) -> object:
 
 def _text(value: object, where: str, what: str = "caption") -> str:
     """A caption (or image name), which must be text: JSON null/NaN/numbers or a CSV row short of a cell would
-    otherwise reach the tokenizer (or the path join) and fail there with a traceback, far from their file. A
-    blank image name is refused too: joined to the image folder, it is the folder itself."""
+    otherwise reach the tokenizer (or the path join) and fail there with a traceback, far from their file."""
     if not isinstance(value, str):
         raise DatasetError(f"{where}: the {what} must be text, got {str(value)[:60]}")
-    if what != "caption" and not value.strip():
-        raise DatasetError(f"{where}: the {what} is empty")
     return value
+
+
+def _image_name(value: object, where: str) -> str:
+    """An image name of a CSV or JSONL row: text, and not blank (joined to the image folder, a blank name is the
+    folder itself)."""
+    name = _text(value, where, "image name")
+    if not name.strip():
+        raise DatasetError(f"{where}: the image name is empty")
+    return name
 
 
 def _warn_blank(source: str | Path, count: int) -> None:
@@ -207,7 +213,7 @@ def read_table(annotations: str | Path, images: str | Path | None = None) -> lis
             row = _parse_json(line, f"{path}:{number}")
             try:
                 where = f"{path}:{number}"
-                pairs.append((base / _text(row["image"], where, "image name"), _text(row["caption"], where)))
+                pairs.append((base / _image_name(row["image"], where), _text(row["caption"], where)))
             except (KeyError, TypeError) as exc:
                 raise DatasetError(f"{path}:{number}: expected {{\"image\": ..., \"caption\": ...}} ({exc})") from exc
     else:
@@ -223,7 +229,7 @@ def _read_csv(path: Path, base: Path) -> list[tuple[Path, str]]:
     try:
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise DatasetError(f"{path}: CSV needs 'image' and 'caption' columns, found {reader.fieldnames}")
-        return [(base / _text(row["image"], f"{path}:{reader.line_num}", "image name"),
+        return [(base / _image_name(row["image"], f"{path}:{reader.line_num}"),
                  _text(row["caption"], f"{path}:{reader.line_num}")) for row in reader]
     except csv.Error as exc:
         raise DatasetError(f"{path}: not a readable CSV ({exc})") from exc

@@ -13,6 +13,7 @@ import yaml
 
 from captioner.config import Config, DatasetConfig, config_to_dict
 from captioner.data.readers import DatasetError, check_images, read_dataset
+from captioner.training.prepare import build_vocabulary
 from captioner.training.start import starting_model
 
 
@@ -83,8 +84,6 @@ def dry_run(cfg: Config) -> DryRunReport:
         splits.append(_split(cfg, source, source.val_split, cfg.train.val_max_images)[0])
     if cfg.train.init_from:  # the run checks its starting model before extracting anything: so does the check
         return DryRunReport(splits, len(starting_model(cfg).vocab), cfg.train.init_from)
-    from captioner.training.prepare import build_vocabulary
-
     vocab = build_vocabulary(train_captions, cfg.data.min_word_count)
     return DryRunReport(splits, len(vocab))
 
