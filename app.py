@@ -41,7 +41,7 @@ from captioner.explain import (
 )
 from captioner.images import open_image
 from captioner.models.shipped import list_models
-from captioner.outputs import CaptionWriter, record
+from captioner.outputs import CaptionWriter, record, text_field
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
 # Per file, in Streamlit's megabytes (10^6 bytes); .streamlit/config.toml sets the same server.maxUploadSize.
@@ -50,6 +50,8 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # captioner.images.SUPPORTED_FORMATS
 HEATMAP_CELLS = 16
 PREVIEW_SIZE = 448
+# C0, DEL and C1 control characters as `\x07` (text_field has already written tab, newline and CR as `\t`...).
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,21 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
 def _md(text: str) -> str:
     """Escape what Streamlit's markdown would interpret in a file name (`*`, `_`, `$`, brackets...)."""
     return re.sub(r"([\\`*_\[\]$~|<>])", r"\\\1", text)
+
+
+def _one_line(text: str) -> str:
+    """`text` with its control characters written visibly: tab, newline and CR as `\\t`, `\\n`, `\\r` (as the
+    text output writes them), the others as `\\x07`.
+
+    Why: a file name holding a newline split its header, the rest of the name shown as a paragraph of its own,
+    and other control characters were invisible, so the name shown was not the file's.
+    """
+    return text_field(text).translate(_CONTROL_ESCAPES)
+
+
+def _md_name(text: str) -> str:
+    """A file name (or a message naming one) as one line of markdown: controls shown, then escaped."""
+    return _md(_one_line(text))
 
 
 def results_csv(captions: list[Caption], n_best: int = 1) -> str:
@@ -220,9 +237,9 @@ def downloads_ui(captions: list[Caption], settings: Settings) -> None:
 def caption_ui(number: int, upload: Upload, caption: Caption) -> None:
     """One image: caption, alternatives, and the attention and gates for a chosen word."""
     with st.container(border=True):
-        st.subheader(f"{number}. {_md(upload.name)}")
+        st.subheader(f"{number}. {_md_name(upload.name)}")
         if not caption.ok:
-            st.error(f"Could not caption {_md(caption.error)}")
+            st.error(f"Could not caption {_md_name(caption.error)}")
             return
         image = preview(upload.data)
         left, right = st.columns([2, 3])

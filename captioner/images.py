@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
                 raise ImageLoadError(source, "file not found")
             if fp.is_dir():
                 raise ImageLoadError(source, "is a directory, not an image")
+            kind = _special_kind(fp.stat().st_mode)
+            if kind:  # a FIFO would block the read for good, /dev/zero never end; both reported 0 bytes before
+                raise ImageLoadError(source, f"not a regular file ({kind})")
             if fp.stat().st_size == 0:
                 raise ImageLoadError(source, "empty file (0 bytes)")
             with open(fp, "rb") as fh:  # a JPEG is read whole, once: its layout is checked from the bytes
@@ -118,6 +122,13 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
         rgb = _decode(image, target_size, source, owned=True, jpeg=jpeg)
         # Closing `image` invalidates its pixels, so never hand it out itself.
         return image.copy() if rgb is image else rgb
+
+
+def _special_kind(mode: int) -> str:
+    """What a file of `mode` is when it is not a regular file (a device, FIFO or socket), else ""."""
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "" if stat.S_ISREG(mode) else "of an unknown kind")
 
 
 def _open(fp: io.BytesIO | Path, source: str) -> Image.Image:

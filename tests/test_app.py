@@ -203,6 +203,19 @@ def test_bad_files_are_named_and_the_others_still_captioned(app, captioner, phot
     assert "1 of 5 images captioned; 4 could not be read." in [c.value for c in app.main.caption]
 
 
+def test_a_file_name_with_control_characters_is_shown_on_one_line(app, photos):
+    """A newline in a name split its header (the rest of the name became a paragraph of its own); control
+    characters are now written visibly, as the text output writes them, and markdown stays escaped."""
+    upload(app, [("new\nline\r\t*.jpg", photos[0]), ("bell\x07del\x7f\x85.png", b"just some text")])
+    headers = [s.value for s in app.main.subheader]
+    assert headers == [r"1. new\\nline\\r\\t\*.jpg", r"2. bell\\x07del\\x7f\\x85.png"]
+    [error] = [e.value for e in app.error]
+    assert error.startswith(r"Could not caption bell\\x07del\\x7f\\x85.png: "), error
+    assert "not a recognised image format" in error
+    shown = "".join(headers) + error
+    assert not any(ch < " " or "\x7f" <= ch <= "\x9f" for ch in shown), shown
+
+
 def test_gates_view_matches_the_api_and_follows_the_picked_word(app, captioner, photos):
     upload(app, [("a.jpg", photos[2])])
     expected = captioner.caption(photos[2], n_best=APP_N_BEST, return_attention=True, return_gates=True)[0]

@@ -212,3 +212,14 @@ def test_an_unreadable_checkpoint_is_a_checkpoint_error_not_a_write_error(tiny_c
     monkeypatch.setattr(checkpoint, "open", denied, raising=False)  # as a file the user cannot read
     with pytest.raises(CheckpointError, match=r"tiny.safetensors: cannot read \(Permission denied\)"):
         checkpoint.load_tensors(tiny_checkpoint)
+
+
+def test_a_fifo_given_as_checkpoint_is_named_not_a_regular_file_without_blocking(tmp_path):
+    import os
+
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)  # reading it would wait for a writer for good
+    with pytest.raises(CheckpointError, match="model.safetensors: not a regular file"):
+        load_tensors(fifo)  # was "checkpoint file not found", for a file that is there
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        load_tensors(tmp_path / "absent.safetensors")

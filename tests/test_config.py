@@ -51,3 +51,12 @@ def test_missing_data_path_fails_before_any_work(tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_fifo_given_as_config_is_named_not_a_regular_file(tmp_path):
+    import os
+
+    fifo = tmp_path / "recipe.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="recipe.yaml is not a regular file"):  # was "does not exist"
+        load_config(fifo)

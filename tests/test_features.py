@@ -167,3 +167,58 @@ def test_rows_are_read_from_disk_not_held_in_memory(encoder, tmp_path):
     assert not any(isinstance(v, (np.ndarray, torch.Tensor)) and v.size > 1000 for v in vars(view).values())
     assert torch.equal(view[[3, 0]], torch.stack([view.tensor()[3], view.tensor()[0]]))
     assert torch.equal(view[1:3].tensor(), view.tensor()[1:3]) and view[torch.tensor([2])].shape == (1, 49, 1280)
+
+
+def test_a_shard_of_another_row_shape_written_before_stamps_is_named_and_recomputed(encoder, tmp_path, capsys):
+    paths = write_images(tmp_path / "images", 2)
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    old = FeatureStore(cache.folder).writer(2)  # no stamp: a shard from before stamps, of another encoder's rows
+    old.add([cache.key_for(p) for p in paths], np.ones((2, 4, 8), dtype=np.float16))
+    old.close()
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    assert not cache.is_cached(paths[0])  # was: taken as cached, then (4, 8) rows or a StoreError traceback
+    assert "rows of shape (4, 8)" in capsys.readouterr().err
+    assert cache.extract(paths, progress=False) == []
+    assert tuple(cache.load(paths).shape) == (2, *cache.row_shape)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from captioner.data.feature_store import FeatureStore
+writer = FeatureStore(sys.argv[1], flush_every=100).writer(8)
+writer.add(["a", "b"], np.ones((2, 3, 4), dtype=np.float16))  # rows on disk, never indexed
+writer.index_path.with_suffix(f".{os.getpid()}.tmp").write_text('{"rows": {"a"')  # a flush cut short
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_files_a_killed_extraction_left_are_removed_but_a_running_ones_are_kept(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "store"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(folder)])
+    assert killed.returncode == -9
+    left = sorted(p.name for p in folder.iterdir())
+    assert sorted(name.rsplit(".", 1)[1] for name in left) == ["npy", "tmp"], left
+    other_host = folder / "shard-1-999999999-0000beef.npy"  # a rank on another machine sharing the folder
+    other_host.write_bytes(b"")
+    store = FeatureStore(folder, flush_every=100)
+    running = store.writer(4)  # a new extraction starts: it removes what the killed one left
+    assert "removed 2 file(s) an interrupted extraction left" in capsys.readouterr().err
+    assert not any((folder / name).exists() for name in left) and other_host.exists()
+
+    running.add(["c"], np.ones((1, 3, 4), dtype=np.float16))  # this process's own, before its first flush
+    assert store.sweep() == [] and running.array_path.exists()
+    running.close()
+    assert set(store.index()) == {"c"}
+
+
+def test_an_old_layout_file_of_another_shape_is_recomputed_not_a_traceback(encoder, tmp_path, capsys):
+    paths = write_images(tmp_path / "images", 1)
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    np.save(cache.path_for(paths[0]), np.ones((4, 8), dtype=np.float16))  # was a broadcasting ValueError
+    assert cache.extract(paths, progress=False) == []
+    assert "found float16 (4, 8)" in capsys.readouterr().err
+    assert tuple(cache.load(paths).shape) == (1, *cache.row_shape)

@@ -897,3 +897,94 @@ def test_a_validation_split_left_empty_by_on_missing_skip_stops_the_run_before_a
     assert main(["train", "--config", str(config)]) == 2
     assert "the dev split has no usable images" in capsys.readouterr().err
     assert not list((tmp_path / "cache").glob("*/shard-*"))  # the training split used to be encoded first
+
+
+def test_csv_resume_keeps_every_record_after_a_stray_quote_in_an_unquoted_field(tmp_path, tiny_checkpoint):
+    """A hand-edited row `…/a"b.jpg,…` (csv reads that quote as a literal; our writer would have quoted the
+    field) made the quote count odd, so it and every record after it were dropped and captioned again, the
+    edit lost."""
+    [a, b, c] = write_images(tmp_path / "src", 3)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for src, name in ((a, 'a"b.jpg'), (b, "b.jpg"), (c, "c.jpg")):
+        shutil.copy(src, folder / name)
+    full, out = tmp_path / "full.csv", tmp_path / "o.csv"
+    args = (folder, "--format", "csv", "--precision", "reference")
+    assert _caption(tmp_path, tiny_checkpoint, *args, "--output", full) == 0
+    header, quoted, second, third, end = full.read_bytes().split(b"\r\n")
+    assert quoted.startswith(b'"') and not end
+    caption_and_scores = quoted.split(b'.jpg",', 1)[1].split(b",", 1)[1]
+    edited = os.fsencode(folder) + b'/a"b.jpg,a caption written by hand,' + caption_and_scores
+    (tmp_path / ".o.csv.partial").write_bytes(b"\r\n".join([header, edited, second, b""]))
+    assert _caption(tmp_path, tiny_checkpoint, *args, "--output", out, "--resume") == 0
+    assert out.read_bytes() == b"\r\n".join([header, edited, second, third, b""])  # only c.jpg captioned
+
+
+@pytest.mark.parametrize("raw, kept", [
+    # a stray quote inside an unquoted field is a literal character: every record is whole
+    (b'path,caption\r\nphotos/a"b.jpg,a dog runs\r\nphotos/c.jpg,a cat\r\n', None),
+    (b'path,caption\r\nphotos/a"b.jpg,a "big" dog\r\nphotos/c.jpg,a cat\r\n', None),
+    # a quote after a quoted field's closing quote is literal too (csv's non-strict reading)
+    (b'path,caption\r\n"photos/a,b.jpg"x"y,a dog\r\nphotos/c.jpg,a cat\r\n', None),
+    # a doubled quote inside a quoted field is an escaped quote, also beside a newline
+    (b'path,caption\r\n"photos/say ""hi"".jpg",a dog\r\n"photos/""\nz"".jpg",a cat\r\n', None),
+    # a record cut inside a quoted field that holds a newline is dropped, also after a stray quote
+    (b'path,caption\r\nphotos/a.jpg,a dog\r\n"photos/new\n', b'path,caption\r\nphotos/a.jpg,a dog\r\n'),
+    (b'path,caption\r\nphotos/a"b.jpg,a dog\r\n"photos/new\n', b'path,caption\r\nphotos/a"b.jpg,a dog\r\n'),
+    (b'path,caption\r\n"photos/new\nline.jpg","a dog\n', b'path,caption\r\n'),
+    (b'path,caption\r\n"photos/a ""\nb.jpg""\n', b'path,caption\r\n'),  # the last "" is escaped: still open
+])
+def test_whole_csv_records_follow_the_csv_modules_reading(raw, kept):
+    import csv
+    import io
+
+    from captioner.cli.output_file import _whole_csv_records
+
+    kept = raw if kept is None else kept
+    assert _whole_csv_records(raw) == kept
+    rows = list(csv.reader(io.StringIO(kept.decode(), newline="")))
+    whole = list(csv.reader(io.StringIO(raw.decode(), newline="")))
+    assert rows == whole[:len(rows)]  # the records kept are whole, as csv reads them
+
+
+def test_an_output_that_is_a_fifo_is_written_through_and_never_replaced_by_a_file(tmp_path, tiny_checkpoint):
+    """`--output /dev/null` (or a named pipe) used to get a temporary file renamed onto it: the device node
+    itself was replaced by a regular file (as root, /dev/null stopped being a device)."""
+    import stat
+    import threading
+
+    [img] = write_images(tmp_path / "src", 1)
+    fifo = tmp_path / "out.txt"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert _caption(tmp_path, tiny_checkpoint, img, "--precision", "reference", "--output", fifo) == 0
+    reader.join(30)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert got and got[0].decode().startswith(f"{img}\t")
+    assert not list(tmp_path.glob(".*partial"))
+    assert _caption(tmp_path, tiny_checkpoint, img, "--output", fifo, "--resume") == 2  # nothing to resume from
+
+
+def test_an_output_that_is_a_symbolic_link_stays_one_and_its_file_gets_the_records(tmp_path, tiny_checkpoint):
+    [img] = write_images(tmp_path / "src", 1)
+    (tmp_path / "data").mkdir()
+    real, link = tmp_path / "data" / "captions.jsonl", tmp_path / "latest.jsonl"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    args = (img, "--precision", "reference", "--format", "jsonl", "--output", link)
+    assert _caption(tmp_path, tiny_checkpoint, *args) == 0
+    assert link.is_symlink() and json.loads(real.read_text())["path"] == str(img)  # was: the link replaced
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not __import__("stat").S_ISCHR(os.stat("/dev/full").st_mode),
+                    reason="needs Linux's /dev/full")
+def test_an_output_device_that_is_full_is_named_exit_4_and_stays_a_device(tmp_path, tiny_checkpoint, capsys):
+    import stat
+
+    [img] = write_images(tmp_path / "src", 1)
+    assert _caption(tmp_path, tiny_checkpoint, img, "--precision", "reference", "--output", "/dev/full") == 4
+    err = capsys.readouterr().err
+    assert "cannot write --output /dev/full: [Errno 28]" in err and "Traceback" not in err, err
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # was replaced by a regular file holding the records

@@ -291,6 +291,15 @@ def test_missing_file_directory_and_wrong_type(tmp_path):
         open_image(42)  # type: ignore[arg-type]
 
 
+def test_a_fifo_or_a_device_is_refused_as_not_a_regular_file_without_reading_it(tmp_path):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)  # opening it to read would block until a writer came: the test would hang
+    with pytest.raises(ImageLoadError, match=r"photo\.jpg: not a regular file \(a FIFO\)"):
+        open_image(fifo)
+    with pytest.raises(ImageLoadError, match=r"/dev/zero: not a regular file \(a character device\)"):
+        open_image("/dev/zero")  # was "empty file (0 bytes)"
+
+
 @pytest.fixture
 def decode_spy(monkeypatch) -> list:
     """Records every pixel decode; a bomb must be refused before any."""

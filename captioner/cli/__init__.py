@@ -55,9 +55,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as exc:
         if exc.errno in WRITE_ERRORS:
-            print(f"captioner: error: cannot write: {exc}", file=sys.stderr)
+            print(f"captioner: error: {_cannot_write(exc, args)}", file=sys.stderr)
             return 4
         raise
+
+
+def _cannot_write(exc: OSError, args: argparse.Namespace) -> str:
+    """The message of a write failure. Why `--output` is named: a failed flush (a full disk, `/dev/full`)
+    carries no file name, and the file being written is then `--output`'s."""
+    output = getattr(args, "output", None) if exc.filename is None else None
+    if not output:
+        return f"cannot write: {exc}"
+    from captioner.outputs import escape_path
+
+    return f"cannot write --output {escape_path(output)}: {exc}"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -218,7 +218,7 @@ def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace,
                 if output is not None:
                     output.close(keep=False)  # the whole records so far stay in the partial file, for --resume
                 print(f"captioner: error: the Ray job failed: {exc}", file=sys.stderr)
-                where = "" if output is None else f" to {escape_path(output.partial)}" + (
+                where = "" if output is None or output.direct else f" to {escape_path(output.partial)}" + (
                     "; --resume continues" if args.format != "parquet" else "")
                 print(f"captioner: {writer.count} of {total} records written{where}", file=sys.stderr)
                 return 5

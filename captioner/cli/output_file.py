@@ -6,6 +6,9 @@ outright (SIGKILL, power loss) leaves `.F.partial`; `--resume` continues from it
 the whole records are kept, a trailing partial line is dropped, and the images already captioned are skipped.
 A CSV is resumed only when its header is the one this run writes (same --n-best, same --tags). Parquet output
 goes through the same temporary file (binary) but cannot be resumed: its footer is written only at the end.
+A target that is a device, FIFO or socket (`/dev/null`, `/dev/stdout` on a pipe, a named pipe) is written
+directly: renaming a file onto it would replace the device node itself. A symbolic link to a file stays a link:
+its target is the file replaced.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import csv
 import errno
 import io
 import os
+import re
+import stat
 from pathlib import Path
 
 from captioner.outputs import escape_path, record_key
@@ -27,20 +32,53 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+_QUOTE, _NEWLINE = ord('"'), ord("\n")
+_FIELD_END = re.compile(rb"[,\r\n]")  # the end of an unquoted field (or of what follows a closing quote)
+
+
 def _whole_csv_records(raw: bytes) -> bytes:
     """`raw` (whole lines) up to the end of its last whole CSV record.
 
     Why: a name holding a newline is written quoted, over two lines; a record cut after that newline left an
-    open quote that swallowed the records `--resume` appended after it. A record ends at a newline outside
-    quotes, i.e. after an even number of quote characters (an escaped quote is doubled).
+    open quote that swallowed the records `--resume` appended after it. A record ends at a newline outside a
+    quoted field, read as the csv module reads it (default dialect, not strict): counting quotes per line
+    instead took a stray quote in an unquoted field of a hand-edited row (a literal character to csv) for an
+    open quote, and dropped that record and every one after it, so they were captioned again, the edits lost.
+    Bytes are scanned: no byte of a multi-byte UTF-8 character is a quote, comma or line end.
     """
-    offset = end = quotes = 0
-    for line in raw.split(b"\n")[:-1]:
-        offset += len(line) + 1
-        quotes += line.count(b'"')
-        if quotes % 2 == 0:
-            end = offset
+    end = pos = 0
+    while pos < len(raw):
+        if raw[pos] == _QUOTE:  # a quote opens a quoted field only at the start of a field
+            pos = _quoted_field_end(raw, pos + 1)
+            if pos < 0:
+                break  # cut inside a quoted field: the last record is not whole
+        stop = _FIELD_END.search(raw, pos)  # after a closing quote, csv reads up to the delimiter literally
+        if stop is None:
+            break
+        pos = stop.end()
+        if raw[stop.start()] == _NEWLINE:
+            end = pos
     return raw[:end]
+
+
+def _quoted_field_end(raw: bytes, pos: int) -> int:
+    """The offset just after the quote closing the quoted field whose text starts at `pos`; -1 when `raw`
+    ends inside it. Why: in a quoted field `""` is an escaped quote, a lone `"` closes it, newlines are text.
+    """
+    while (quote := raw.find(b'"', pos)) >= 0:
+        if raw[quote + 1:quote + 2] != b'"':
+            return quote + 1
+        pos = quote + 2
+    return -1
+
+
+def _is_special(path: Path) -> bool:
+    """Whether `path` (through links) is an existing device, FIFO or socket rather than a file or a folder."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 class OutputResumeError(ValueError):
@@ -52,7 +90,10 @@ class PartialOutput:
 
     def __init__(self, target: str | os.PathLike, fmt: str, resume: bool = False):
         self.target = Path(target)
-        self.partial = self.target.with_name(f".{self.target.name}.partial")
+        self.direct = _is_special(self.target)  # written as it is: no temporary file, no rename, no resume
+        if self.target.is_symlink() and not self.direct:  # the link's file is replaced, not the link
+            self.target = Path(os.path.realpath(self.target))
+        self.partial = self.target if self.direct else self.target.with_name(f".{self.target.name}.partial")
         self.fmt, self.resume = fmt, resume
         self.has_header = False
         self.stream = None
@@ -64,6 +105,13 @@ class PartialOutput:
         """
         if self.target.is_dir():  # with its errno, so that the CLI reports it as an unwritable file (exit 4)
             raise IsADirectoryError(errno.EISDIR, f"--output {escape_path(self.target)} is a folder")
+        if self.direct:
+            if self.resume:
+                raise OutputResumeError(f"--resume needs a regular file; --output {escape_path(self.target)} "
+                                        "is a device, FIFO or socket")
+            self.stream = (open(self.target, "wb") if self.fmt == "parquet"
+                           else open(self.target, "w", encoding="utf-8", newline=""))
+            return set()
         if self.fmt == "parquet":
             if self.resume:
                 raise OutputResumeError("--resume does not work with --format parquet")
@@ -112,12 +160,13 @@ class PartialOutput:
         stream, self.stream = self.stream, None
         try:
             stream.flush()
-            os.fsync(stream.fileno())
+            if not self.direct:  # a pipe or a device cannot be synced (EINVAL); there is nothing to rename
+                os.fsync(stream.fileno())
         finally:
             try:
                 stream.close()
             except OSError:
                 if keep:
                     raise
-        if keep:
+        if keep and not self.direct:
             os.replace(self.partial, self.target)

@@ -75,8 +75,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"invalid config:\n  - config file {path} does not exist")
+        if not path.is_file():  # a FIFO or a device is there but would block or never end a read
+            what = "is not a regular file" if path.exists() else "does not exist"
+            raise ConfigError(f"invalid config:\n  - config file {path} {what}")
         try:
             raw = load_yaml(path.read_bytes())
         except YamlInputError as exc:

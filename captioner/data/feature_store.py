@@ -5,7 +5,9 @@ starts, and beside it `shard-<id>.index.json`, {"rows": {image key: row}, "encod
 atomically every `flush_every` rows and at the end. The index lists only rows already written (the array is
 flushed first), so an interrupted extraction loses at most the rows since the last flush; a rerun skips every
 listed key. Each extraction (and each torchrun rank) writes its own shard, so concurrent writers never share a
-file. A shard whose index is damaged, or stamped with another encoder's key, is named, removed and recomputed.
+file. A shard whose index is damaged, stamped with another encoder's key or of another row shape is named, removed
+and recomputed. What a killed writer leaves (an array it never indexed, an index's temporary file) is removed when
+the next extraction starts, once no process of that writer's id runs on this host.
 
 Reading gathers rows with `os.preadv` into a fresh (b, N, D) buffer: the bytes come through the page cache but
 are never mapped into the process, so a training run's resident memory does not grow with the dataset.
@@ -13,8 +15,10 @@ are never mapped into the process, so a training run's resident memory does not 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -92,14 +96,42 @@ class FeatureRows:
         return self if torch.device(device).type == "cpu" else self.tensor().to(device)
 
 
+def _host_tag() -> str:
+    """A short tag of this host in shard names: a writer's process id means something only on its own host
+    (ranks on several machines may share one cache folder)."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _writer_gone(name: str, host: str) -> bool:
+    """Whether the writer of a file named `shard-<time>-<pid>-<host>...` (or `shard-<time>-<pid>...`, before
+    host tags) has stopped: its pid runs no process here. Another host's file, or a name that is not ours, is
+    never judged gone."""
+    parts = name.split(".", 1)[0].split("-")
+    if len(parts) not in (3, 4) or parts[0] != "shard" or not parts[2].isdigit():
+        return False
+    if len(parts) == 4 and parts[3] != host:
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False  # running under another user, or not a pid this system can hold
+    return False
+
+
 class FeatureStore:
     """Rows keyed by string, in append-only shards of one folder."""
 
-    def __init__(self, folder: str | Path, flush_every: int = 512, stamp: str = ""):
+    def __init__(self, folder: str | Path, flush_every: int = 512, stamp: str = "",
+                 row_shape: tuple[int, int] | None = None):
         """`stamp` (the encoder's cache key) is written into every index; a shard stamped otherwise (copied in
-        from another encoder's folder: the row keys name only the image) is left out and removed."""
+        from another encoder's folder: the row keys name only the image) is left out and removed. `row_shape`
+        (N, D), when given, is the only shape of row kept: a shard of another (one written before stamps, by
+        another encoder) is removed like a damaged one, and a writer refuses rows of another shape."""
         self.folder = Path(folder)
         self.stamp = stamp
+        self.row_shape = tuple(row_shape) if row_shape is not None else None
         self.folder.mkdir(parents=True, exist_ok=True)
         self.flush_every = flush_every
         self._shards: dict[Path, _Shard] = {}
@@ -146,6 +178,8 @@ class FeatureStore:
             if dtype != np.float16 or len(shape) != 3 or fortran_order or 0 in shape[1:]:
                 raise ValueError(f"expected an fp16 (R, N, D) array in C order, found {dtype} {shape}"
                                  + (" in Fortran order" if fortran_order else ""))
+            if self.row_shape is not None and tuple(shape[1:]) != self.row_shape:
+                raise ValueError(f"rows of shape {tuple(shape[1:])}, this cache's are {self.row_shape}")
             row_bytes = int(np.prod(shape[1:])) * 2
             if os.path.getsize(array) < offset + shape[0] * row_bytes:
                 raise ValueError(f"truncated: {os.path.getsize(array)} bytes of {offset + shape[0] * row_bytes}")
@@ -174,8 +208,25 @@ class FeatureStore:
                            np.array([index[k][1] for k in keys], dtype=np.int64))
 
     def writer(self, capacity: int) -> ShardWriter:
-        return ShardWriter(self.folder / f"shard-{time.time_ns():x}-{os.getpid()}", capacity, self.flush_every,
-                           self.stamp)
+        """A new shard for `capacity` rows; first removes what killed writers left behind (`sweep`)."""
+        self.sweep()
+        return ShardWriter(self.folder / f"shard-{time.time_ns():x}-{os.getpid()}-{_host_tag()}", capacity,
+                           self.flush_every, self.stamp, self.row_shape)
+
+    def sweep(self) -> list[Path]:
+        """Remove, and name, the files of writers that stopped without finishing: an array never indexed (a kill
+        before the first flush; its written rows hold real disk blocks) and index temporary files. Why only
+        stopped writers: another extraction (a torchrun rank) may be writing its first rows beside this one."""
+        host, removed = _host_tag(), []
+        indexed = {f.name.removesuffix(".index.json") for f in self.folder.glob("shard-*.index.json")}
+        for path in sorted(self.folder.glob("shard-*")):
+            orphan = path.suffix == ".npy" and path.stem not in indexed
+            if (orphan or path.suffix == ".tmp") and _writer_gone(path.name, host):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+        if removed:
+            log(f"removed {len(removed)} file(s) an interrupted extraction left in {self.folder}, e.g. {removed[0]}")
+        return removed
 
     def close(self) -> None:
         for shard in self._shards.values():
@@ -186,15 +237,18 @@ class FeatureStore:
 class ShardWriter:
     """Appends rows to one preallocated shard; the index is replaced atomically every `flush_every` rows."""
 
-    def __init__(self, stem: Path, capacity: int, flush_every: int, stamp: str = ""):
-        self.array_path, self.index_path = stem.with_suffix(".npy"), stem.with_name(stem.name + ".index.json")
-        self.capacity, self.flush_every, self.stamp = capacity, flush_every, stamp
+    def __init__(self, stem: Path, capacity: int, flush_every: int, stamp: str = "",
+                 row_shape: tuple[int, ...] | None = None):
+        self.array_path, self.index_path = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".index.json")
+        self.capacity, self.flush_every, self.stamp, self.row_shape = capacity, flush_every, stamp, row_shape
         self.array: np.memmap | None = None
         self.rows: dict[str, int] = {}
         self._unflushed = 0
 
     def add(self, keys: Iterable[str], grids: np.ndarray) -> None:
         """Store (b, N, D) `grids` under `keys`."""
+        if self.row_shape is not None and tuple(grids.shape[1:]) != self.row_shape:
+            raise ValueError(f"rows of shape {tuple(grids.shape[1:])} for a store of {self.row_shape} rows")
         if self.array is None:  # the row shape is known from the first batch; the file stays sparse until written
             self.array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16,
                                                    shape=(self.capacity, *grids.shape[1:]))

@@ -46,7 +46,8 @@ class FeatureCache:
         self.folder = Path(cache_dir) / _digest(key)
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "ENCODER.txt").write_text(key + "\n")
-        self.store = FeatureStore(self.folder, flush_every, stamp=key)
+        self.row_shape = (encoder.grid_size ** 2, encoder.feature_dim)  # (N, D) of one image's grid
+        self.store = FeatureStore(self.folder, flush_every, stamp=key, row_shape=self.row_shape)
 
     @staticmethod
     def key_for(image: Path) -> str:
@@ -124,8 +125,8 @@ class FeatureCache:
             file = self.path_for(path)
             try:
                 grid = np.load(file, allow_pickle=False)
-                if grid.dtype != np.float16 or grid.ndim != 2:
-                    raise ValueError(f"expected an fp16 (N, D) array, found {grid.dtype} {grid.shape}")
+                if grid.dtype != np.float16 or grid.shape != self.row_shape:
+                    raise ValueError(f"expected an fp16 {self.row_shape} array, found {grid.dtype} {grid.shape}")
             except (OSError, ValueError) as exc:
                 log(f"feature cache file {file} is damaged ({exc}); recomputing it")
                 file.unlink(missing_ok=True)

@@ -112,8 +112,8 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     if path.is_dir():  # not "not found": the folder is there (a run folder instead of its best.safetensors?)
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():  # a FIFO or a device is there but would block or never end a read
+        raise CheckpointError(f"{path}: " + ("not a regular file" if path.exists() else "checkpoint file not found"))
     try:
         _refuse_pickle(path)
     except OSError as exc:  # e.g. no read permission: a reading problem, not the disk-full kind of OSError
