@@ -229,7 +229,8 @@ def upload_ui() -> list[Upload]:
 
 def downloads_ui(captions: list[Caption], settings: Settings) -> None:
     left, right = st.columns(2)
-    left.download_button("Download CSV", results_csv(captions, settings.n_best), "captions.csv", "text/csv", on_click="ignore")
+    left.download_button("Download CSV", results_csv(captions, settings.n_best), "captions.csv", "text/csv",
+                         on_click="ignore")
     right.download_button("Download JSON", results_json(captions, settings), "captions.json",
                           "application/json", on_click="ignore")
 

@@ -327,7 +327,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
 
     same = {p: sum(a == b for a, b in zip(texts[p], texts["naive"])) / len(paths) for p in texts}
     ratio = statistics.median(e2e[auto]) / statistics.median(e2e["naive"])
-    enc_naive_gf, enc_fast_gf = gflop * statistics.median(parts["enc_naive"]), gflop * statistics.median(parts["enc_fast"])
+    enc_naive_gf, enc_fast_gf = (gflop * statistics.median(parts["enc_naive"]),
+                                 gflop * statistics.median(parts["enc_fast"]))
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; load average (1/5/15 min) at start "
           f"{' '.join(f'{v:.2f}' for v in load_start)}, at end {' '.join(f'{v:.2f}' for v in load_end)}; "
@@ -353,7 +354,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
           f"{mem['naive']['peak_mb'][1]:.0f} | {mem['auto']['peak_mb'][0]:.0f} / {mem['auto']['peak_mb'][1]:.0f} | |")
     dtype = torch.bfloat16 if encoder_precision(auto) == "bf16" else torch.float32  # auto's encoder arithmetic
     kind = "bf16" if dtype == torch.bfloat16 else "fp32"
-    print(f"| encoder GFLOP/s ({gflop:.2f} GFLOP per image) | {enc_naive_gf:.0f} = {enc_naive_gf / peak[torch.float32]:.0%}"
+    print(f"| encoder GFLOP/s ({gflop:.2f} GFLOP per image) | "
+          f"{enc_naive_gf:.0f} = {enc_naive_gf / peak[torch.float32]:.0%}"
           f" of fp32 matmul | {enc_fast_gf:.0f} = {enc_fast_gf / peak[dtype]:.0%} of {kind} matmul | |")
     print(f"| captions identical to naive | 100% | {same[auto]:.0%} | |")
     print()
@@ -391,8 +393,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     print()
     print("| pipeline | images/s | ratio to naive | captions identical to naive |")
     print("|---|---:|---:|---:|")
-    rows = ["naive", "reference", "fp32-torchscript", "fp32", "bf16-decoder", "bf16-encoder", "bf16-torchscript", "bf16",
-            "int8-onnxruntime", "int8"]
+    rows = ["naive", "reference", "fp32-torchscript", "fp32", "bf16-decoder", "bf16-encoder", "bf16-torchscript",
+            "bf16", "int8-onnxruntime", "int8"]
     for key in rows:
         if key in e2e:
             label = "naive: one image at a time, reference fp32 modules" if key == "naive" else describe(caps[key])

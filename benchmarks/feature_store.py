@@ -161,7 +161,8 @@ def main() -> None:
                   + "".join(f"{m:>15}" for m in batch_ms))
         old = [r for r in rows if r[0] == "old"]
         if old:
-            print(f"old layout scaled to {args.images} images: RSS growth ~{int(old[0][6]) * args.images / old[0][1]:.0f}"
+            print(f"old layout scaled to {args.images} images: RSS growth "
+                  f"~{int(old[0][6]) * args.images / old[0][1]:.0f}"
                   f" MB (it holds every row in memory)")
     finally:
         if not args.dir:

@@ -57,16 +57,15 @@ class Captioner:
                 no OpenVINO, "fp32" elsewhere), after captioning the instance's first 16 images
                 (`captioner.runtime.fast.SMALL_JOB`) on the reference modules: a job of a few photos finishes
                 sooner than the fast paths take to build, and a batch of more builds them. "reference" runs
-                the training-time fp32 modules unchanged;
-                "fp32" the CPU fast paths in fp32: same captions, features within 1e-3; "bf16-decoder" an fp32
-                encoder and bf16 decoder products; "bf16-encoder" a bf16 encoder (OpenVINO where bf16 is native)
-                and fp32 decoder step products (the per-image projection in bf16); "bf16" runs the encoder and the decoder's matrix products in bf16,
-                faster on CPUs with bf16 instructions but it changes some captions; "int8" runs the encoder
-                quantised to 8 bits from `int8_calibration`, and the decoder's products in bf16 where the CPU
-                has bf16 instructions (fp32 elsewhere): the fastest, and it changes more captions (tolerances:
+                the training-time fp32 modules unchanged; "fp32" the CPU fast paths in fp32: same captions,
+                features within 1e-3; "bf16-decoder" an fp32 encoder and bf16 decoder products; "bf16-encoder" a
+                bf16 encoder (OpenVINO where bf16 is native) and fp32 decoder step products (the per-image
+                projection in bf16); "bf16" runs the encoder and the decoder's matrix products in bf16, faster
+                on CPUs with bf16 instructions but it changes some captions; "int8" runs the encoder quantised
+                to 8 bits from `int8_calibration`, and the decoder's products in bf16 where the CPU has bf16
+                instructions (fp32 elsewhere): the fastest, and it changes more captions (tolerances:
                 tests/test_speed_paths.py; on CPUs without VNNI its weights get 7 bits, so its captions can
-                differ between CPUs). Off the CPU the reference modules are
-                always used.
+                differ between CPUs). Off the CPU the reference modules are always used.
             int8_calibration: the calibration file for "int8" (`captioner.runtime.int8.calibration_path`).
         """
         if encoder.feature_dim != model.encoder_dim:

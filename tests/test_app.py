@@ -194,7 +194,8 @@ def test_bad_files_are_named_and_the_others_still_captioned(app, captioner, phot
                  ("huge.bmp", too_big)])
     errors = [e.value for e in app.error]
     expected = [("notes.png", "not a recognised image format"), ("cut.jpg", "truncated"), ("empty.gif", "empty"),
-                ("huge.bmp", f"file too large ({app_module.MAX_UPLOAD_MB}.0 MB; the limit is {app_module.MAX_UPLOAD_MB} MB)")]
+                ("huge.bmp", f"file too large ({app_module.MAX_UPLOAD_MB}.0 MB; "
+                             f"the limit is {app_module.MAX_UPLOAD_MB} MB)")]
     assert len(errors) == len(expected)
     for error, (name, reason) in zip(errors, expected):
         assert error.startswith(f"Could not caption {name}: ") and reason in error, error

@@ -268,7 +268,8 @@ class EndedRowsDecoder(MemoryDecoder):
         out = super().step(tokens, memory, state, return_gates)
         if ended is not None:
             self.handed.append((tokens.clone(), ended.clone()))
-            out.logits[ended] = 50.0 * torch.randn(int(ended.sum()), self.vocab_size, generator=self.poison)  # loud, finite
+            out.logits[ended] = 50.0 * torch.randn(int(ended.sum()), self.vocab_size,
+                                                   generator=self.poison)  # loud, finite
             out.state["t"][ended] = -100.0
         return out
 

@@ -86,7 +86,8 @@ def test_unreadable_images_are_reported_and_the_rest_stored(encoder, tmp_path):
 
 def test_mirrored_features_are_the_encoders_on_the_flipped_image_and_live_apart(encoder, tmp_path):
     paths = write_images(tmp_path / "images", 2)
-    plain, mirrored = FeatureCache(tmp_path / "cache", encoder), FeatureCache(tmp_path / "cache", encoder, mirrored=True)
+    plain, mirrored = (FeatureCache(tmp_path / "cache", encoder),
+                       FeatureCache(tmp_path / "cache", encoder, mirrored=True))
     assert mirrored.folder != plain.folder
     plain.extract(paths, progress=False)
     assert not mirrored.is_cached(paths[0])  # the plain entries never stand in for the mirrored ones

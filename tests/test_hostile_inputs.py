@@ -389,7 +389,8 @@ def test_checkpoint_cannot_name_a_file_to_open(tmp_path, tiny_checkpoint, monkey
 
     seen = []
     real = api.build_encoder
-    monkeypatch.setattr(api, "build_encoder", lambda name, weights, **kw: seen.append(weights) or real(name, None, **kw))
+    monkeypatch.setattr(api, "build_encoder",
+                        lambda name, weights, **kw: seen.append(weights) or real(name, None, **kw))
     bad = tmp_path / "named.safetensors"
     _rewrite_meta(tiny_checkpoint, bad, lambda m: {**m, "model": {**m["model"], "encoder_weights": "/etc/passwd"}})
     api.Captioner.load(bad, precision="reference")

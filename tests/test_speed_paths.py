@@ -1,4 +1,5 @@
-"""The CPU fast paths (`captioner.runtime.fast`) against the reference modules, with the real EfficientNet-Lite0 weights.
+"""The CPU fast paths (`captioner.runtime.fast`) against the reference modules, with the real EfficientNet-Lite0
+weights.
 
 Stated tolerances, checked here on a fixed set of 16 generated scenes (4 colours x 4 shapes):
 - fp32 fast path, the default (ONNX Runtime or TorchScript encoder, fused decoder step, finished images leaving
@@ -621,7 +622,8 @@ def test_bf16_decoder_steps_within_tolerance(features, deep_output):
     tokens = torch.arange(4, 20).repeat_interleave(3)[:48]  # 16 images x 3 beams
     state = {k: v.repeat_interleave(3, 0) for k, v in state_a.items()}
     out_a, out_b = fp32.step(tokens, mem_a, state), bf16.step(tokens, mem_a, state)
-    for a, b in ((out_a.logits, out_b.logits), (out_a.state["h"], out_b.state["h"]), (out_a.attention, out_b.attention)):
+    for a, b in ((out_a.logits, out_b.logits), (out_a.state["h"], out_b.state["h"]),
+                 (out_a.attention, out_b.attention)):
         assert b.dtype == torch.float32 and ((b - a).norm() / a.norm()).item() <= 0.02
     assert not torch.equal(out_a.logits, out_b.logits)  # the step's own products did run in bf16
     with pytest.raises(ValueError, match="unknown products"):

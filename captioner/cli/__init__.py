@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Exit codes: 0 done; 1 some images failed or a given path was missing; 2 usage, config, checkpoint or data
     errors (one line on stderr); 3 training stopped on a non-finite loss; 4 a file could not be written (disk
     full, permissions); 5 a `caption --ray` job failed after it started (an actor or node lost; the records
-    written so far are kept for --resume); 130 interrupted. A closed stdout (`captioner caption DIR | head -1`) ends quietly.
+    written so far are kept for --resume); 130 interrupted. A closed stdout (`captioner caption DIR | head -1`)
+    ends quietly.
     """
     args = build_parser().parse_args(argv)  # first: --help and usage errors load nothing heavy
     try:

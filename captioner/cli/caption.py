@@ -35,15 +35,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="image-decoding threads working ahead of the network (0: decode in the main thread)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 on CPUs with AMX and OpenVINO installed (OpenVINO bf16 encoder), "
-                        "bf16-encoder on CPUs with AVX512-BF16 but no AMX (OpenVINO installed), bf16-decoder on CPUs with native "
-                        "bf16 but no OpenVINO, fp32 elsewhere; "
+                        "bf16-encoder on CPUs with AVX512-BF16 but no AMX (OpenVINO installed), bf16-decoder on CPUs "
+                        "with native bf16 but no OpenVINO, fp32 elsewhere; "
                         "fp32: fast CPU path, same captions as reference (the training-time modules); "
                         "bf16-decoder: fp32 encoder, bf16 decoder products; "
                         "bf16-encoder: bf16 encoder, fp32 decoder step products (projection in bf16); "
                         "bf16: bf16 encoder and decoder products, faster on CPUs with bf16 instructions, "
                         "changes some captions (dev CIDEr-D within 0.01 of fp32 with AMX); int8: int8 encoder "
-                        "(and bf16 decoder products where the CPU has bf16 instructions), changes more captions, needs the checkpoint's "
-                        ".int8.json calibration (the shipped model has one)")
+                        "(and bf16 decoder products where the CPU has bf16 instructions), changes more captions, "
+                        "needs the checkpoint's .int8.json calibration (the shipped model has one)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the network (default: one per core); 1 is faster when other processes "
                         "keep the cores busy")
@@ -75,8 +75,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the numeric options, as one line naming the argument; None when all are valid."""
     from captioner.config import MAX_BEAM_SIZE, MAX_DECODE_LENGTH
 
-    checks = [("--batch-size", args.batch_size, 1), ("--n-best", args.n_best, 1), ("--num-workers", args.num_workers, 0),
-              ("--beam-size", args.beam_size, 1), ("--max-length", args.max_length, 1), ("--threads", args.threads, 1)]
+    checks = [("--batch-size", args.batch_size, 1), ("--n-best", args.n_best, 1),
+              ("--num-workers", args.num_workers, 0), ("--beam-size", args.beam_size, 1),
+              ("--max-length", args.max_length, 1), ("--threads", args.threads, 1)]
     for name, value, low in checks:
         if value is not None and value < low:
             return f"{name} must be >= {low}, got {value}"

@@ -60,7 +60,8 @@ class DatasetConfig:
         if not 0.0 < self.val_fraction < 1.0:
             problems.append(f"{where}.val_fraction must be in (0, 1)")
         if (self.train_list or self.val_list) and self.format in ("flickr8k", "karpathy"):
-            problems.append(f"{where}.train_list/val_list are for coco, csv and jsonl; {self.format} has its own splits")
+            problems.append(f"{where}.train_list/val_list are for coco, csv and jsonl; "
+                            f"{self.format} has its own splits")
         if self.val_list and self.val_annotations:
             problems.append(f"{where}: give val_list or val_annotations, not both")
         if self.name and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name):

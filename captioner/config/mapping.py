@@ -47,7 +47,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"invalid config:\n  - {where}: expected an integer, got {short_repr(value)}")
     if not isinstance(value, annotation):
         raise ConfigError(
-            f"invalid config:\n  - {where}: expected {annotation.__name__}, got {type(value).__name__} {short_repr(value)}"
+            f"invalid config:\n  - {where}: expected {annotation.__name__}, "
+            f"got {type(value).__name__} {short_repr(value)}"
         )
     return value
 

@@ -24,7 +24,8 @@ class CaptionSet:
     images: list[Path]
     features: torch.Tensor | FeatureRows  # (I, N, D) fp16
     references: list[list[str]]  # raw reference captions per image
-    mirrored: torch.Tensor | FeatureRows | None = None  # (I, N, D) fp16 features of the images flipped left-right, if extracted
+    # (I, N, D) fp16 features of the images flipped left-right, if extracted
+    mirrored: torch.Tensor | FeatureRows | None = None
     weights: list[float] | None = None
     """Per-image sampling weight (its dataset's `weight`): shown that often per epoch on average; None = all 1."""
 

@@ -119,7 +119,8 @@ class FeatureCache:
         old = [p for p in todo if self.path_for(p).is_file()]
         if not old:
             return todo
-        log(f"reading {len(old)} per-image feature files of the old cache layout in {self.folder} into the store (the old files can be deleted)")
+        log(f"reading {len(old)} per-image feature files of the old cache layout in {self.folder} into the store "
+            "(the old files can be deleted)")
         imported = set()
         for path in old:
             file = self.path_for(path)

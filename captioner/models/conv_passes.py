@@ -1,7 +1,8 @@
 """Rewrites of a frozen convolutional trunk for inference, each keeping the function it computes.
 
 - `fold_batchnorm`: every eval-mode batch norm that follows a convolution is folded into that convolution.
-- `static_same_padding`: TensorFlow-style "same" convolutions (ours or timm's) get the constant padding of one input size.
+- `static_same_padding`: TensorFlow-style "same" convolutions (ours or timm's) get the constant padding of one
+  input size.
 
 Both work in place on a copy that the caller owns (`captioner.runtime.fast.FastEncoder` deep-copies the trunk first);
 `tests/test_speed_paths.py` checks that each keeps the trunk's output.

@@ -3,13 +3,14 @@ prepared once (`Product`), and a bf16 projection with its activation inside the 
 
 Why bf16 is offered for the decoder (`captioner.runtime.fused_decoder`): its matrix products are small (one
 row per beam) and bound by arithmetic, not memory, and on CPUs with native bf16 (AVX512-BF16 or AMX) PyTorch
-multiplies bf16 four times faster than fp32 (measured here: 830 against 195 GFLOP/s for a (96 x 512) by (512 x 2816) product). The products read bf16 copies of
-the weights and round their inputs to bf16, accumulate in fp32, and round their outputs to bf16 (PyTorch's CPU
-product has no fp32 output for bf16 inputs); everything between the products (biases, attention softmax, the LSTM
-nonlinearities, the state, the final log-softmax) stays fp32, as do the two small products of the attention
-itself (the energies' score over the attention units, and the weighted sum of the grid features). The one
-exception is a projection layer whose output only feeds another product (the tuned encoder head): its bias
-(rounded to bf16) and activation run inside its product, which writes bf16 (`ActivatedProduct`).
+multiplies bf16 four times faster than fp32 (measured here: 830 against 195 GFLOP/s for a (96 x 512) by
+(512 x 2816) product). The products read bf16 copies of the weights and round their inputs to bf16, accumulate in
+fp32, and round their outputs to bf16 (PyTorch's CPU product has no fp32 output for bf16 inputs); everything
+between the products (biases, attention softmax, the LSTM nonlinearities, the state, the final log-softmax) stays
+fp32, as do the two small products of the attention itself (the energies' score over the attention units, and the
+weighted sum of the grid features). The one exception is a projection layer whose output only feeds another
+product (the tuned encoder head): its bias (rounded to bf16) and activation run inside its product, which writes
+bf16 (`ActivatedProduct`).
 """
 
 from __future__ import annotations

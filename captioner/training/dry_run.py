@@ -1,8 +1,8 @@
 """`captioner train --dry-run`: check a recipe and its data as training would read them, without the work.
 
-Reads every dataset's two splits with the same readers, limits and missing-image rule as `fit`, builds the vocabulary from
-the training captions as `fit` does, and reports counts per split. No features are extracted and nothing is
-written.
+Reads every dataset's two splits with the same readers, limits and missing-image rule as `fit`, builds the
+vocabulary from the training captions as `fit` does, and reports counts per split. No features are extracted and
+nothing is written.
 """
 
 from __future__ import annotations

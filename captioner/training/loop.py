@@ -272,8 +272,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
 
 
 def _validate_and_checkpoint(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
-                             generator: torch.Generator, data: Prepared, cfg: Config, dist: Dist, phase: str, loss: float,
-                             seconds: float, ema: WeightAverage | None = None) -> None:
+                             generator: torch.Generator, data: Prepared, cfg: Config, dist: Dist, phase: str,
+                             loss: float, seconds: float, ema: WeightAverage | None = None) -> None:
     """Rank 0 decodes every validation split with beam search, scores them and checkpoints; all ranks agree after.
 
     With weight averaging on, the averaged weights are the ones validated and kept as the best model."""
