@@ -14,7 +14,6 @@ the paths agree.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -24,7 +23,8 @@ from typing import Literal
 
 import torch
 
-from captioner.config import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, DecodeConfig
+from captioner.api_arguments import check_decode, count_argument
+from captioner.config import DecodeConfig
 from captioner.decoding import Hypothesis, beam_search
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
@@ -205,6 +205,7 @@ class Captioner:
         items = list(images) if isinstance(images, (list, tuple)) else [images]
         if names is not None and len(names) != len(items):
             raise ValueError(f"got {len(names)} names for {len(items)} images")
+        num_workers = count_argument("num_workers", num_workers, 0)  # checked before one image overrides it
         if len(items) == 1:
             num_workers = 0  # nothing to overlap with: a thread hand-off would only add latency
         return list(self.caption_iter(items, beam_size=beam_size, n_best=n_best, batch_size=batch_size,
@@ -227,37 +228,46 @@ class Captioner:
         any number of images. `num_workers` threads decode the next batch while the network runs the current
         one; 0 decodes in the calling thread.
 
+        If `images` (or `names`) raises, every image received before the error is captioned and yielded first,
+        then the error is raised again.
+
         Raises:
-            ValueError: an argument is out of range (named in the message), at the call, before any work.
+            ValueError: an argument is out of range (named in the message), at the call, before any work. Counts
+                are any integers (`numbers.Integral`, numpy's too) but bools; `length_penalty` is in [0, 2], the
+                range of `DecodeConfig.length_penalty`.
             TagError: (a ValueError) as in `caption`, also at the call.
         """
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        batch_size = count_argument("batch_size", batch_size, 1)
+        num_workers = count_argument("num_workers", num_workers, 0)
         d = self.model.decode_cfg
-        beam_size = d.beam_size if beam_size is None else beam_size
-        max_length = d.max_length if max_length is None else max_length
-        _check_decode(beam_size, n_best, max_length, min_length, length_penalty, no_repeat_ngram)
+        search = check_decode(d.beam_size if beam_size is None else beam_size, n_best,
+                              d.max_length if max_length is None else max_length,
+                              d.min_length if min_length is None else min_length,
+                              d.length_penalty if length_penalty is None else length_penalty,
+                              d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
         if return_tags:
-            if isinstance(top_tags, bool) or not isinstance(top_tags, int) or top_tags < 1:
-                raise ValueError(f"top_tags must be an integer >= 1, got {top_tags!r}")
+            top_tags = count_argument("top_tags", top_tags, 1)
             self.tag_head()  # no classifier or no label files: fail here, before any image is read
-        search = dict(beam_size=beam_size, n_best=n_best, max_length=max_length,
-                      min_length=d.min_length if min_length is None else min_length,
-                      length_penalty=d.length_penalty if length_penalty is None else length_penalty,
-                      no_repeat_ngram=d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram,
-                      return_attention=return_attention, return_gates=return_gates)
+        search.update(return_attention=return_attention, return_gates=return_gates)
         tags = top_tags if return_tags else 0
         return self._stream(images, names, batch_size, num_workers, on_error, search, tags)
 
     def _stream(self, images: Iterable[ImageInput], names: Iterable[str] | None, batch_size: int,
                 num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
-        """`tags`: how many ImageNet tags per image, 0 for none."""
+        """`tags`: how many ImageNet tags per image, 0 for none. An error of the input is raised once what came
+        before it is captioned (`_until_error`)."""
         labels = names if names is not None else itertools.repeat(None)
-        indexed = ((i, item, name) for i, (item, name) in enumerate(zip(images, labels)))
+        failure: list[Exception] = []
+        indexed = _until_error(((i, item, name) for i, (item, name) in enumerate(zip(images, labels))), failure)
+        yield from self._stream_indexed(indexed, batch_size, num_workers, on_error, search, tags)
+        if failure:
+            raise failure[0]
+
+    def _stream_indexed(self, indexed: Iterable[tuple[int, ImageInput, str | None]], batch_size: int,
+                        num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
+        """Caption (index, image, name) triples in order, decoding in `num_workers` threads (0: here)."""
         if num_workers == 0:
             for batch in _batches(indexed, batch_size):
                 yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search,
@@ -327,23 +337,13 @@ class Captioner:
                        alternatives=alternatives, attention=attention, gates=gates, tags=tags)
 
 
-def _check_decode(beam_size: int, n_best: int, max_length: int, min_length: int | None,
-                  length_penalty: float | None, no_repeat_ngram: int | None) -> None:
-    """Raise ValueError naming the first decode argument out of range (None means the checkpoint's default).
-
-    beam_size and max_length have the config's upper bounds too (`MAX_BEAM_SIZE`, `MAX_DECODE_LENGTH`): above
-    them the search's buffers fail to allocate, with an allocator traceback from deep inside it."""
-    for name, value, low in (("beam_size", beam_size, 1), ("n_best", n_best, 1), ("max_length", max_length, 1),
-                             ("min_length", min_length, 0), ("no_repeat_ngram", no_repeat_ngram, 0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    for name, value, high in (("beam_size", beam_size, MAX_BEAM_SIZE), ("max_length", max_length, MAX_DECODE_LENGTH)):
-        if value > high:
-            raise ValueError(f"{name} must be <= {high}, got {value}")
-    if n_best > beam_size:
-        raise ValueError(f"n_best ({n_best}) must not exceed beam_size ({beam_size})")
-    if length_penalty is not None and not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+def _until_error(items: Iterable, failure: list[Exception]) -> Iterator:
+    """`items` until one raises; the error goes into `failure`, for the caller to raise once everything received
+    before it is done. Why: the batch being filled, and with workers the batch decoded ahead, were dropped."""
+    try:
+        yield from items
+    except Exception as exc:  # noqa: BLE001 - raised again by the caller, after the images before it
+        failure.append(exc)
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from captioner.config.checks import MAX_LENGTH_PENALTY
 from captioner.models.decoder import StepOutput, Tensors
 
 
@@ -91,6 +92,8 @@ def beam_search(decoder: StepDecoder, features: torch.Tensor, *, start_id: int, 
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if no_repeat_ngram < 0:
         raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
+    if not 0 <= length_penalty <= MAX_LENGTH_PENALTY:  # also refuses NaN
+        raise ValueError(f"length_penalty must be in [0, {MAX_LENGTH_PENALTY:g}], got {length_penalty}")
     B, K = features.size(0), beam_size
     device = features.device
     memory, state = decoder.init(features)  # per-image work is shared by the beams, not recomputed

@@ -43,6 +43,9 @@ _T = Image.Transpose
 _TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
               6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # older Pillow opens 16-bit gray PNGs as "I"
+_POINT_MODES = ("I;16", "I")
+"""The 16-bit modes PIL's `point` takes; the byte-order variants (a big-endian TIFF opens as "I;16B") are
+converted to "I" first, which keeps their values: `point` refused them ("not supported for this mode")."""
 _BOMB = "image too large, refused as a possible decompression bomb"
 
 
@@ -219,8 +222,14 @@ def _orientation(image: Image.Image) -> int:
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Flatten any mode (palette, alpha, 16-bit, CMYK, grayscale) to 8-bit RGB; transparency over white."""
     if image.mode in _SIXTEEN_BIT:
+        image = image if image.mode in _POINT_MODES else image.convert("I")
         image = image.point(lambda v: v * (1 / 256)).convert("L")  # 0..65535 -> 0..255, not clipped at 255
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:  # alpha, or tRNS
+    if image.mode == "La":
+        # Premultiplied luminance (gray * alpha / 255): PIL converts it to nothing but "LA", and that
+        # conversion un-premultiplies it, so it is flattened over white below as "LA" is. ("La" to "RGBA"
+        # failed: "conversion from La to L not supported".) A pixel of alpha 0 holds no gray, and is white.
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:  # alpha, or tRNS
         rgba = image.convert("RGBA")
         flat = Image.new("RGB", rgba.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba)

@@ -15,8 +15,10 @@ with `--seed` from the list (every image of `--images` without one), preprocesse
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ import torch
 
 from captioner import Captioner
 from captioner.api import default_model_path
+from captioner.images import ImageLoadError
 from captioner.runtime.fast import export_onnx
 from captioner.runtime.int8 import calibrate, calibration_path
 
@@ -38,26 +41,51 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    if args.count < 1 or args.batch_size < 1:
+        parser.error("--count and --batch-size must be >= 1")
     checkpoint = args.checkpoint or default_model_path()
     lists = args.list or [None] * len(args.images)
     if len(lists) != len(args.images):
         parser.error("give one --list per --images, or none")
-    names = []
-    for folder, listed in zip(args.images, lists):
-        names += [folder / n for n in ([line.strip() for line in listed.read_text().splitlines() if line.strip()]
-                                       if listed else sorted(p.name for p in folder.iterdir() if p.is_file()))]
+    try:
+        names = _names(args.images, lists)
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.error(f"cannot read the images or their list: {exc}")
     chosen = random.Random(args.seed).sample(names, min(args.count, len(names)))
     cap = Captioner.load(checkpoint, precision="reference")
-
-    def batches():
-        for i in range(0, len(chosen), args.batch_size):
-            pixels = torch.stack([cap.preprocess(n) for n in chosen[i:i + args.batch_size]])
-            yield pixels.numpy().astype(np.float32)
-
+    batches = _batches(cap, chosen, args.batch_size)
+    first = next(batches, None)
+    if first is None:
+        parser.error(f"none of the {len(chosen)} chosen images could be read")
     out = calibration_path(checkpoint)
-    seen = calibrate(export_onnx(cap.encoder), batches(), cap.encoder.cache_key(), out)
+    seen = calibrate(export_onnx(cap.encoder), itertools.chain([first], batches), cap.encoder.cache_key(), out)
     print(f"{out}: ranges from {seen} images of {', '.join(map(str, args.list or args.images))}")
     return 0
+
+
+def _names(folders: list[Path], lists: list[Path | None]) -> list[Path]:
+    """Every image path the lists name (or every file of a folder given without a list)."""
+    names = []
+    for folder, listed in zip(folders, lists):
+        names += [folder / n for n in ([line.strip() for line in listed.read_text().splitlines() if line.strip()]
+                                       if listed else sorted(p.name for p in folder.iterdir() if p.is_file()))]
+    return names
+
+
+def _batches(cap: Captioner, chosen: list[Path], size: int) -> Iterator[np.ndarray]:
+    """The chosen images preprocessed as captioning does, `size` at a time; an image that cannot be read is named
+    on stderr and left out (a listed file that is missing or not an image ended the run in a traceback)."""
+    batch: list[torch.Tensor] = []
+    for name in chosen:
+        try:
+            batch.append(cap.preprocess(name))
+        except ImageLoadError as exc:
+            print(f"calibrate_int8: skipped {exc}", file=sys.stderr)
+        if len(batch) == size:
+            yield torch.stack(batch).numpy().astype(np.float32)
+            batch = []
+    if batch:
+        yield torch.stack(batch).numpy().astype(np.float32)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,12 @@ def test_a_fifo_given_as_config_is_named_not_a_regular_file(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ConfigError, match="recipe.yaml is not a regular file"):  # was "does not exist"
         load_config(fifo)
+
+
+def test_an_override_value_is_taken_as_written_where_yaml_would_cut_it(tmp_path):
+    """`--set train.out_dir=/runs/exp #2` became `/runs/exp` (a YAML comment), and a newline became a space."""
+    cfg = load_config(None, ["train.out_dir=/runs/exp #2", "data.cache_dir=/cache/new\nline",
+                             "train.epochs=3", 'decode.length_penalty=0.5'])
+    assert cfg.train.out_dir == "/runs/exp #2" and cfg.data.cache_dir == "/cache/new\nline"
+    assert cfg.train.epochs == 3 and cfg.decode.length_penalty == 0.5
+    assert load_config(None, ['train.out_dir="/runs/a #b"']).train.out_dir == "/runs/a #b"  # quoted: YAML's reading

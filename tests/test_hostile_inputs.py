@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -609,6 +610,11 @@ def test_int8_calibration_that_is_deep_or_holds_unusable_ranges_is_a_calibration
         path.write_text(text.replace('"float32"', '"float16"') if "100000" in text else text)
         with pytest.raises(CalibrationError, match=reason):
             read_calibration(path, "enc")
+    int8_bound = ranges(0.0, 6.0)
+    int8_bound["ranges"]["data"]["t"]["lowest"] = {"CLS": "numpy.array", "data": [-300], "dtype": "int8"}
+    path.write_text(json.dumps(int8_bound))  # was an OverflowError traceback from ONNX Runtime's quantiser
+    with pytest.raises(CalibrationError, match="does not fit its dtype"):
+        read_calibration(path, "enc")
     path.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(CalibrationError, match="nested too deeply"):
         read_calibration(path, "enc")
@@ -989,3 +995,46 @@ def test_an_output_device_that_is_full_is_named_exit_4_and_stays_a_device(tmp_pa
     err = capsys.readouterr().err
     assert "cannot write --output /dev/full: [Errno 28]" in err and "Traceback" not in err, err
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # was replaced by a regular file holding the records
+
+
+def test_an_output_path_that_cannot_name_a_file_is_exit_4_not_a_traceback(tmp_path, tiny_checkpoint, capsys):
+    [img] = write_images(tmp_path / "src", 1)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "loopA").symlink_to(tmp_path / "loopB")
+    (tmp_path / "loopB").symlink_to(tmp_path / "loopA")
+    for output, reason in ((tmp_path / "afile" / "x.txt", "Not a directory"),
+                           (tmp_path / "loopA" / "x.txt", "Too many levels of symbolic links")):
+        assert _caption(tmp_path, tiny_checkpoint, img, "--precision", "reference", "--output", output) == 4
+        err = capsys.readouterr().err
+        assert "cannot write" in err and reason in err and "Traceback" not in err, err
+
+
+def test_an_output_name_near_the_length_limit_is_written_and_resumed(tmp_path, tiny_checkpoint):
+    """A 250-byte name is valid, but `.NAME.partial` is not (255 bytes at most): it was an OSError traceback."""
+    images = write_images(tmp_path / "src", 2)
+    out = tmp_path / ("a" * 246 + ".txt")
+    args = ("--precision", "reference", "--output", out)
+    assert _caption(tmp_path, tiny_checkpoint, images[0], *args) == 0
+    first = out.read_text()
+    assert first.startswith(f"{images[0]}\t")
+    assert _caption(tmp_path, tiny_checkpoint, *images, *args, "--resume") == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == first.rstrip("\n") and lines[1].startswith(f"{images[1]}\t") and len(lines) == 2
+
+
+def test_calibrate_int8_skips_unreadable_images_and_refuses_a_zero_count(tmp_path, tiny_checkpoint):
+    """A listed image that is missing or not an image, and `--count 0`, ended the script in tracebacks."""
+    pytest.importorskip("onnxruntime")
+    folder = tmp_path / "images"
+    write_images(folder, 2)
+    (folder / "notes.jpg").write_text("not an image")
+    listed = tmp_path / "train.txt"
+    listed.write_text("img_000.jpg\nimg_001.jpg\nnotes.jpg\ngone.jpg\n")
+    script = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "calibrate_int8.py"),
+              "--images", str(folder), "--list", str(listed), "--checkpoint", str(tiny_checkpoint)]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "skipped" in done.stderr and "notes.jpg" in done.stderr and "gone.jpg" in done.stderr, done.stderr
+    assert "ranges from 2 images" in done.stdout and "Traceback" not in done.stderr
+    refused = subprocess.run([*script, "--count", "0"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--count and --batch-size must be >= 1" in refused.stderr

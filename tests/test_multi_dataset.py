@@ -183,6 +183,9 @@ def test_dotted_overrides_reach_into_the_list_of_datasets(two_datasets, tmp_path
     assert [d.weight for d in cfg.data.datasets] == [1.0, 3.0] and cfg.data.datasets[0].max_images == 5
     with pytest.raises(ConfigError, match="2 is not an entry of that list"):
         load_config(path, ["data.datasets.2.weight=1"])
+    for key in ("9" * 5000, "\u00b2"):  # over int()'s digit limit, a Unicode digit: were ValueError tracebacks
+        with pytest.raises(ConfigError, match="is not an entry of that list"):
+            load_config(path, [f"data.datasets.{key}.weight=1"])
 
 
 def test_one_split_list_leaves_the_other_split_the_rest(two_datasets):

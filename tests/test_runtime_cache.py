@@ -118,3 +118,18 @@ def test_cache_entry_that_is_a_fifo_or_a_folder_is_built_again_without_blocking(
         with pytest.warns(RuntimeWarning, match="not a regular file"):
             assert cache.read(path) is None
     assert cache.read(cache.path_for("encoder-fp32", "0" * 40)) is None  # absent: no warning
+
+
+def test_pruning_never_removes_onnx_files_the_cache_did_not_write(folder):
+    """CAPTIONER_CACHE_DIR may be a folder of the user's own models: pruning by `*.onnx` deleted the oldest."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    own = [folder / f"model{i}.onnx" for i in range(cache.KEEP + 2)]
+    for i, path in enumerate(own):
+        path.write_bytes(b"an onnx model of the user's")
+        os.utime(path, (1e9 + i, 1e9 + i))  # older than anything the cache writes
+    for i in range(cache.KEEP + 3):
+        assert cache.write(cache.path_for("encoder-fp32", f"{i:040d}"), b"x")
+    assert all(path.exists() for path in own)
+    assert len([p for p in folder.glob("encoder-*.onnx")]) == cache.KEEP

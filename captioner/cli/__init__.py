@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from captioner.cli import app, caption, evaluate, models, train
 from captioner.runtime import openmp
 
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG)
-"""The errnos that mean "a file could not be written" (exit code 4)."""
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG, errno.ENOTDIR,
+                errno.ENAMETOOLONG, errno.ELOOP)
+"""The errnos that mean "a file could not be written" (exit code 4); the last three are paths that cannot name a
+file (under a file, too long, a loop of links), which reached the user as tracebacks."""
 
 
 def build_parser() -> argparse.ArgumentParser:

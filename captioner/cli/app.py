@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 
 import captioner
+from captioner.models.shipped import UnknownModelError
+from captioner.models.shipped import resolve as resolve_model
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"  # read by app.py
 
 EPILOG = """\
 examples:
   captioner app
+  captioner app --checkpoint flickr8k
   captioner app --checkpoint runs/x/best.safetensors
   captioner app --server.port 8502 --server.headless true"""
 
@@ -30,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Start the Streamlit app. Options other than --checkpoint are passed to "
                                    "`streamlit run` (e.g. --server.port 8502).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", metavar="FILE",
-                   help=f"model to load (sets ${CHECKPOINT_ENV}); default: the shipped model")
+    p.add_argument("--checkpoint", metavar="MODEL",
+                   help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
+                        f"(sets ${CHECKPOINT_ENV}); default: the shipped model")
     p.set_defaults(func=run, streamlit_args=[])
     p.parse_known_args = _pass_unknown(p.parse_known_args)
 
@@ -46,26 +50,55 @@ def _pass_unknown(parse):
     return parse_known_args
 
 
+def checkpoint_path(model: str) -> Path:
+    """`--checkpoint` as an absolute path: a shipped model's name or a path, resolved as `caption` and
+    `evaluate` resolve it (`captioner.models.shipped.resolve`); absolute because Streamlit runs in app.py's folder.
+
+    Raises:
+        UnknownModelError: neither a shipped name nor a path; the message lists the names.
+    """
+    return resolve_model(model).resolve()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be a checkpoint, in the words of the checkpoint loader (`load_tensors`), or None.
+
+    Checked here because the app reports a bad checkpoint only in the browser, after the server is up; what
+    is inside the file is still the app's to check when it loads it."""
+    if path.is_dir():
+        return f"{path}: is a folder, not a checkpoint file"
+    if not path.is_file():  # a FIFO or a device would block or never end the app's read
+        return f"{path}: " + ("not a regular file" if path.exists() else "checkpoint file not found")
+    return None
+
+
 def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The `streamlit run` command line and its environment."""
+    """The `streamlit run` command line and its environment.
+
+    Raises:
+        FileNotFoundError: app.py is not there (an installed, not editable, package).
+        UnknownModelError: `--checkpoint` is neither a shipped model's name nor a path.
+    """
     path = app_path()
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: `captioner app` needs a source checkout or an editable "
                                 "install (pip install -e .); or run `streamlit run app.py` in the repository")
     env = dict(os.environ)
     if args.checkpoint:
-        env[CHECKPOINT_ENV] = str(Path(args.checkpoint).resolve())
+        env[CHECKPOINT_ENV] = str(checkpoint_path(args.checkpoint))
     return [sys.executable, "-m", "streamlit", "run", str(path), *getattr(args, "streamlit_args", [])], env
 
 
 def run(args: argparse.Namespace) -> int:
+    """Start Streamlit on app.py; exit 2 with one line, and no server, when the checkpoint cannot be one."""
     try:
         cmd, env = command(args)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (FileNotFoundError, UnknownModelError) as exc:
+        print(f"captioner: error: {exc}", file=sys.stderr)
         return 2
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        print(f"error: checkpoint file not found: {args.checkpoint}", file=sys.stderr)
+    problem = checkpoint_problem(Path(env[CHECKPOINT_ENV])) if args.checkpoint else None
+    if problem:
+        print(f"captioner: error: {problem}", file=sys.stderr)
         return 2
     try:
         return subprocess.call(cmd, env=env, cwd=app_path().parent)  # cwd: .streamlit/config.toml applies

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import os
 import re
@@ -72,6 +73,19 @@ def _quoted_field_end(raw: bytes, pos: int) -> int:
     return -1
 
 
+NAME_MAX = 255
+"""Bytes in one file name on Linux's file systems."""
+
+
+def _partial_name(name: str) -> str:
+    """The temporary file's name for a target named `name`: `.NAME.partial`, or, where that would be longer than
+    a file name may be (a valid 250-byte target), `.<hash of NAME>.partial`, the same at every run for --resume."""
+    partial = f".{name}.partial"
+    if len(os.fsencode(partial)) <= NAME_MAX:
+        return partial
+    return f".{hashlib.sha1(os.fsencode(name)).hexdigest()[:20]}.partial"
+
+
 def _is_special(path: Path) -> bool:
     """Whether `path` (through links) is an existing device, FIFO or socket rather than a file or a folder."""
     try:
@@ -93,7 +107,7 @@ class PartialOutput:
         self.direct = _is_special(self.target)  # written as it is: no temporary file, no rename, no resume
         if self.target.is_symlink() and not self.direct:  # the link's file is replaced, not the link
             self.target = Path(os.path.realpath(self.target))
-        self.partial = self.target if self.direct else self.target.with_name(f".{self.target.name}.partial")
+        self.partial = self.target if self.direct else self.target.with_name(_partial_name(self.target.name))
         self.fmt, self.resume = fmt, resume
         self.has_header = False
         self.stream = None

@@ -24,6 +24,11 @@ grid features, so `--beam-size 1000000` asked for gigabytes and failed with an a
 MAX_DECODE_LENGTH = 1000
 """Most words a decode may ask for, in a config, the API or the CLI: buffers are sized by it up front
 (`--max-length 1000000000` tried to allocate 24 GB)."""
+MAX_LENGTH_PENALTY = 2.0
+"""Largest length penalty a decode may ask for, in a config, the API, the CLI or the search itself (the app's
+slider spans 0-2). Why a bound: length ** 40 overflows float32 from length 10 on, -inf / inf is NaN, which
+`topk` ranks first, and the search kept no hypothesis (an IndexError in the API); up to 2, length ** a stays
+below 1e6 at the longest allowed caption."""
 
 
 def finite(obj: Any, section: str) -> list[str]:

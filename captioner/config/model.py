@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from captioner.config.checks import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, MAX_WIDTH, raise_problems
+from captioner.config.checks import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, MAX_LENGTH_PENALTY, MAX_WIDTH, raise_problems
 
 
 @dataclass
@@ -90,8 +90,8 @@ class DecodeConfig:
             problems.append("decode.min_length must be in [0, max_length]")
         if self.no_repeat_ngram < 0:
             problems.append("decode.no_repeat_ngram must be >= 0")
-        if not 0.0 <= self.length_penalty <= 2.0:  # also refuses nan; the app's slider spans 0-2
-            problems.append(f"decode.length_penalty must be in [0, 2], got {self.length_penalty}")
+        if not 0.0 <= self.length_penalty <= MAX_LENGTH_PENALTY:  # also refuses nan; the app's slider spans 0-2
+            problems.append(f"decode.length_penalty must be in [0, {MAX_LENGTH_PENALTY:g}], got {self.length_penalty}")
         if self.max_length > MAX_DECODE_LENGTH:
             problems.append(f"decode.max_length must be <= {MAX_DECODE_LENGTH}, got {self.max_length}")
         if self.beam_size > MAX_BEAM_SIZE:

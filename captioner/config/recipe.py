@@ -38,18 +38,28 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
+    """(dotted key, value) of `section.key=value`; the value is read as YAML (numbers, booleans, lists), but text
+    that YAML reads as a string is taken as written. Why: YAML drops a ` #...` tail as a comment and folds a
+    newline into a space, so `train.out_dir=/runs/exp #2` silently became `/runs/exp`."""
     if "=" not in item:
         raise ConfigError(f"invalid config:\n  - override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
     try:
-        return key.strip().split("."), load_yaml(text)
+        value = load_yaml(text)
     except YamlInputError as exc:
         raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {exc}") from exc
+    plain = text.strip()
+    if isinstance(value, str) and plain and plain[0] not in "\"'" and value != plain:
+        value = plain  # a plain scalar YAML shortened; a quoted one ("a #b", 'x') keeps YAML's reading
+    return key.strip().split("."), value
 
 
 def _index(node: list, key: str, item: str) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {key} is not an entry of that list "
+    """The list position `key` names. Why ASCII digits and a length bound: `int()` refuses "²" (a Unicode
+    digit) and numbers of over 4,300 digits with a ValueError, which reached the user as a traceback."""
+    if not (key.isascii() and key.isdigit()) or len(key) > 9 or int(key) >= len(node):
+        shown = key if len(key) <= 20 else key[:20] + "..."
+        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {shown} is not an entry of that list "
                           f"(0..{len(node) - 1})")
     return int(key)
 

@@ -114,8 +114,9 @@ def read_flickr8k(root: str | Path, split: str) -> list[Sample]:
     root = Path(root)
     if split not in FLICKR8K_SPLITS:
         raise DatasetError(f"unknown flickr8k split {split!r}; choose one of {', '.join(FLICKR8K_SPLITS)}")
-    names = [line.strip() for line in
-             _read_text(root / FLICKR8K_SPLITS[split], f"flickr8k {split} split list").splitlines() if line.strip()]
+    # dict.fromkeys: a name listed twice is one image (scored once), as in `_listed`
+    names = list(dict.fromkeys(line.strip() for line in _read_text(
+        root / FLICKR8K_SPLITS[split], f"flickr8k {split} split list").splitlines() if line.strip()))
     captions: dict[str, list[str]] = {}
     tokens = root / "Flickr8k.token.txt"
     blank = 0
@@ -139,30 +140,44 @@ def read_flickr8k(root: str | Path, split: str) -> list[Sample]:
 def read_karpathy(annotations: str | Path, images: str | Path, split: str) -> list[Sample]:
     """Karpathy's `dataset_*.json`: images with `filename`, optional `filepath`, `split` and `sentences`.
 
-    `train` includes `restval`, as in the usual COCO recipe; `dev` is an alias of `val`.
+    `train` includes `restval`, as in the usual COCO recipe; `dev` is an alias of `val`. An image given by two
+    entries of the split is one Sample with the sentences of both, as COCO's and the tables' rows of one file
+    are: the second entry used to replace the first's references while the image was counted twice.
     """
     data = _load_json(Path(annotations))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{annotations}: expected an object with an 'images' list (Karpathy split format)")
     wanted = {"train": {"train", "restval"}, "dev": {"val"}}.get(split, {split})
-    samples, blank = [], 0
+    merged: OrderedDict[Path, list[str]] = OrderedDict()
+    blank = 0
     for entry in data["images"]:
-        try:
-            if entry["split"] not in wanted:
-                continue
-            path = Path(images) / entry.get("filepath", "") / entry["filename"]
-            given = [_sentence(s, f"{annotations}: {path.name}") for s in entry["sentences"]]
-            caps = [c for c in given if c.strip()]
-            blank += len(given) - len(caps)
-        except (KeyError, TypeError) as exc:
-            raise DatasetError(f"{annotations}: malformed image entry {str(entry)[:80]} ({exc})") from exc
-        if not caps:  # BLEU's scorer asserts on an image without references (a traceback in evaluate)
-            raise DatasetError(f"{annotations}: {path.name} has no captions (its 'sentences' are empty or blank)")
-        samples.append(Sample(path, caps))
+        picked = _karpathy_entry(entry, annotations, images, wanted)
+        if picked is not None:
+            path, caps, dropped = picked
+            merged.setdefault(path, []).extend(caps)
+            blank += dropped
     _warn_blank(annotations, blank)
-    if not samples:
+    if not merged:
         raise DatasetError(f"{annotations}: no images in split {split!r}")
-    return samples
+    return [Sample(path, caps) for path, caps in merged.items()]
+
+
+def _karpathy_entry(entry: object, annotations: str | Path, images: str | Path,
+                    wanted: set[str]) -> tuple[Path, list[str], int] | None:
+    """(image path, its non-blank captions, how many were blank) of one Karpathy entry; None when the entry is
+    of another split. Why refuse an entry without captions: BLEU's scorer asserts on an image without
+    references (a traceback in evaluate)."""
+    try:
+        if entry["split"] not in wanted:
+            return None
+        path = Path(images) / entry.get("filepath", "") / entry["filename"]
+        given = [_sentence(s, f"{annotations}: {path.name}") for s in entry["sentences"]]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise DatasetError(f"{annotations}: malformed image entry {str(entry)[:80]} ({exc})") from exc
+    caps = [c for c in given if c.strip()]
+    if not caps:
+        raise DatasetError(f"{annotations}: {path.name} has no captions (its 'sentences' are empty or blank)")
+    return path, caps, len(given) - len(caps)
 
 
 def _sentence(sentence: dict, where: str) -> str:
@@ -269,6 +284,17 @@ def _listed(samples: list[Sample], list_file: str, base: Path) -> list[Sample]:
     return [by_name[n] for n in dict.fromkeys(names)]
 
 
+SPLITS = ("train", "dev", "val", "test")
+"""The split names of the flickr8k, coco, csv and jsonl readers (karpathy's come from its file)."""
+
+
+def check_split(fmt: str, split: str) -> None:
+    """Refuse a split name the reader of `fmt` does not know. Why: coco, csv and jsonl took any name other than
+    dev/val/test for the training share, so `--split bogus` scored the training images under that name."""
+    if fmt != "karpathy" and split not in SPLITS:
+        raise DatasetError(f"unknown {fmt} split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
 def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
     """Samples of `split` ("train", "dev"/"val" or "test") for the dataset `cfg` describes."""
     fmt = cfg.format
@@ -276,6 +302,7 @@ def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
         return read_flickr8k(cfg.root, split)
     if fmt == "karpathy":
         return read_karpathy(cfg.annotations, cfg.images or Path(cfg.annotations).parent, split)
+    check_split(fmt, split)
     is_val = split in ("dev", "val")
     if is_val and cfg.val_annotations:
         annotations = cfg.val_annotations

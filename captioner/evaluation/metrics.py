@@ -20,6 +20,9 @@ _CLITIC = re.compile(r"(\w)('s|'re|'ve|'ll|'m|'d|n't)\b")
 _SPLIT = re.compile(r"""(\.\.\.|--|[.,!?;:()\[\]{}"`])""")
 _DROP = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", "(", ")", "[", "]", "{", "}", '"'}
 _CLITICS = {"'s", "'re", "'ve", "'ll", "'m", "'d", "n't"}
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators. Java's PTB lexer ends a line at
+# \r, \v, \f, U+0085, U+2028 and U+2029, str.splitlines also at \x1c-\x1e, and pycocoevalcap replaces only \n.
+_BREAKS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _ptb_like(caption: str) -> str:
@@ -38,9 +41,19 @@ def _python_ptb(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     return {k: [_ptb_like(c) for c in caps] for k, caps in captions.items()}
 
 
+def one_line(caption: str) -> str:
+    """`caption` with every line break and other control character made a space.
+
+    Why: coco-caption hands the Java tokenizer one caption a line and reads its output back by position, so a
+    reference holding a line break became two lines and every later caption was scored against the wrong image.
+    The Python fallback gets the same text, so the two paths still agree."""
+    return _BREAKS.sub(" ", caption)
+
+
 def tokenize_for_eval(captions: Mapping[str, Sequence[str]], use_java: bool | None = None) -> dict[str, list[str]]:
     """PTB-tokenize {id: [caption, ...]} as coco-caption does (Java), or with the Python fallback."""
     use_java = java_available() if use_java is None else use_java
+    captions = {k: [one_line(c) for c in caps] for k, caps in captions.items()}
     if not use_java:
         return _python_ptb(captions)
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

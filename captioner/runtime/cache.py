@@ -131,13 +131,28 @@ def write(path: Path, payload: bytes) -> bool:
 
 
 def _prune(folder: Path, keep: int = KEEP) -> None:
-    """Remove all but the `keep` most recently used built models (each is 5-20 MB)."""
+    """Remove all but the `keep` most recently used built models (each is 5-20 MB).
+
+    Only files this cache wrote (they start with `MAGIC`) are counted or removed: CAPTIONER_CACHE_DIR may name a
+    folder that also holds the user's own .onnx models, and pruning by name alone deleted them."""
     try:
-        files = sorted(folder.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        files = sorted((f for f in folder.glob("*.onnx") if _written_here(f)), key=lambda p: p.stat().st_mtime,
+                       reverse=True)
         for old in files[keep:]:
             old.unlink(missing_ok=True)
     except OSError:
         pass  # another process pruning at the same time, or a folder we may not list
+
+
+def _written_here(path: Path) -> bool:
+    """Whether `path` is a regular file that begins as this cache's files do."""
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def load_or_build(kind: str, cache_key: str, build: Callable[[], bytes],

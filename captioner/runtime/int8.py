@@ -134,22 +134,26 @@ def _bounds(value: object) -> np.ndarray | None:
                 return np.array(value["data"], dtype=np.dtype(value["dtype"])).astype(np.float64)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return np.array(value, dtype=np.float32).astype(np.float64)
-    except (KeyError, TypeError, ValueError, OverflowError):
+    except OverflowError:  # -300 as int8: ONNX Runtime's quantiser ends in the same OverflowError, a traceback
+        return np.array(np.nan)
+    except (KeyError, TypeError, ValueError):
         pass
     return None
 
 
 def _check_ranges(path: Path, table: dict) -> None:
     """Refuse ranges no quantiser can use: a bound that is not finite (also after the cast to its dtype: 1e5 in
-    float16 is inf) or a minimum above its maximum. ONNX Runtime took a NaN to an AssertionError traceback
-    ("scale issue"), an infinity to an OpenVINO compile error, and an inverted range to an int8 encoder that ran."""
+    float16 is inf, and -300 does not fit int8 at all) or a minimum above its maximum. ONNX Runtime took a NaN
+    to an AssertionError traceback ("scale issue"), an infinity to an OpenVINO compile error, and an inverted
+    range to an int8 encoder that ran."""
     for name, entry in table.items():
         if not isinstance(entry, dict):
             continue
         low, high = _bounds(entry.get("lowest")), _bounds(entry.get("highest"))
         for bound in (low, high):
             if bound is not None and not np.isfinite(bound).all():
-                raise CalibrationError(f"{path}: the range of {str(name)[:80]} is not finite; calibrate again")
+                raise CalibrationError(f"{path}: the range of {str(name)[:80]} is not finite (or does not fit its "
+                                       "dtype); calibrate again")
         if low is not None and high is not None and low.shape == high.shape and (low > high).any():
             raise CalibrationError(f"{path}: the minimum of {str(name)[:80]} is above its maximum; calibrate again")
 
@@ -173,6 +177,6 @@ def quantize(model: bytes, ranges: dict, *, reduce_range: bool = False) -> bytes
         cache.write_text(json.dumps(ranges))
         try:
             quantize_static(graph, out, None, calibration_cache_path=cache, **_settings(reduce_range))
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
             raise CalibrationError(f"ONNX Runtime could not quantise from these ranges ({exc})") from exc
         return out.read_bytes()

@@ -19,15 +19,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from captioner.config import Config, ConfigError, config_to_dict, save_config
 from captioner.data.dataset import Batch, CaptionSet, encode_captions, iterate_batches
-from captioner.models.checkpoint import CaptionModel, load_model, new_model, save_model
+from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model, new_model, save_model
 from captioner.models.vocab import Vocabulary
 from captioner.training.distributed import Dist, barrier, broadcast, setup, teardown
 from captioner.training.ema import WeightAverage, averaged
 from captioner.training.log import log
 from captioner.training.plots import plot_history
 from captioner.training.prepare import Prepared, build_vocabulary, prepare_data, validate_paths
-from captioner.training.run_state import Progress, load_state, save_state
-from captioner.training.start import check_features, run_vocabulary, starting_model
+from captioner.training.run_state import Progress, SavedState, json_safe, load_state, read_state, save_state
+from captioner.training.start import check_features, starting_model
 from captioner.training.validation import per_dataset, validation_scores
 
 
@@ -143,8 +143,8 @@ def checkpoint_epoch(run: Path, model: CaptionModel, optimizer: torch.optim.Opti
     save_state(run / "train_state.safetensors", model.decoder, optimizer, progress, model.vocab.itos, generator,
                extra=ema.state() if ema is not None else None)
     with (run / "metrics.jsonl").open("w") as fh:
-        for row in progress.history:
-            fh.write(json.dumps(row) + "\n")
+        for row in progress.history:  # strict JSON: a NaN score is null (a bare NaN breaks other tools' parsers)
+            fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
     plot_history(progress.history, run / "curves.png")
 
 
@@ -172,6 +172,16 @@ def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
     return run
 
 
+def _load_average(ema: WeightAverage, extra: dict[str, torch.Tensor], state_file: Path) -> None:
+    """Restore the saved weight average; one that does not fit the model (missing weights, other shapes) is a
+    CheckpointError naming the state file, not a KeyError traceback."""
+    try:
+        ema.load(extra)
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{state_file}: the saved weight average does not fit the configured model "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+
 def fit(cfg: Config, resume: bool = False) -> CaptionModel:
     """Train the model `cfg` describes; returns the best model (also at `<out_dir>/best.safetensors`)."""
     validate_paths(cfg)
@@ -185,8 +195,10 @@ def fit(cfg: Config, resume: bool = False) -> CaptionModel:
 def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     state_file = Path(cfg.train.out_dir) / "train_state.safetensors"
     resuming = resume and state_file.exists()
-    # A new run from a model checks it before anything is written or extracted; a resumed one has all it needs.
+    # A new run from a model checks it before anything is written or extracted; a resumed one has all it needs,
+    # its state checked here too (a damaged one is refused before the features, not after).
     start = starting_model(cfg) if cfg.train.init_from and not resuming else None
+    saved: SavedState | None = read_state(state_file) if resuming else None
     run = _open_run(cfg, resume, dist)
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout differs per rank; the data order does not
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -199,8 +211,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     if start:
         check_features(start, data.encoder_dim, cfg.train.init_from)
         vocab = start.vocab
-    elif cfg.train.init_from and resuming:
-        vocab = Vocabulary(run_vocabulary(state_file))
+    elif cfg.train.init_from and saved is not None:
+        vocab = Vocabulary(saved.vocab)
     else:
         vocab = build_vocabulary((c for caps in data.train.references for c in caps), cfg.data.min_word_count)
     model = new_model(cfg.model, vocab, data.encoder_dim, cfg.decode)
@@ -214,8 +226,9 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
                                   weight_decay=cfg.train.weight_decay)
     progress = Progress()
     extra: dict[str, torch.Tensor] = {}
-    if resuming:
-        progress, itos, extra = load_state(state_file, model.decoder, optimizer, generator)
+    if saved is not None:
+        progress, itos, extra = load_state(saved, model.decoder, optimizer, generator)
+        saved = None  # its tensors are in the model and optimizer now
         for group, configured in zip(optimizer.param_groups, parameter_groups(model.decoder, cfg)):
             group["lr_scale"] = configured["lr_scale"]  # the config's scale, not the saved one: it may have changed
         if dist.enabled:  # the saved RNG state is rank 0's; give each rank its own dropout stream again
@@ -230,7 +243,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
     # Made after DDP has given every rank rank 0's weights; a resumed run without a saved average starts one here.
     ema = WeightAverage(model.decoder, cfg.train.ema_decay) if cfg.train.ema_decay else None
     if ema is not None and extra:
-        ema.load(extra)
+        _load_average(ema, extra, state_file)
     encoded = encode_captions(data.train, vocab, cfg.data.max_caption_length)
     total_steps = math.ceil(data.train.epoch_size() / cfg.train.batch_size) * cfg.train.epochs
     model.info = {"data": "+".join(data.vals), "train_images": len(data.train),

@@ -6,6 +6,8 @@ rank then reads all of them. The splits hold views of the store (`FeatureRows`):
 
 from __future__ import annotations
 
+import errno
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -161,5 +163,39 @@ def validate_paths(cfg: Config) -> None:
             problems.append(f"{where}.images {source.images!r} is not a folder")
     if cfg.model.encoder_weights and not Path(cfg.model.encoder_weights).is_file():
         problems.append(f"model.encoder_weights {cfg.model.encoder_weights!r} does not exist")
+    for key, folder in (("train.out_dir", cfg.train.out_dir), ("data.cache_dir", cfg.data.cache_dir)):
+        problem = folder_problem(folder)
+        if problem:
+            problems.append(f"{key} {folder}: {problem}")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why `folder` can be neither used nor made as a folder, or None when it can (as far as its path tells).
+
+    Looked at before anything is written: `mkdir(parents=True, exist_ok=True)` later failed with a traceback on a
+    dangling symbolic link (FileExistsError), a regular file on the path (NotADirectoryError) or a symbolic link
+    loop (ELOOP), the last after the run folder's config.yaml was written. Permissions are left to the write
+    itself (exit 4): they can change, and root ignores them.
+    """
+    path = Path(folder)
+    looping: Path | None = None
+    for part in (path, *path.parents):
+        try:
+            os.stat(part)
+        except FileNotFoundError:
+            if part.is_symlink():
+                return f"{part} is a symbolic link to {os.readlink(part)}, which does not exist"
+            continue
+        except NotADirectoryError:  # a file further up: found by the loop
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                return f"cannot be looked at ({exc.strerror or exc})"
+            looping = part  # the outermost part still in the loop is the link that makes it
+            continue
+        if looping is not None:
+            return f"{looping} is inside a loop of symbolic links"
+        return None if part.is_dir() else f"{part} is a file, not a folder"
+    return None

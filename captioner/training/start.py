@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captioner.config import Config, ConfigError, config_to_dict
-from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model, load_tensors
+from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.shipped import UnknownModelError, resolve
 
 MAY_DIFFER = ("dropout", "feature_dropout")
@@ -56,5 +56,8 @@ def check_features(start: CaptionModel, encoder_dim: int, name: str) -> None:
 
 def run_vocabulary(state_file: Path) -> list[str]:
     """The vocabulary a run saved with its state: a resumed run started from a model needs neither the model's
-    file (it may have moved or been updated since) nor its words recounted."""
-    return load_tensors(state_file)[1]["vocab"]
+    file (it may have moved or been updated since) nor its words recounted. The state is checked as a resume
+    checks it (`read_state`), so a damaged one is a CheckpointError, not a KeyError."""
+    from captioner.training.run_state import read_state
+
+    return read_state(state_file).vocab
