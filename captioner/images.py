@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from captioner.jpeg_damage import (
     check_layout,
     check_scan,
 )
+from captioner.path_kind import path_kind
 
 ImageInput = str | os.PathLike | Image.Image | bytes
 
@@ -69,6 +69,11 @@ def describe(item: ImageInput, index: int | None = None) -> str:
     return f"<{kind} #{index}>" if index is not None else f"<{kind}>"
 
 
+_NOT_A_FILE = {"missing": "file not found", "folder": "is a directory, not an image",
+               "special": "not a regular file ({})", "unreachable": "cannot read file ({})"}
+"""`open_image`'s reason for a path that is not a regular file, by `path_kind`."""
+
+
 def open_image(item: ImageInput, target_size: int = 224, source: str | None = None) -> Image.Image:
     """Decode `item` into a fully loaded 8-bit RGB image, upright as its EXIF orientation says.
 
@@ -97,13 +102,9 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
     elif isinstance(item, (str, os.PathLike)):
         fp = Path(item)
         try:
-            if not fp.exists():
-                raise ImageLoadError(source, "file not found")
-            if fp.is_dir():
-                raise ImageLoadError(source, "is a directory, not an image")
-            kind = _special_kind(fp.stat().st_mode)
-            if kind:  # a FIFO would block the read for good, /dev/zero never end; both reported 0 bytes before
-                raise ImageLoadError(source, f"not a regular file ({kind})")
+            kind, detail = path_kind(fp)
+            if kind != "file":  # a FIFO would block the read for good, /dev/zero never end
+                raise ImageLoadError(source, _NOT_A_FILE[kind].format(detail))
             if fp.stat().st_size == 0:
                 raise ImageLoadError(source, "empty file (0 bytes)")
             with open(fp, "rb") as fh:  # a JPEG is read whole, once: its layout is checked from the bytes
@@ -125,13 +126,6 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
         rgb = _decode(image, target_size, source, owned=True, jpeg=jpeg)
         # Closing `image` invalidates its pixels, so never hand it out itself.
         return image.copy() if rgb is image else rgb
-
-
-def _special_kind(mode: int) -> str:
-    """What a file of `mode` is when it is not a regular file (a device, FIFO or socket), else ""."""
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-             (stat.S_ISSOCK, "a socket"))
-    return next((name for test, name in kinds if test(mode)), "" if stat.S_ISREG(mode) else "of an unknown kind")
 
 
 def _open(fp: io.BytesIO | Path, source: str) -> Image.Image:
@@ -247,11 +241,12 @@ def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
     """
     for raw in paths:
         path = Path(raw)
-        if path.is_dir():
+        kind, detail = path_kind(path)
+        if kind == "folder":
             for child in sorted(path.rglob("*")):
                 if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS:
                     yield child
-        elif path.exists():
-            yield path
-        else:
-            raise FileNotFoundError(f"{path}: no such file or directory")
+        elif kind in ("file", "special"):
+            yield path  # open_image names what is wrong with a special file
+        else:  # also a name too long to look up, which `is_dir` raised for
+            raise FileNotFoundError(f"{path}: " + (detail or "no such file or directory"))

@@ -69,3 +69,4 @@ def test_an_override_value_is_taken_as_written_where_yaml_would_cut_it(tmp_path)
     assert cfg.train.out_dir == "/runs/exp #2" and cfg.data.cache_dir == "/cache/new\nline"
     assert cfg.train.epochs == 3 and cfg.decode.length_penalty == 0.5
     assert load_config(None, ['train.out_dir="/runs/a #b"']).train.out_dir == "/runs/a #b"  # quoted: YAML's reading
+    assert load_config(None, ["train.out_dir=!!str 2024"]).train.out_dir == "2024"  # a YAML tag still works

@@ -14,7 +14,8 @@ import pytest
 
 from captioner.cli import main
 from captioner.config import DataConfig
-from captioner.data.readers import DatasetError, read_dataset
+from captioner.data.readers import DatasetError
+from captioner.data.splits import read_dataset
 from captioner.evaluation.metrics import java_available, score_captions, tokenize_for_eval
 from tests.conftest import write_images
 

@@ -194,6 +194,11 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
+def killed_pid(names: list[str]) -> int:
+    """The pid in the killed writer's shard name (`shard-<time>-<pid>-<host>.npy`)."""
+    return int(next(n for n in names if n.endswith(".npy")).split(".")[0].split("-")[2])
+
+
 def test_files_a_killed_extraction_left_are_removed_but_a_running_ones_are_kept(tmp_path, capsys):
     import subprocess
     import sys
@@ -205,15 +210,24 @@ def test_files_a_killed_extraction_left_are_removed_but_a_running_ones_are_kept(
     assert sorted(name.rsplit(".", 1)[1] for name in left) == ["npy", "tmp"], left
     other_host = folder / "shard-1-999999999-0000beef.npy"  # a rank on another machine sharing the folder
     other_host.write_bytes(b"")
+    for name in left:  # the temporary index is removed once it is older than a live one ever is
+        os.utime(folder / name, (1e9, 1e9))
     store = FeatureStore(folder, flush_every=100)
+    # A live writer whose pid this process cannot see (another PID namespace, a container): it holds its lock.
+    from captioner.data.feature_store import ShardWriter, _host_tag
+
+    unseen = ShardWriter(folder / f"shard-2-{killed_pid(left)}-{_host_tag()}", 4, 100)
+    unseen.add(["u"], np.ones((1, 3, 4), dtype=np.float16))
     running = store.writer(4)  # a new extraction starts: it removes what the killed one left
     assert "removed 2 file(s) an interrupted extraction left" in capsys.readouterr().err
     assert not any((folder / name).exists() for name in left) and other_host.exists()
+    assert unseen.array_path.exists()  # was deleted under it: its pid runs no process that this one can see
+    unseen.close()
 
     running.add(["c"], np.ones((1, 3, 4), dtype=np.float16))  # this process's own, before its first flush
     assert store.sweep() == [] and running.array_path.exists()
     running.close()
-    assert set(store.index()) == {"c"}
+    assert set(store.index()) == {"c", "u"}
 
 
 def test_an_old_layout_file_of_another_shape_is_recomputed_not_a_traceback(encoder, tmp_path, capsys):

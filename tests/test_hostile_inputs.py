@@ -701,7 +701,8 @@ def test_coco_image_id_given_to_two_files_is_refused(tmp_path):
 
 
 def test_byte_order_mark_of_a_text_annotation_or_split_list_is_ignored(tmp_path):
-    from captioner.data.readers import read_split_list, read_table
+    from captioner.data.readers import read_table
+    from captioner.data.splits import read_split_list
 
     bom = b"\xef\xbb\xbf"
     table = tmp_path / "t.csv"
@@ -1011,15 +1012,22 @@ def test_an_output_path_that_cannot_name_a_file_is_exit_4_not_a_traceback(tmp_pa
 
 def test_an_output_name_near_the_length_limit_is_written_and_resumed(tmp_path, tiny_checkpoint):
     """A 250-byte name is valid, but `.NAME.partial` is not (255 bytes at most): it was an OSError traceback."""
+    from captioner.cli.output_file import PartialOutput
+
     images = write_images(tmp_path / "src", 2)
     out = tmp_path / ("a" * 246 + ".txt")
     args = ("--precision", "reference", "--output", out)
     assert _caption(tmp_path, tiny_checkpoint, images[0], *args) == 0
-    first = out.read_text()
-    assert first.startswith(f"{images[0]}\t")
+    assert out.read_text().startswith(f"{images[0]}\t")
+    # A run killed after its first record leaves the temporary file; --resume must find it under the same name.
+    partial = PartialOutput(out, "text").partial
+    assert len(os.fsencode(partial.name)) <= 255
+    partial.write_text(f"{images[0]}\tkept from the interrupted run\n")
+    out.unlink()
     assert _caption(tmp_path, tiny_checkpoint, *images, *args, "--resume") == 0
     lines = out.read_text().splitlines()
-    assert lines[0] == first.rstrip("\n") and lines[1].startswith(f"{images[1]}\t") and len(lines) == 2
+    assert lines[0] == f"{images[0]}\tkept from the interrupted run" and len(lines) == 2
+    assert lines[1].startswith(f"{images[1]}\t") and not partial.exists()
 
 
 def test_calibrate_int8_skips_unreadable_images_and_refuses_a_zero_count(tmp_path, tiny_checkpoint):
@@ -1038,3 +1046,32 @@ def test_calibrate_int8_skips_unreadable_images_and_refuses_a_zero_count(tmp_pat
     assert "ranges from 2 images" in done.stdout and "Traceback" not in done.stderr
     refused = subprocess.run([*script, "--count", "0"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--count and --batch-size must be >= 1" in refused.stderr
+
+
+def test_output_to_the_commands_own_stdout_file_keeps_what_the_shell_wrote(tmp_path, tiny_checkpoint):
+    """`captioner caption x --output /dev/stdout >> log.txt`: the link led to log.txt, and a new file renamed
+    onto it lost the shell's earlier lines (and its later writes went to the replaced file)."""
+    [img] = write_images(tmp_path / "src", 1)
+    log = tmp_path / "log.txt"
+    log.write_text("OLD LINE\n")
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, "-m", "captioner", "caption", str(img), "--checkpoint",
+                               str(tiny_checkpoint), "--precision", "reference", "--quiet", "--output", "/dev/stdout"],
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    first, record, *rest = log.read_text().split("\n")
+    assert first == "OLD LINE" and record.startswith(f"{img}\t") and rest == [""]
+
+
+def test_an_input_name_too_long_to_look_up_is_an_input_error_not_cannot_write(tmp_path, tiny_checkpoint, capsys):
+    """`Path.exists()` raises ENAMETOOLONG instead of answering: such names came out as "cannot write", exit 4
+    (an image among others was not even reported as missing)."""
+    [img] = write_images(tmp_path / "src", 1)
+    long = tmp_path / ("b" * 300)
+    assert _caption(tmp_path, tiny_checkpoint, img, f"{long}.jpg", "--precision", "reference") == 1
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{img}\t") and "1 given path(s) not found" in err and "cannot write" not in err
+    assert _caption(tmp_path, f"{long}.safetensors", img) == 2
+    assert "cannot read (File name too long)" in capsys.readouterr().err
+    assert main(["train", "--config", f"{long}.yaml", "--dry-run"]) == 2
+    assert "cannot be read (File name too long)" in capsys.readouterr().err

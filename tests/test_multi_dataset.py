@@ -15,7 +15,8 @@ import yaml
 from captioner.cli import main
 from captioner.config import ConfigError, DataConfig, load_config
 from captioner.data.dataset import CaptionSet, epoch_order
-from captioner.data.readers import DatasetError, read_dataset
+from captioner.data.readers import DatasetError
+from captioner.data.splits import read_dataset
 from captioner.models.checkpoint import load_model
 from tests.synthetic import make_shapes_dataset
 

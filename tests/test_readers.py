@@ -5,7 +5,8 @@ import json
 import pytest
 
 from captioner.config import DataConfig
-from captioner.data.readers import DatasetError, check_images, read_dataset
+from captioner.data.readers import DatasetError
+from captioner.data.splits import check_images, read_dataset
 from tests.conftest import write_images
 
 

@@ -23,8 +23,10 @@ from collections.abc import Sequence
 from captioner.cli import app, caption, evaluate, models, train
 from captioner.runtime import openmp
 
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG, errno.ENOTDIR,
-                errno.ENAMETOOLONG, errno.ELOOP)
+PATH_ERRORS = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
+"""Paths that cannot name a file (under a file, too long, a loop of links): exit 4 for the output's, exit 2 for an
+input's (which the loaders mostly report themselves, `captioner.path_kind`)."""
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EISDIR, errno.EFBIG, *PATH_ERRORS)
 """The errnos that mean "a file could not be written" (exit code 4); the last three are paths that cannot name a
 file (under a file, too long, a loop of links), which reached the user as tracebacks."""
 
@@ -57,10 +59,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 141
     except OSError as exc:
+        if exc.errno in PATH_ERRORS and not _names_output(exc, args):  # an input's name: a data error
+            print(f"captioner: error: cannot read: {exc}", file=sys.stderr)
+            return 2
         if exc.errno in WRITE_ERRORS:
             print(f"captioner: error: {_cannot_write(exc, args)}", file=sys.stderr)
             return 4
         raise
+
+
+def _names_output(exc: OSError, args: argparse.Namespace) -> bool:
+    """Whether the file `exc` names is `--output`, beside it (its temporary file) or inside it (evaluate's
+    folder); an error without a file name counts as the output's."""
+    output = getattr(args, "output", None)
+    if exc.filename is None:
+        return True
+    if not output:
+        return False
+    name, target = os.fsdecode(exc.filename), os.fsdecode(output)
+    return os.path.dirname(name) == os.path.dirname(target) or name.startswith(target.rstrip("/") + "/")
 
 
 def _cannot_write(exc: OSError, args: argparse.Namespace) -> str:

@@ -65,11 +65,13 @@ def checkpoint_problem(path: Path) -> str | None:
 
     Checked here because the app reports a bad checkpoint only in the browser, after the server is up; what
     is inside the file is still the app's to check when it loads it."""
-    if path.is_dir():
-        return f"{path}: is a folder, not a checkpoint file"
-    if not path.is_file():  # a FIFO or a device would block or never end the app's read
-        return f"{path}: " + ("not a regular file" if path.exists() else "checkpoint file not found")
-    return None
+    from captioner.path_kind import path_kind
+
+    kind, detail = path_kind(path)  # a FIFO or a device would block or never end the app's read
+    if kind == "file":
+        return None
+    return f"{path}: " + {"missing": "checkpoint file not found", "folder": "is a folder, not a checkpoint file",
+                          "special": "not a regular file ({})", "unreachable": "cannot read ({})"}[kind].format(detail)
 
 
 def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:

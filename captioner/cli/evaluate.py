@@ -123,13 +123,10 @@ def _not_regular(path: Path) -> str | None:
     """What `path` (through links) is when it exists and is not a regular file ("a FIFO", ...); else None.
 
     Why: writing to a FIFO waits for a reader for good, and a folder cannot be replaced by a file."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None  # absent (or a dangling link, which the write replaces)
-    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
-    return next((kind for test, kind in kinds if test(mode)), None)
+    from captioner.path_kind import path_kind
+
+    kind, detail = path_kind(path)  # absent (or a dangling link, which the write replaces): None
+    return {"folder": "a folder", "special": detail}.get(kind)
 
 
 def _file_id(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -175,7 +172,7 @@ def _clobbered_input(args: argparse.Namespace, samples: list) -> str | None:
 def _read_split(args: argparse.Namespace) -> list:
     """Every sample of the split asked for (a DatasetError for an unknown split name or a bad file)."""
     from captioner.config import DataConfig
-    from captioner.data.readers import check_split, read_dataset
+    from captioner.data.splits import check_split, read_dataset
 
     check_split(args.format, args.split)  # a --split-list reads as "train" or "dev": check the name given
     if args.format == "flickr8k":
@@ -192,7 +189,7 @@ def _read_split(args: argparse.Namespace) -> list:
 
 def _usable(args: argparse.Namespace, samples: list) -> list:
     """The samples to score: missing images skipped (and said so), the first --max-images kept."""
-    from captioner.data.readers import check_images
+    from captioner.data.splits import check_images
 
     samples, missing = check_images(samples, "skip", f"{args.split} split")
     if missing:

@@ -6,9 +6,10 @@ outright (SIGKILL, power loss) leaves `.F.partial`; `--resume` continues from it
 the whole records are kept, a trailing partial line is dropped, and the images already captioned are skipped.
 A CSV is resumed only when its header is the one this run writes (same --n-best, same --tags). Parquet output
 goes through the same temporary file (binary) but cannot be resumed: its footer is written only at the end.
-A target that is a device, FIFO or socket (`/dev/null`, `/dev/stdout` on a pipe, a named pipe) is written
-directly: renaming a file onto it would replace the device node itself. A symbolic link to a file stays a link:
-its target is the file replaced.
+A target that is a device, FIFO or socket (`/dev/null`, `/dev/stdout` on a pipe, a named pipe), or the file the
+command's own stdout or stderr writes to (`--output /dev/stdout >> log.txt`), is written directly: renaming a
+file onto it would replace the device node itself, or the shell's file and what it holds. A symbolic link to a
+file stays a link: its target is the file replaced.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import hashlib
 import io
 import os
 import re
-import stat
 from pathlib import Path
 
 from captioner.outputs import escape_path, record_key
+from captioner.path_kind import path_kind
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -88,11 +89,26 @@ def _partial_name(name: str) -> str:
 
 def _is_special(path: Path) -> bool:
     """Whether `path` (through links) is an existing device, FIFO or socket rather than a file or a folder."""
+    return path_kind(path)[0] == "special"
+
+
+def _own_stream(path: Path) -> int | None:
+    """1 or 2 when `path` (through links) is the file this process's stdout or stderr writes to, else None.
+
+    Why: `--output /dev/stdout >> log.txt` renamed a new file onto log.txt, losing what the shell had written
+    there and what it wrote after; such a target is written through that very descriptor, sharing its offset."""
     try:
-        mode = path.stat().st_mode
+        st = path.stat()
     except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+        return None
+    for fd in (1, 2):
+        try:
+            other = os.fstat(fd)
+        except OSError:  # the descriptor is closed
+            continue
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            return fd
+    return None
 
 
 class OutputResumeError(ValueError):
@@ -104,7 +120,9 @@ class PartialOutput:
 
     def __init__(self, target: str | os.PathLike, fmt: str, resume: bool = False):
         self.target = Path(target)
-        self.direct = _is_special(self.target)  # written as it is: no temporary file, no rename, no resume
+        self.own_fd = _own_stream(self.target)
+        # written as it is: no temporary file, no rename, no resume
+        self.direct = self.own_fd is not None or _is_special(self.target)
         if self.target.is_symlink() and not self.direct:  # the link's file is replaced, not the link
             self.target = Path(os.path.realpath(self.target))
         self.partial = self.target if self.direct else self.target.with_name(_partial_name(self.target.name))
@@ -122,9 +140,14 @@ class PartialOutput:
         if self.direct:
             if self.resume:
                 raise OutputResumeError(f"--resume needs a regular file; --output {escape_path(self.target)} "
-                                        "is a device, FIFO or socket")
-            self.stream = (open(self.target, "wb") if self.fmt == "parquet"
-                           else open(self.target, "w", encoding="utf-8", newline=""))
+                                        "is a device, FIFO, socket or this command's own stdout/stderr")
+            binary = self.fmt == "parquet"
+            if self.own_fd is not None:  # never reopened: that would truncate it, or write at another offset
+                self.stream = os.fdopen(os.dup(self.own_fd), "wb" if binary else "w",
+                                        **({} if binary else {"encoding": "utf-8", "newline": ""}))
+            else:
+                self.stream = open(self.target, "wb") if binary else open(self.target, "w", encoding="utf-8",
+                                                                             newline="")
             return set()
         if self.fmt == "parquet":
             if self.resume:

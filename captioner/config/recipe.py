@@ -15,6 +15,7 @@ from captioner.config.mapping import dataclass_from_dict
 from captioner.config.model import DecodeConfig, ModelConfig
 from captioner.config.train import TrainConfig
 from captioner.config.yaml_io import YamlInputError, load_yaml, short_repr
+from captioner.path_kind import path_kind
 
 
 @dataclass
@@ -49,8 +50,9 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     except YamlInputError as exc:
         raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {exc}") from exc
     plain = text.strip()
-    if isinstance(value, str) and plain and plain[0] not in "\"'" and value != plain:
-        value = plain  # a plain scalar YAML shortened; a quoted one ("a #b", 'x') keeps YAML's reading
+    cut = "#" in plain or any(c in plain for c in "\n\r")  # what YAML drops (a comment) or folds (a line break)
+    if cut and isinstance(value, str) and plain[0] not in "\"'!" and value != plain:
+        value = plain  # a plain scalar YAML shortened; quoted ("a #b") or tagged (!!str) ones keep its reading
     return key.strip().split("."), value
 
 
@@ -85,9 +87,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():  # a FIFO or a device is there but would block or never end a read
-            what = "is not a regular file" if path.exists() else "does not exist"
-            raise ConfigError(f"invalid config:\n  - config file {path} {what}")
+        kind, detail = path_kind(path)
+        if kind != "file":  # a FIFO or a device is there but would block or never end a read
+            what = {"missing": "does not exist", "folder": "is a folder", "special": "is not a regular file"}
+            raise ConfigError(f"invalid config:\n  - config file {path} {what.get(kind, f'cannot be read ({detail})')}")
         try:
             raw = load_yaml(path.read_bytes())
         except YamlInputError as exc:

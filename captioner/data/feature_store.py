@@ -15,6 +15,7 @@ are never mapped into the process, so a training run's resident memory does not 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -107,7 +108,7 @@ def _writer_gone(name: str, host: str) -> bool:
     host tags) has stopped: its pid runs no process here. Another host's file, or a name that is not ours, is
     never judged gone."""
     parts = name.split(".", 1)[0].split("-")
-    if len(parts) not in (3, 4) or parts[0] != "shard" or not parts[2].isdigit():
+    if len(parts) not in (3, 4) or parts[0] != "shard" or not (parts[2].isascii() and parts[2].isdigit()):
         return False
     if len(parts) == 4 and parts[3] != host:
         return False
@@ -221,9 +222,14 @@ class FeatureStore:
         indexed = {f.name.removesuffix(".index.json") for f in self.folder.glob("shard-*.index.json")}
         for path in sorted(self.folder.glob("shard-*")):
             orphan = path.suffix == ".npy" and path.stem not in indexed
-            if (orphan or path.suffix == ".tmp") and _writer_gone(path.name, host):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+            if not (orphan or path.suffix == ".tmp") or not _writer_gone(path.name, host):
+                continue
+            if orphan and not _unlink_unlocked(path):
+                continue  # its writer holds its lock: alive, in a PID namespace (a container) this one cannot see
+            if path.suffix == ".tmp" and time.time() - _mtime(path) < TMP_AGE:
+                continue  # an index being replaced right now, by a writer whose pid is not visible here
+            path.unlink(missing_ok=True)
+            removed.append(path)
         if removed:
             log(f"removed {len(removed)} file(s) an interrupted extraction left in {self.folder}, e.g. {removed[0]}")
         return removed
@@ -234,6 +240,38 @@ class FeatureStore:
         self._shards.clear()
 
 
+TMP_AGE = 60.0
+"""Seconds after which an index temporary file of a stopped writer is removed (a live one exists for
+microseconds, between its write and its rename)."""
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _unlink_unlocked(path: Path) -> bool:
+    """Remove `path` if no process holds its writer's lock (`ShardWriter` keeps an flock on its array while it
+    runs); False when one does. Why a lock besides the pid: containers sharing a host name and a cache volume
+    see each other's pids as not running, and a live writer's rows were deleted under it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: held; others: a file system without locks, so keep it
+        os.close(fd)
+        return False
+    try:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)  # releases the lock
+    return True
+
+
 class ShardWriter:
     """Appends rows to one preallocated shard; the index is replaced atomically every `flush_every` rows."""
 
@@ -242,6 +280,7 @@ class ShardWriter:
         self.array_path, self.index_path = stem.with_name(stem.name + ".npy"), stem.with_name(stem.name + ".index.json")
         self.capacity, self.flush_every, self.stamp, self.row_shape = capacity, flush_every, stamp, row_shape
         self.array: np.memmap | None = None
+        self._lock: int | None = None  # a descriptor of the array holding its flock while this writer runs
         self.rows: dict[str, int] = {}
         self._unflushed = 0
 
@@ -252,6 +291,8 @@ class ShardWriter:
         if self.array is None:  # the row shape is known from the first batch; the file stays sparse until written
             self.array = np.lib.format.open_memmap(self.array_path, mode="w+", dtype=np.float16,
                                                    shape=(self.capacity, *grids.shape[1:]))
+            self._lock = os.open(self.array_path, os.O_RDONLY)  # held until close: see `_unlink_unlocked`
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for key, grid in zip(keys, grids):
             row = len(self.rows)
             self.array[row] = grid
@@ -273,3 +314,6 @@ class ShardWriter:
     def close(self) -> None:
         self.flush()
         self.array = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None

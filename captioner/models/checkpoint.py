@@ -23,6 +23,7 @@ from captioner.config import MAX_WIDTH, DecodeConfig, ModelConfig, config_to_dic
 from captioner.models.decoder import build_decoder
 from captioner.models.no_init import NoInit
 from captioner.models.vocab import Vocabulary
+from captioner.path_kind import path_kind
 
 FORMAT = "captioner"
 FORMAT_VERSION = 1
@@ -103,6 +104,10 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
+_NOT_A_CHECKPOINT = {"missing": "checkpoint file not found", "folder": "is a folder, not a checkpoint file",
+                     "special": "not a regular file ({})", "unreachable": "cannot read ({})"}
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file written by `save_tensors` -> (tensors, metadata).
 
@@ -110,10 +115,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         CheckpointError: missing, pickle-based, damaged, or without captioner metadata.
     """
     path = Path(path)
-    if path.is_dir():  # not "not found": the folder is there (a run folder instead of its best.safetensors?)
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    if not path.is_file():  # a FIFO or a device is there but would block or never end a read
-        raise CheckpointError(f"{path}: " + ("not a regular file" if path.exists() else "checkpoint file not found"))
+    kind, detail = path_kind(path)
+    if kind != "file":  # a folder: a run folder instead of its best.safetensors? A FIFO would block the read
+        raise CheckpointError(f"{path}: " + _NOT_A_CHECKPOINT[kind].format(detail))
     try:
         _refuse_pickle(path)
     except OSError as exc:  # e.g. no read permission: a reading problem, not the disk-full kind of OSError

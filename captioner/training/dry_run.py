@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import yaml
 
 from captioner.config import Config, DatasetConfig, config_to_dict
-from captioner.data.readers import DatasetError, check_images, read_dataset
+from captioner.data.readers import DatasetError
+from captioner.data.splits import check_images, read_dataset
 from captioner.training.prepare import build_vocabulary
 from captioner.training.start import starting_model
 

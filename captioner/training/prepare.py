@@ -18,7 +18,8 @@ import torch
 from captioner.config import Config, ConfigError, DatasetConfig
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
-from captioner.data.readers import DatasetError, Sample, check_images, read_dataset
+from captioner.data.readers import DatasetError, Sample
+from captioner.data.splits import check_images, read_dataset
 from captioner.models.encoder import build_encoder
 from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
 from captioner.training.distributed import Dist, gather

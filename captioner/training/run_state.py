@@ -158,7 +158,7 @@ def _check_slots(path: Path, tensors: dict[str, torch.Tensor], numbers: set[int]
     for key in tensors:
         if key.startswith("optim."):
             parts = key.split(".", 2)
-            if len(parts) != 3 or not parts[1].isdigit():
+            if len(parts) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
                 raise CheckpointError(f"{path}: tensor {key!r:.60} is not named optim.<parameter number>.<slot>")
             if int(parts[1]) not in numbers:
                 raise CheckpointError(f"{path}: tensor {key!r:.60} is for a parameter no param_groups entry lists")

@@ -7,8 +7,6 @@ extracted, each difference named. The model's vocabulary is kept (its output lay
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from captioner.config import Config, ConfigError, config_to_dict
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.shipped import UnknownModelError, resolve
@@ -52,12 +50,3 @@ def check_features(start: CaptionModel, encoder_dim: int, name: str) -> None:
     if start.encoder_dim != encoder_dim:
         raise ConfigError(f"invalid config:\n  - train.init_from {name!r} reads {start.encoder_dim}-channel "
                           f"features, this config's encoder gives {encoder_dim}")
-
-
-def run_vocabulary(state_file: Path) -> list[str]:
-    """The vocabulary a run saved with its state: a resumed run started from a model needs neither the model's
-    file (it may have moved or been updated since) nor its words recounted. The state is checked as a resume
-    checks it (`read_state`), so a damaged one is a CheckpointError, not a KeyError."""
-    from captioner.training.run_state import read_state
-
-    return read_state(state_file).vocab
