@@ -27,7 +27,7 @@ from captioner.jpeg_damage import (
     check_layout,
     check_scan,
 )
-from captioner.path_kind import path_kind
+from captioner.path_kind import file_problem, path_kind
 
 ImageInput = str | os.PathLike | Image.Image | bytes
 
@@ -69,11 +69,6 @@ def describe(item: ImageInput, index: int | None = None) -> str:
     return f"<{kind} #{index}>" if index is not None else f"<{kind}>"
 
 
-_NOT_A_FILE = {"missing": "file not found", "folder": "is a directory, not an image",
-               "special": "not a regular file ({})", "unreachable": "cannot read file ({})"}
-"""`open_image`'s reason for a path that is not a regular file, by `path_kind`."""
-
-
 def open_image(item: ImageInput, target_size: int = 224, source: str | None = None) -> Image.Image:
     """Decode `item` into a fully loaded 8-bit RGB image, upright as its EXIF orientation says.
 
@@ -102,9 +97,10 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
     elif isinstance(item, (str, os.PathLike)):
         fp = Path(item)
         try:
-            kind, detail = path_kind(fp)
-            if kind != "file":  # a FIFO would block the read for good, /dev/zero never end
-                raise ImageLoadError(source, _NOT_A_FILE[kind].format(detail))
+            problem = file_problem(fp, missing="file not found", folder="is a directory, not an image",
+                                   unreachable="cannot read file ({})")
+            if problem:  # a FIFO would block the read for good, /dev/zero never end
+                raise ImageLoadError(source, problem)
             if fp.stat().st_size == 0:
                 raise ImageLoadError(source, "empty file (0 bytes)")
             with open(fp, "rb") as fh:  # a JPEG is read whole, once: its layout is checked from the bytes

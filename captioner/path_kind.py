@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 from typing import Literal
 
 Kind = Literal["file", "folder", "missing", "special", "unreachable"]
@@ -35,3 +36,23 @@ def path_kind(path: str | os.PathLike) -> tuple[Kind, str]:
     if stat.S_ISDIR(mode):
         return "folder", ""
     return "special", next((name for test, name in _SPECIAL if test(mode)), "of an unknown kind")
+
+
+CHECKPOINT_WORDS = {"missing": "checkpoint file not found", "folder": "is a folder, not a checkpoint file"}
+"""`file_problem`'s words for a checkpoint path, shared by the loader and `captioner app` (which checks the path
+before its server starts, without importing the loader's torch)."""
+
+
+def file_problem(path: str | os.PathLike, *, missing: str, folder: str, special: str = "not a regular file ({})",
+                 unreachable: str = "cannot read ({})") -> str | None:
+    """None when `path` is a regular file, else the reason in the caller's words (`{}`: `path_kind`'s detail)."""
+    kind, detail = path_kind(path)
+    if kind == "file":
+        return None
+    return {"missing": missing, "folder": folder, "special": special, "unreachable": unreachable}[kind].format(detail)
+
+
+def replaced_file(path: Path) -> Path:
+    """The file that writing `path` whole (a temporary file renamed onto it) should replace: a symbolic link to a
+    file stays a link and its file is replaced; any other path is itself."""
+    return Path(os.path.realpath(path)) if path.is_symlink() and path.exists() else path

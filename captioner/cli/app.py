@@ -65,13 +65,10 @@ def checkpoint_problem(path: Path) -> str | None:
 
     Checked here because the app reports a bad checkpoint only in the browser, after the server is up; what
     is inside the file is still the app's to check when it loads it."""
-    from captioner.path_kind import path_kind
+    from captioner.path_kind import CHECKPOINT_WORDS, file_problem
 
-    kind, detail = path_kind(path)  # a FIFO or a device would block or never end the app's read
-    if kind == "file":
-        return None
-    return f"{path}: " + {"missing": "checkpoint file not found", "folder": "is a folder, not a checkpoint file",
-                          "special": "not a regular file ({})", "unreachable": "cannot read ({})"}[kind].format(detail)
+    problem = file_problem(path, **CHECKPOINT_WORDS)  # a FIFO or a device would block or never end the read
+    return f"{path}: {problem}" if problem else None
 
 
 def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:

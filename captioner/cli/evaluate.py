@@ -202,21 +202,16 @@ def _refuse(message: str, code: int = 2) -> int:
     return code
 
 
-def _write_target(path: Path) -> Path:
-    """The file to replace for `path`: a symbolic link to a file stays a link, its file is replaced (as
-    `captioner caption --output` does)."""
-    return Path(os.path.realpath(path)) if path.is_symlink() and path.exists() else path
-
-
 def _write_outputs(out: Path, report: dict, lines: list[str]) -> None:
     """captions.jsonl, then scores.json, each written whole through a temporary file beside it and renamed onto
     it: a failure (a full disk, a kill) leaves the old file or none, never half of one; scores.json last, so
     its presence means both are whole."""
     from captioner.models.checkpoint import atomic_write_bytes
+    from captioner.path_kind import replaced_file
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(_write_target(out / "captions.jsonl"), "".join(lines).encode("utf-8"))
-    atomic_write_bytes(_write_target(out / "scores.json"), json.dumps(report, indent=2, allow_nan=False).encode())
+    atomic_write_bytes(replaced_file(out / "captions.jsonl"), "".join(lines).encode("utf-8"))
+    atomic_write_bytes(replaced_file(out / "scores.json"), json.dumps(report, indent=2, allow_nan=False).encode())
 
 
 def run(args: argparse.Namespace) -> int:

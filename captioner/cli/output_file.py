@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from captioner.outputs import escape_path, record_key
-from captioner.path_kind import path_kind
+from captioner.path_kind import path_kind, replaced_file
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -123,8 +123,8 @@ class PartialOutput:
         self.own_fd = _own_stream(self.target)
         # written as it is: no temporary file, no rename, no resume
         self.direct = self.own_fd is not None or _is_special(self.target)
-        if self.target.is_symlink() and not self.direct:  # the link's file is replaced, not the link
-            self.target = Path(os.path.realpath(self.target))
+        if not self.direct:  # a link to a file stays a link: its file is replaced
+            self.target = replaced_file(self.target)
         self.partial = self.target if self.direct else self.target.with_name(_partial_name(self.target.name))
         self.fmt, self.resume = fmt, resume
         self.has_header = False

@@ -15,7 +15,7 @@ from captioner.config.mapping import dataclass_from_dict
 from captioner.config.model import DecodeConfig, ModelConfig
 from captioner.config.train import TrainConfig
 from captioner.config.yaml_io import YamlInputError, load_yaml, short_repr
-from captioner.path_kind import path_kind
+from captioner.path_kind import file_problem
 
 
 @dataclass
@@ -87,10 +87,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        kind, detail = path_kind(path)
-        if kind != "file":  # a FIFO or a device is there but would block or never end a read
-            what = {"missing": "does not exist", "folder": "is a folder", "special": "is not a regular file"}
-            raise ConfigError(f"invalid config:\n  - config file {path} {what.get(kind, f'cannot be read ({detail})')}")
+        problem = file_problem(path, missing="does not exist", folder="is a folder", special="is not a regular file",
+                               unreachable="cannot be read ({})")
+        if problem:  # a FIFO or a device is there but would block or never end a read
+            raise ConfigError(f"invalid config:\n  - config file {path} {problem}")
         try:
             raw = load_yaml(path.read_bytes())
         except YamlInputError as exc:

@@ -23,7 +23,7 @@ from captioner.config import MAX_WIDTH, DecodeConfig, ModelConfig, config_to_dic
 from captioner.models.decoder import build_decoder
 from captioner.models.no_init import NoInit
 from captioner.models.vocab import Vocabulary
-from captioner.path_kind import path_kind
+from captioner.path_kind import CHECKPOINT_WORDS, file_problem
 
 FORMAT = "captioner"
 FORMAT_VERSION = 1
@@ -104,10 +104,6 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-_NOT_A_CHECKPOINT = {"missing": "checkpoint file not found", "folder": "is a folder, not a checkpoint file",
-                     "special": "not a regular file ({})", "unreachable": "cannot read ({})"}
-
-
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file written by `save_tensors` -> (tensors, metadata).
 
@@ -115,9 +111,9 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         CheckpointError: missing, pickle-based, damaged, or without captioner metadata.
     """
     path = Path(path)
-    kind, detail = path_kind(path)
-    if kind != "file":  # a folder: a run folder instead of its best.safetensors? A FIFO would block the read
-        raise CheckpointError(f"{path}: " + _NOT_A_CHECKPOINT[kind].format(detail))
+    problem = file_problem(path, **CHECKPOINT_WORDS)
+    if problem:  # a folder: a run folder instead of its best.safetensors? A FIFO would block the read
+        raise CheckpointError(f"{path}: {problem}")
     try:
         _refuse_pickle(path)
     except OSError as exc:  # e.g. no read permission: a reading problem, not the disk-full kind of OSError
