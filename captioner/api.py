@@ -25,7 +25,7 @@ import torch
 
 from captioner.api_arguments import check_decode, count_argument
 from captioner.config import DecodeConfig
-from captioner.decoding import Hypothesis, beam_search
+from captioner.decoding import Hypothesis, decode
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.encoder import Encoder, build_encoder
@@ -175,8 +175,8 @@ class Captioner:
         size = self.encoder.preprocess.size
         # uint8 pixels, as captioning passes them
         features = self.encode(torch.zeros(batch_size, 3, size, size, dtype=torch.uint8))
-        beam_search(self.step_decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
-                    beam_size=self.model.decode_cfg.beam_size, max_length=2)
+        decode(self.step_decoder, features, DecodeConfig(beam_size=self.model.decode_cfg.beam_size, max_length=2),
+               self.vocab)
 
     def preprocess(self, item: ImageInput, source: str | None = None) -> torch.Tensor:
         """Open, orient, resize and normalise one image with the encoder's own preprocessing."""
@@ -241,16 +241,14 @@ class Captioner:
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         batch_size = count_argument("batch_size", batch_size, 1)
         num_workers = count_argument("num_workers", num_workers, 0)
-        d = self.model.decode_cfg
-        search = check_decode(d.beam_size if beam_size is None else beam_size, n_best,
-                              d.max_length if max_length is None else max_length,
-                              d.min_length if min_length is None else min_length,
-                              d.length_penalty if length_penalty is None else length_penalty,
-                              d.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram)
+        settings, n_best = check_decode(self.model.decode_cfg, n_best, beam_size=beam_size, max_length=max_length,
+                                        min_length=min_length, length_penalty=length_penalty,
+                                        no_repeat_ngram=no_repeat_ngram)
         if return_tags:
             top_tags = count_argument("top_tags", top_tags, 1)
             self.tag_head()  # no classifier or no label files: fail here, before any image is read
-        search.update(return_attention=return_attention, return_gates=return_gates)
+        search = {"settings": settings, "n_best": n_best, "return_attention": return_attention,
+                  "return_gates": return_gates}  # `decode`'s arguments
         tags = top_tags if return_tags else 0
         return self._stream(images, names, batch_size, num_workers, on_error, search, tags)
 
@@ -314,8 +312,7 @@ class Captioner:
             # The encoder's classifier reads the very features the decoder gets, whatever path made them.
             image_tags = self._tags(features, tags) if tags else [None] * len(good)
             decoder = fast[1] if fast is not None else self.decoder
-            hyps = beam_search(decoder, features, start_id=self.vocab.start_id, end_id=self.vocab.end_id,
-                               banned_ids=self.vocab.banned_ids, **search)
+            hyps = decode(decoder, features, vocab=self.vocab, **search)
             for (i, _), image_hyps, tag_list in zip(good, hyps, image_tags):
                 out[i] = self._to_caption(loaded[i][0], image_hyps, tag_list)
         return out

@@ -7,9 +7,10 @@ plain values the search takes, or a ValueError naming the argument at the call, 
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
-from captioner.config import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, MAX_LENGTH_PENALTY
+from captioner.config import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, MAX_LENGTH_PENALTY, DecodeConfig
 
 
 def count_argument(name: str, value: object, low: int) -> int:
@@ -22,22 +23,29 @@ def count_argument(name: str, value: object, low: int) -> int:
     return int(value)
 
 
-def check_decode(beam_size: object, n_best: object, max_length: object, min_length: object,
-                  length_penalty: object, no_repeat_ngram: object) -> dict:
-    """The beam search's keyword arguments, as plain ints and a float; a ValueError names the first out of range.
+def check_decode(defaults: DecodeConfig, n_best: object, **overrides: object) -> tuple[DecodeConfig, int]:
+    """The search's settings: `defaults` (the checkpoint's) with the `overrides` that are not None, and `n_best`,
+    as plain ints and a float; a ValueError names the first argument out of range.
 
     beam_size and max_length have the config's upper bounds too (`MAX_BEAM_SIZE`, `MAX_DECODE_LENGTH`): above
-    them the search's buffers fail to allocate, with an allocator traceback from deep inside it."""
-    search = {name: count_argument(name, value, low) for name, value, low in (
-        ("beam_size", beam_size, 1), ("n_best", n_best, 1), ("max_length", max_length, 1),
-        ("min_length", min_length, 0), ("no_repeat_ngram", no_repeat_ngram, 0))}
+    them the search's buffers fail to allocate, with an allocator traceback from deep inside it. The result is a
+    `DecodeConfig`, so the API's settings obey the rules a training config's do (min_length <= max_length among
+    them: above it, <end> was forbidden for the whole caption and every one ended unfinished)."""
+    values = {name: getattr(defaults, name) if value is None else value for name, value in overrides.items()}
+    lows = {"beam_size": 1, "max_length": 1, "min_length": 0, "no_repeat_ngram": 0}
+    checked = {name: count_argument(name, values[name], low) for name, low in lows.items() if name in values}
+    n_best = count_argument("n_best", n_best, 1)
     for name, high in (("beam_size", MAX_BEAM_SIZE), ("max_length", MAX_DECODE_LENGTH)):
-        if search[name] > high:
-            raise ValueError(f"{name} must be <= {high}, got {search[name]}")
-    if search["n_best"] > search["beam_size"]:
-        raise ValueError(f"n_best ({search['n_best']}) must not exceed beam_size ({search['beam_size']})")
-    search["length_penalty"] = length_penalty_argument(length_penalty)
-    return search
+        if name in checked and checked[name] > high:
+            raise ValueError(f"{name} must be <= {high}, got {checked[name]}")
+    if "length_penalty" in values:
+        checked["length_penalty"] = length_penalty_argument(values["length_penalty"])
+    final = {**dataclasses.asdict(defaults), **checked}
+    if n_best > final["beam_size"]:
+        raise ValueError(f"n_best ({n_best}) must not exceed beam_size ({final['beam_size']})")
+    if final["min_length"] > final["max_length"]:
+        raise ValueError(f"min_length ({final['min_length']}) must not exceed max_length ({final['max_length']})")
+    return dataclasses.replace(defaults, **checked), n_best
 
 
 def length_penalty_argument(value: object) -> float:

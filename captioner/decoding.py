@@ -11,14 +11,19 @@ returned.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from captioner.config.checks import MAX_LENGTH_PENALTY
 from captioner.models.decoder import StepOutput, Tensors
+
+if TYPE_CHECKING:
+    from captioner.config import DecodeConfig
+    from captioner.models.vocab import Vocabulary
 
 
 class StepDecoder(Protocol):
@@ -56,6 +61,18 @@ class Hypothesis:
     """(L, N) attention weights, one row per generated token (the <end> step included when present)."""
     gates: dict[str, torch.Tensor] | None = None
     """input, forget, output, cell: (L, H) each, aligned with `attention`."""
+
+
+def decode(decoder: StepDecoder, features: torch.Tensor, settings: DecodeConfig, vocab: Vocabulary, *,
+           n_best: int = 1, return_attention: bool = False, return_gates: bool = False) -> list[list[Hypothesis]]:
+    """`beam_search` with its settings as one `DecodeConfig` and the ids of `vocab`: how the API, evaluation and
+    self-critical training run the search, so that no caller copies the settings one field at a time (a new
+    setting reaches all of them) and every one is checked by `DecodeConfig`'s own rules (`min_length` above
+    `max_length` among them). Variants are `dataclasses.replace(settings, ...)`."""
+    search = {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
+    return beam_search(decoder, features, start_id=vocab.start_id, end_id=vocab.end_id,
+                       banned_ids=vocab.banned_ids, n_best=n_best, return_attention=return_attention,
+                       return_gates=return_gates, **search)
 
 
 def _select(tensors: Tensors, index: torch.Tensor) -> Tensors:

@@ -171,6 +171,17 @@ def test_count_arguments_refuse_floats_bools_and_strings(captioner, name, value)
         captioner.caption_iter([], **{name: value})
 
 
+def test_min_length_above_max_length_is_refused_at_the_call(captioner):
+    """The API took it, although a config's DecodeConfig refuses it: <end> was then forbidden for the whole caption
+    and every caption ended unfinished at max_length. Also when max_length comes from the checkpoint."""
+    with pytest.raises(ValueError, match=r"^min_length \(6\) must not exceed max_length \(5\)$"):
+        captioner.caption_iter([], max_length=5, min_length=6)
+    default = captioner.decode_defaults.max_length
+    with pytest.raises(ValueError, match=rf"^min_length \({default + 1}\) must not exceed max_length"):
+        captioner.caption_iter([], min_length=default + 1)
+    captioner.caption_iter([], max_length=5, min_length=5)  # equal is allowed, as in DecodeConfig
+
+
 def test_top_tags_refuses_a_float(captioner):
     with pytest.raises(ValueError, match=r"^top_tags must be an integer >= 1, got 2.5$"):
         captioner.caption_iter([], return_tags=True, top_tags=2.5)

@@ -70,3 +70,17 @@ def test_an_override_value_is_taken_as_written_where_yaml_would_cut_it(tmp_path)
     assert cfg.train.epochs == 3 and cfg.decode.length_penalty == 0.5
     assert load_config(None, ['train.out_dir="/runs/a #b"']).train.out_dir == "/runs/a #b"  # quoted: YAML's reading
     assert load_config(None, ["train.out_dir=!!str 2024"]).train.out_dir == "2024"  # a YAML tag still works
+
+
+def test_one_config_problem_is_one_line_and_several_are_listed(tmp_path, capsys):
+    """The CLI's errors before any work are one line on stderr; a config error with one problem used to take two
+    ("invalid config:" and the problem below it)."""
+    one = write(tmp_path, "train:\n  epochs: many\n")
+    assert main(["train", "--config", str(one), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["captioner: error: invalid config: train.epochs: expected int, got str 'many'"]
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "train:\n  lr: -1\n  epochs: 0\n"))
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid config:" and len(lines) == 3
+    assert all(line.startswith("  - train.") for line in lines[1:])

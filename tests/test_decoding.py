@@ -287,3 +287,30 @@ def test_ended_rows_are_named_to_a_decoder_that_skips_them_and_their_outputs_are
     for tokens, ended in skipping.handed:  # the first step (one row per image) is never handed a mask
         assert tokens.numel() % 3 == 0
         assert torch.equal(ended, tokens == END)  # an ended row's last word is <end>, and only an ended row's
+
+
+def test_decode_runs_the_search_with_every_setting_of_its_decode_config(tiny_cfg, vocab):
+    """`decode` is how the API, evaluation and SCST search: each DecodeConfig field must reach the search (a field
+    copied by hand into one caller and not another is what it replaced)."""
+    import dataclasses
+
+    from captioner.config import DecodeConfig
+    from captioner.decoding import decode
+
+    decoder = random_decoder(tiny_cfg, vocab, seed=3)
+    features = torch.randn(4, 9, 32)
+    settings = DecodeConfig(beam_size=4, max_length=7, min_length=3, length_penalty=0.9, no_repeat_ngram=2)
+    got = decode(decoder, features, settings, vocab, n_best=3, return_attention=True)
+    want = beam_search(decoder, features, start_id=START, end_id=END, banned_ids=vocab.banned_ids, n_best=3,
+                       return_attention=True, **dataclasses.asdict(settings))
+    assert [[(h.tokens, h.score) for h in image] for image in got] == [[(h.tokens, h.score) for h in image]
+                                                                       for image in want]
+    assert all(h.attention is not None and len(image) == 3 for image in got for h in image)
+    for field in dataclasses.fields(DecodeConfig):  # each setting changed alone reaches the search too
+        other = dataclasses.replace(settings, **{field.name: {"beam_size": 1, "max_length": 4, "min_length": 0,
+                                                              "length_penalty": 0.0, "no_repeat_ngram": 0}
+                                                             [field.name]})
+        want = beam_search(decoder, features, start_id=START, end_id=END, banned_ids=vocab.banned_ids,
+                           **dataclasses.asdict(other))
+        assert [[h.tokens for h in image] for image in decode(decoder, features, other, vocab)] == \
+            [[h.tokens for h in image] for image in want]

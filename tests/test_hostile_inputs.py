@@ -221,6 +221,7 @@ def test_evaluate_with_no_image_to_score_is_an_error_not_a_hang(tmp_path, tiny_c
     ("train.val_max_images=-1", "train.val_max_images"), ("data.max_images=-1", "data.max_images"),
     ("train.weight_decay=-1", "train.weight_decay"), ("train.patience=-1", "train.patience"),
     ("train.scst_samples=0", "train.scst_samples"), ("model.hidden_dim=20000", "model.hidden_dim"),
+    ("train.scst_samples=101", r"train.scst_samples must be <= 100"),
     ("train.attention_reg=.nan", "train.attention_reg"),
 ])
 def test_out_of_range_config_values_are_refused_by_key(tmp_path, override, key):

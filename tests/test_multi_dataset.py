@@ -170,7 +170,7 @@ def test_a_type_error_inside_an_entry_is_named_once(two_datasets, tmp_path):
     path.write_text(yaml.safe_dump({"data": {"datasets": [first, {**second, "weight": "abc"}]}}))
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert "- data.datasets[1].weight: expected float" in str(info.value)
+    assert str(info.value).startswith("invalid config: data.datasets[1].weight: expected float")
     assert "datasets[1].datasets" not in str(info.value)
     with pytest.raises(ConfigError, match=r"data\.datasets\[0\]\.name must be"):
         load_config(path, ["data.datasets.1.weight=1", "data.datasets.0.name=a/b"])

@@ -49,7 +49,15 @@ def not_a_file(value: str, key: str) -> list[str]:
     return [f"{key} {value} exists and is a file, not a folder"] if value and Path(value).is_file() else []
 
 
+def config_error(*problems: str) -> ConfigError:
+    """One ConfigError for `problems`: "invalid config: PROBLEM" on one line when there is one (the CLI's errors
+    before any work are one line), else a line per problem."""
+    if len(problems) == 1:
+        return ConfigError(f"invalid config: {problems[0]}")
+    return ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
 def raise_problems(problems: list[str]) -> None:
     """Raise one ConfigError listing every problem, when there is any."""
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise config_error(*problems)

@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from captioner.config.checks import ConfigError
+from captioner.config.checks import ConfigError, config_error
 from captioner.config.yaml_io import short_repr
 
 
@@ -29,27 +29,24 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"invalid config:\n  - {where}: expected {annotation}, got {short_repr(value)}")
+        raise config_error(f"{where}: expected {annotation}, got {short_repr(value)}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         try:
             return float(value)
         except OverflowError:  # an integer of 309+ digits (YAML, --set, a checkpoint's JSON): no float holds it
-            raise ConfigError(f"invalid config:\n  - {where} must be a finite number, got an integer too "
-                              "large for a float") from None
+            raise config_error(f"{where} must be a finite number, got an integer too "
+                               "large for a float") from None
     if annotation is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
             return float(value)
         except ValueError:
             pass
     if annotation is bool and not isinstance(value, bool):
-        raise ConfigError(f"invalid config:\n  - {where}: expected true/false, got {short_repr(value)}")
+        raise config_error(f"{where}: expected true/false, got {short_repr(value)}")
     if annotation is int and isinstance(value, bool):
-        raise ConfigError(f"invalid config:\n  - {where}: expected an integer, got {short_repr(value)}")
+        raise config_error(f"{where}: expected an integer, got {short_repr(value)}")
     if not isinstance(value, annotation):
-        raise ConfigError(
-            f"invalid config:\n  - {where}: expected {annotation.__name__}, "
-            f"got {type(value).__name__} {short_repr(value)}"
-        )
+        raise config_error(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {short_repr(value)}")
     return value
 
 
@@ -58,13 +55,13 @@ def dataclass_from_dict(cls: type, raw: Any, where: str = "") -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config:\n  - {where or 'top level'}: expected a mapping, got {short_repr(raw)}")
+        raise config_error(f"{where or 'top level'}: expected a mapping, got {short_repr(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(raw) - set(fields))  # YAML keys may be 1, True (yes/on) or None (~)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            "invalid config:\n  - unknown key(s) "
+        raise config_error(
+            "unknown key(s) "
             + ", ".join(prefix + k for k in unknown)
             + f"; valid keys: {', '.join(prefix + k for k in fields)}"
         )
@@ -77,7 +74,7 @@ def dataclass_from_dict(cls: type, raw: Any, where: str = "") -> Any:
             kwargs[name] = dataclass_from_dict(hint, value, key)
         elif typing.get_origin(hint) is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
             if not isinstance(value, list):
-                raise ConfigError(f"invalid config:\n  - {key}: expected a list, got {short_repr(value)}")
+                raise config_error(f"{key}: expected a list, got {short_repr(value)}")
             item = typing.get_args(hint)[0]
             kwargs[name] = [_entry(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
         else:
@@ -91,4 +88,6 @@ def _entry(cls: type, raw: Any, where: str) -> Any:
         return dataclass_from_dict(cls, raw, where)
     except ConfigError as exc:  # DatasetConfig's own checks name the section "data"
         # Only the bare "data" prefix of DatasetConfig's own checks; type errors already name the entry.
-        raise ConfigError(re.sub(r"- data(?=[.:])(?!\.datasets\[)", f"- {where}", str(exc))) from None
+        # One problem reads "invalid config: data.x ...", several "  - data.x ..." a line each.
+        raise ConfigError(re.sub(r"(?:(?<=^invalid config: )|(?<=- ))data(?=[.:])(?!\.datasets\[)", where,
+                                 str(exc))) from None

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from captioner.config.checks import ConfigError
+from captioner.config.checks import config_error
 from captioner.config.data import DataConfig
 from captioner.config.mapping import dataclass_from_dict
 from captioner.config.model import DecodeConfig, ModelConfig
@@ -43,12 +43,12 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     that YAML reads as a string is taken as written. Why: YAML drops a ` #...` tail as a comment and folds a
     newline into a space, so `train.out_dir=/runs/exp #2` silently became `/runs/exp`."""
     if "=" not in item:
-        raise ConfigError(f"invalid config:\n  - override {item!r} must look like section.key=value")
+        raise config_error(f"override {item!r} must look like section.key=value")
     key, text = item.split("=", 1)
     try:
         value = load_yaml(text)
     except YamlInputError as exc:
-        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {exc}") from exc
+        raise config_error(f"override {short_repr(item)}: {exc}") from exc
     plain = text.strip()
     cut = "#" in plain or any(c in plain for c in "\n\r")  # what YAML drops (a comment) or folds (a line break)
     if cut and isinstance(value, str) and plain[0] not in "\"'!" and value != plain:
@@ -61,8 +61,8 @@ def _index(node: list, key: str, item: str) -> int:
     digit) and numbers of over 4,300 digits with a ValueError, which reached the user as a traceback."""
     if not (key.isascii() and key.isdigit()) or len(key) > 9 or int(key) >= len(node):
         shown = key if len(key) <= 20 else key[:20] + "..."
-        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {shown} is not an entry of that list "
-                          f"(0..{len(node) - 1})")
+        raise config_error(f"override {short_repr(item)}: {shown} is not an entry of that list "
+                           f"(0..{len(node) - 1})")
     return int(key)
 
 
@@ -73,7 +73,7 @@ def _step(node: Any, key: str, item: str) -> Any:
     else:
         node = node.setdefault(key, {})
     if not isinstance(node, (dict, list)):
-        raise ConfigError(f"invalid config:\n  - override {short_repr(item)}: {key} is not a section")
+        raise config_error(f"override {short_repr(item)}: {key} is not a section")
     return node
 
 
@@ -90,17 +90,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         problem = file_problem(path, missing="does not exist", folder="is a folder", special="is not a regular file",
                                unreachable="cannot be read ({})")
         if problem:  # a FIFO or a device is there but would block or never end a read
-            raise ConfigError(f"invalid config:\n  - config file {path} {problem}")
+            raise config_error(f"config file {path} {problem}")
         try:
             raw = load_yaml(path.read_bytes())
         except YamlInputError as exc:
-            raise ConfigError(f"invalid config:\n  - {path}: {exc}") from exc
+            raise config_error(f"{path}: {exc}") from exc
         except OSError as exc:
-            raise ConfigError(f"invalid config:\n  - cannot read {path}: {exc.strerror}") from exc
+            raise config_error(f"cannot read {path}: {exc.strerror}") from exc
         if raw is None:
-            raise ConfigError(f"invalid config:\n  - {path} is empty")
+            raise config_error(f"{path} is empty")
         if not isinstance(raw, dict):
-            raise ConfigError(f"invalid config:\n  - {path}: the top level must be a mapping")
+            raise config_error(f"{path}: the top level must be a mapping")
     for item in overrides or []:
         keys, value = _parse_override(item)
         node: Any = raw

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from captioner.config.checks import at_least, finite, not_a_file, raise_problems
+from captioner.config.checks import MAX_BEAM_SIZE, at_least, finite, not_a_file, raise_problems
 
 
 @dataclass
@@ -100,6 +100,8 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "attention_reg"):
             if getattr(self, name) < 0:
                 problems.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.scst_samples > MAX_BEAM_SIZE:  # with scst_candidates: beam, the width of a beam search
+            problems.append(f"train.scst_samples must be <= {MAX_BEAM_SIZE}, got {self.scst_samples}")
         if self.scst_lr <= 0:
             problems.append(f"train.scst_lr must be > 0, got {self.scst_lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

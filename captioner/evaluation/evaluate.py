@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from captioner.config import DecodeConfig
 from captioner.data.dataset import CaptionSet
-from captioner.decoding import beam_search
+from captioner.decoding import decode as search
 from captioner.evaluation.metrics import ALL_METRICS, score_captions
 from captioner.models.checkpoint import CaptionModel
 
@@ -23,10 +23,7 @@ def decode_set(model: CaptionModel, data: CaptionSet, decode: DecodeConfig, batc
     try:
         for start in range(0, len(data), batch_size):
             feats = data.features[start:start + batch_size].float()
-            hyps = beam_search(decoder, feats, start_id=vocab.start_id, end_id=vocab.end_id,
-                               beam_size=decode.beam_size, max_length=decode.max_length,
-                               min_length=decode.min_length, length_penalty=decode.length_penalty,
-                               banned_ids=vocab.banned_ids, no_repeat_ngram=decode.no_repeat_ngram)
+            hyps = search(decoder, feats, decode, vocab)
             texts += [" ".join(vocab.decode(h[0].tokens)) for h in hyps]
     finally:
         decoder.train(was_training)

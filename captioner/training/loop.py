@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.config import Config, ConfigError, config_to_dict, save_config
+from captioner.config import Config, config_to_dict, save_config
+from captioner.config.checks import config_error
 from captioner.data.dataset import Batch, CaptionSet, encode_captions, iterate_batches
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model, new_model, save_model
 from captioner.models.vocab import Vocabulary
@@ -52,7 +53,7 @@ def start_encoder_head(decoder: torch.nn.Module, pretrained: torch.nn.Linear | N
         return
     if pretrained is None or pretrained.weight.shape != head.weight.shape:
         got = "no head" if pretrained is None else f"a {pretrained.out_features}-wide head"
-        raise ConfigError(f"invalid config:\n  - model.encoder_head is {head.out_features} but the encoder has {got}")
+        raise config_error(f"model.encoder_head is {head.out_features} but the encoder has {got}")
     head.weight.copy_(pretrained.weight)
     head.bias.copy_(pretrained.bias)
 
@@ -161,8 +162,8 @@ def start_from_best(model: CaptionModel, optimizer: torch.optim.Optimizer, run: 
 def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
     run = Path(cfg.train.out_dir)
     if (run / "train_state.safetensors").exists() and not resume:
-        raise ConfigError(f"invalid config:\n  - {run} holds a previous run; pass --resume to continue it or "
-                          "set train.out_dir to a new folder")
+        raise config_error(f"{run} holds a previous run; pass --resume to continue it or "
+                           "set train.out_dir to a new folder")
     barrier(dist)  # every rank has looked before rank 0 writes anything
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -234,8 +235,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
         if dist.enabled:  # the saved RNG state is rank 0's; give each rank its own dropout stream again
             torch.manual_seed(cfg.train.seed + dist.rank + 1000 * progress.epoch)
         if itos != vocab.itos:
-            raise ConfigError(f"invalid config:\n  - {run}: the data no longer gives the vocabulary of the run "
-                              "being resumed")
+            raise config_error(f"{run}: the data no longer gives the vocabulary of the run "
+                               "being resumed")
         if dist.is_main:
             log(f"resumed after epoch {progress.epoch} (best validation score {progress.best_score:.4f})")
     trainer = (DistributedDataParallel(model.decoder, device_ids=[dist.device.index] if dist.device.index is not None

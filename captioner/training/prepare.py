@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from captioner.config import Config, ConfigError, DatasetConfig
+from captioner.config import Config, DatasetConfig
+from captioner.config.checks import config_error
 from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, Sample
@@ -118,8 +119,8 @@ def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
     encoder = build_encoder(cfg.model.encoder, cfg.model.encoder_weights, image_size=cfg.model.image_size,
                             headless=bool(cfg.model.encoder_head))
     if encoder.head is not None and encoder.head.out_features != cfg.model.encoder_head:
-        raise ConfigError(f"invalid config:\n  - model.encoder_head is {cfg.model.encoder_head} but {encoder.name}'s "
-                          f"last 1x1 convolution has {encoder.head.out_features} channels")
+        raise config_error(f"model.encoder_head is {cfg.model.encoder_head} but {encoder.name}'s "
+                           f"last 1x1 convolution has {encoder.head.out_features} channels")
     cache = FeatureCache(cfg.data.cache_dir, encoder)
     mirrored = FeatureCache(cfg.data.cache_dir, encoder, mirrored=True) if cfg.data.mirror else None
     sources = cfg.data.sources()
@@ -169,7 +170,7 @@ def validate_paths(cfg: Config) -> None:
         if problem:
             problems.append(f"{key} {folder}: {problem}")
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise config_error(*problems)
 
 
 def folder_problem(folder: str) -> str | None:

@@ -11,12 +11,14 @@ model. Sampling is not search, so it lives here rather than in `captioner.decodi
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as tdist
 
 from captioner.config import Config
 from captioner.data.dataset import CaptionSet, epoch_order, rank_share
-from captioner.decoding import beam_search
+from captioner.decoding import decode
 from captioner.evaluation.cider import CiderD
 from captioner.models.checkpoint import CaptionModel
 from captioner.models.vocab import tokenize
@@ -66,10 +68,7 @@ def beam_candidates(model: CaptionModel, features: torch.Tensor, cfg: Config) ->
     mode = decoder.training
     decoder.eval()
     try:
-        hyps = beam_search(decoder, features, start_id=vocab.start_id, end_id=vocab.end_id, beam_size=k, n_best=k,
-                           max_length=cfg.decode.max_length, min_length=cfg.decode.min_length,
-                           length_penalty=cfg.decode.length_penalty, banned_ids=vocab.banned_ids,
-                           no_repeat_ngram=cfg.decode.no_repeat_ngram)
+        hyps = decode(decoder, features, dataclasses.replace(cfg.decode, beam_size=k), vocab, n_best=k)
     finally:
         decoder.train(mode)
     return [[h.tokens + ([vocab.end_id] if h.finished else []) for h in image] for image in hyps]

@@ -7,7 +7,8 @@ extracted, each difference named. The model's vocabulary is kept (its output lay
 
 from __future__ import annotations
 
-from captioner.config import Config, ConfigError, config_to_dict
+from captioner.config import Config, config_to_dict
+from captioner.config.checks import config_error
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
 from captioner.models.shipped import UnknownModelError, resolve
 
@@ -30,10 +31,10 @@ def starting_model(cfg: Config) -> CaptionModel:
             raise CheckpointError(f"{path}: is a folder" + (f"; did you mean {hint}?" if hint.is_file() else ""))
         start = load_model(path)
     except (UnknownModelError, CheckpointError) as exc:
-        raise ConfigError(f"invalid config:\n  - train.init_from: {exc}") from exc
+        raise config_error(f"train.init_from: {exc}") from exc
     problems = differences(cfg, start, name)
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise config_error(*problems)
     return start
 
 
@@ -48,5 +49,5 @@ def check_features(start: CaptionModel, encoder_dim: int, name: str) -> None:
     """The starting model must read grids as wide as the config's encoder gives (a hand-edited checkpoint may
     claim the same encoder and another width)."""
     if start.encoder_dim != encoder_dim:
-        raise ConfigError(f"invalid config:\n  - train.init_from {name!r} reads {start.encoder_dim}-channel "
-                          f"features, this config's encoder gives {encoder_dim}")
+        raise config_error(f"train.init_from {name!r} reads {start.encoder_dim}-channel "
+                           f"features, this config's encoder gives {encoder_dim}")
