@@ -48,8 +48,7 @@ from captioner.decoding import beam_search
 from captioner.images import open_image
 from captioner.models.checkpoint import new_model, save_model
 from captioner.models.vocab import SPECIALS, Vocabulary
-from captioner.runtime.fast import (
-    FastPaths,
+from captioner.runtime.choice import (
     cpu_flags,
     cpu_has_bf16,
     decoder_products,
@@ -57,6 +56,7 @@ from captioner.runtime.fast import (
     encoder_precision,
     resolve_precision,
 )
+from captioner.runtime.fast import FastPaths
 from captioner.runtime.fused_decoder import FusedAttentionDecoder
 from captioner.runtime.int8 import calibration_path
 from captioner.runtime.products import Product
@@ -181,7 +181,7 @@ def cpu_name() -> str:
 
 
 FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-"""The CPU features that decide the fast paths (`captioner.runtime.fast.auto_precision`)."""
+"""The CPU features that decide the fast paths (`captioner.runtime.choice.auto_precision`)."""
 
 
 def cpu_features() -> str:

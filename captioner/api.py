@@ -34,8 +34,10 @@ from captioner.models.shipped import SHIPPED
 from captioner.models.shipped import resolve as resolve_model
 from captioner.models.tags import TagError, TagHead, imagenet_classifier, timm_info_dir
 from captioner.results import Alternative, Caption, Tag
-from captioner.runtime.fast import SMALL_JOB, FastPaths, Precision, resolve_precision
+from captioner.runtime.choice import resolve_precision
+from captioner.runtime.fast import SMALL_JOB, FastPaths
 from captioner.runtime.int8 import CalibrationError, calibration_path
+from captioner.runtime.precisions import Precision
 
 
 def default_model_path() -> Path:
@@ -52,7 +54,7 @@ class Captioner:
 
         Args:
             precision: "auto" picks per CPU the fastest of the paths below whose dev CIDEr-D stays within 0.01
-                of fp32's (`captioner.runtime.fast.auto_precision`: "bf16" with AMX and OpenVINO,
+                of fp32's (`captioner.runtime.choice.auto_precision`: "bf16" with AMX and OpenVINO,
                 "bf16-encoder" with AVX512-BF16 but no AMX and OpenVINO, "bf16-decoder" with native bf16 but
                 no OpenVINO, "fp32" elsewhere), after captioning the instance's first 16 images
                 (`captioner.runtime.fast.SMALL_JOB`) on the reference modules: a job of a few photos finishes

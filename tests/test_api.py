@@ -9,7 +9,7 @@ from PIL import Image
 from captioner import Caption, Captioner, CheckpointError, ImageLoadError
 from captioner.models.checkpoint import save_model
 from captioner.models.encoder import build_encoder
-from captioner.runtime.fast import cpu_has_vnni
+from captioner.runtime.choice import cpu_has_vnni
 from captioner.runtime.int8 import CalibrationError
 from tests.conftest import make_model, write_images
 from tests.test_speed_paths import SCENES, scene

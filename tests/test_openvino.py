@@ -24,7 +24,8 @@ from captioner.models.encoder import build_encoder
 from captioner.models.vocab import Vocabulary
 from captioner.runtime import cache, int8, onnx_runtime, openvino_runtime
 from captioner.runtime import fast as fast_module
-from captioner.runtime.fast import FastEncoder, cpu_has_bf16, cpu_has_vnni, export_onnx
+from captioner.runtime.choice import cpu_has_bf16, cpu_has_vnni
+from captioner.runtime.fast import FastEncoder, export_onnx
 from captioner.runtime.fused_decoder import FusedAttentionDecoder
 from tests import test_speed_paths as speed_paths
 from tests.test_speed_paths import SCENES, _captions, scene

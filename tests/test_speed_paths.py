@@ -49,18 +49,16 @@ from captioner.models.conv_passes import fold_batchnorm, static_same_padding
 from captioner.models.encoder import build_encoder
 from captioner.models.vocab import Vocabulary
 from captioner.runtime import int8
-from captioner.runtime.fast import (
-    FastEncoder,
-    FastPaths,
+from captioner.runtime.choice import (
     auto_precision,
     cpu_flags,
     cpu_has_vnni,
     decoder_products,
     default_backend,
-    export_onnx,
     projection_products,
     resolve_precision,
 )
+from captioner.runtime.fast import FastEncoder, FastPaths, export_onnx
 from captioner.runtime.fused_decoder import FACTORISED_IMAGES, SKIP_ENDED_ROWS, FusedAttentionDecoder
 from captioner.runtime.products import ActivatedProduct, Product, onednn_linear
 
@@ -389,9 +387,10 @@ def test_auto_captions_a_small_job_without_building_the_fast_paths(encoder, tiny
     """precision="auto": the first SMALL_JOB images go to the reference modules (the same captions as
     "reference"), the first batch that does not fit in what is left builds the fast paths, for good; an explicit
     precision builds them at the first image."""
+    import captioner.runtime.choice as choice
     import captioner.runtime.fast as fast
 
-    monkeypatch.setattr(fast, "auto_precision", lambda *a, **k: "fp32")  # the same build on every CPU kind
+    monkeypatch.setattr(choice, "auto_precision", lambda *a, **k: "fp32")  # the same build on every CPU kind
     images = [scene(c, s, 1) for c, s in SCENES]
     reference = Captioner(tiny_model, encoder, precision="reference").caption(images, beam_size=3)
     auto = Captioner(tiny_model, encoder, precision="auto")
@@ -660,7 +659,7 @@ def test_bf16_projection_alone_leaves_the_step_products_in_fp32(features):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_decoder_products_follow_the_precision(native, monkeypatch, tiny_model, encoder):
-    monkeypatch.setattr("captioner.runtime.fast.cpu_has_bf16", lambda: native)
+    monkeypatch.setattr("captioner.runtime.choice.cpu_has_bf16", lambda: native)
     assert decoder_products("fp32") == "fp32" and decoder_products("bf16") == "bf16"
     assert decoder_products("bf16-decoder") == "bf16" and decoder_products("bf16-encoder") == "fp32"
     assert decoder_products("int8") == ("bf16" if native else "fp32")  # emulated bf16 would be slower than fp32
@@ -722,10 +721,10 @@ def test_backend_choice(monkeypatch, openvino):
                                       ({"amx_bf16"}, "openvino", "onnxruntime")):
         assert default_backend("bf16", flags) == (bf16 if openvino else "torchscript"), flags
         assert default_backend("int8", flags) == (int8_backend if openvino else "onnxruntime"), flags
-    monkeypatch.setattr("captioner.runtime.fast.cpu_flags", lambda: set(AMX))  # flags=None: this CPU's
+    monkeypatch.setattr("captioner.runtime.choice.cpu_flags", lambda: set(AMX))  # flags=None: this CPU's
     assert default_backend("bf16") == ("openvino" if openvino else "torchscript")
     assert default_backend("int8") == ("openvino" if openvino else "onnxruntime")
-    monkeypatch.setattr("captioner.runtime.fast.cpu_flags", lambda: set(AVX2))
+    monkeypatch.setattr("captioner.runtime.choice.cpu_flags", lambda: set(AVX2))
     assert default_backend("bf16") == "torchscript" and default_backend("int8") == "onnxruntime"
     # Without ONNX Runtime (and its exporter) OpenVINO has no graph to read: TorchScript everywhere.
     monkeypatch.setattr("captioner.runtime.onnx_runtime.available", lambda: False)

@@ -9,7 +9,7 @@ import yaml
 
 from captioner.api import Captioner
 from captioner.cli import main
-from captioner.runtime.fast import resolve_precision
+from captioner.runtime.choice import resolve_precision
 from tests.synthetic import make_shapes_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

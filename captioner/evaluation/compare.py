@@ -1,7 +1,7 @@
 """How far two captionings of the same images are apart in CIDEr-D, with a paired bootstrap interval.
 
 Why: a precision is "within tolerance" when its dev CIDEr-D stays within 0.01 of fp32's
-(`captioner.runtime.fast.CIDER_TOLERANCE`), but a difference of corpus scores says nothing of how much of it is
+(`captioner.runtime.choice.CIDER_TOLERANCE`), but a difference of corpus scores says nothing of how much of it is
 chance. CIDEr-D's document frequencies come from the references alone, so the corpus score is the mean of the
 per-image scores, and two captionings of the same images can be compared image by image: the mean of the
 per-image differences, and a percentile interval from resampling the images with replacement. On coco_small's
