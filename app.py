@@ -181,27 +181,30 @@ def load_ui() -> tuple[Captioner, str | None] | None:
     return None
 
 
-def sidebar_ui(cap: Captioner) -> Settings:
-    """Decoding controls, defaults taken from the checkpoint."""
+def sidebar_ui(cap: Captioner, model: str | None = None) -> Settings:
+    """Decoding controls, defaults taken from the checkpoint. Their keys carry the `model` they are for: with
+    one set of keys, a switch of model kept the other model's values (the flickr8k model showed the general
+    one's length penalty 0.7 beside its card saying it decodes with 0.5)."""
     d = cap.decode_defaults
+    key = f"{model or 'default'}:"
     st.sidebar.header("Decoding")
-    beam = st.sidebar.slider("Beam size", 1, max(10, d.beam_size), d.beam_size, key="beam_size",
+    beam = st.sidebar.slider("Beam size", 1, max(10, d.beam_size), d.beam_size, key=key + "beam_size",
                              help="How many partial captions are kept at each step; 1 is greedy decoding.")
     if beam > 1:
         # The widget's state goes when greedy decoding hides it; a copy outside it brings the choice back.
         state = st.session_state
-        state["n_best"] = min(state.get("n_best", state.get("n_best_kept", 3)), beam)
-        n_best = st.sidebar.slider("Alternatives (n-best)", 1, beam, key="n_best",
+        state[key + "n_best"] = min(state.get(key + "n_best", state.get(key + "n_best_kept", 3)), beam)
+        n_best = st.sidebar.slider("Alternatives (n-best)", 1, beam, key=key + "n_best",
                                    help="How many of the best finished captions to list.")
-        st.session_state["n_best_kept"] = n_best
+        st.session_state[key + "n_best_kept"] = n_best
     else:
         n_best = 1
         st.sidebar.caption("Alternatives (n-best): 1 with greedy decoding.")
     max_length = st.sidebar.slider("Maximum length (words)", 1, max(40, d.max_length), d.max_length,
-                                   key="max_length")
+                                   key=key + "max_length")
     penalty = st.sidebar.slider("Length penalty", 0.0, 2.0, float(d.length_penalty), 0.1,
-                                key="length_penalty", help="0 ranks by total log-probability (favours short "
-                                                           "captions); higher values favour longer ones.")
+                                key=key + "length_penalty", help="0 ranks by total log-probability (favours "
+                                                                 "short captions); higher values favour longer ones.")
     return Settings(beam, n_best, max_length, penalty)
 
 
@@ -313,7 +316,7 @@ def main() -> None:
     if loaded is None:
         return
     cap, path = loaded
-    settings = sidebar_ui(cap)
+    settings = sidebar_ui(cap, path)
     model_info_ui(cap, path)
     uploads = upload_ui()
     if not uploads:

@@ -30,10 +30,9 @@ def model_card(info: dict, decode: DecodeConfig) -> list[str]:
         lines.append(f"**{info['name']}**")
     data = info.get("data")
     train, val = info.get("train_images"), info.get("val_images")
-    if train:
-        where = str(data).split(" (")[0] if data else "its training data"
-        sizes = f"{train:,} images" + (f", model selection on {val:,}" if val else "")
-        lines.append(f"Trained on {where} ({sizes}).")
+    if train:  # the counts only: the data line below names the data (a name cut from it read "Flickr8k" for
+        # the model trained on Flickr8k and COCO, and "csv" for a CSV)
+        lines.append(f"Trained on {train:,} images" + (f", model selection on {val:,}." if val else "."))
     if data:
         lines.append(str(data) + ("" if str(data).endswith(".") else "."))
     selection = info.get("selection")

@@ -112,7 +112,7 @@ def test_start_page_has_checkpoint_defaults_and_model_info(app):
     assert sidebar_slider(app, "Maximum length (words)").value == 8
     assert sidebar_slider(app, "Alternatives (n-best)").value == APP_N_BEST
     [card] = [m.value for m in app.sidebar.markdown if "tiny test model" in m.value]
-    assert "Trained on unit-test pictures (6,000 images, model selection on 1,000)." in card
+    assert "Trained on 6,000 images, model selection on 1,000." in card and "unit-test pictures (made up)." in card
     assert "Dev CIDEr 0.456 at beam 3, length penalty 0.7: the score that picked epoch 4 during training." in card
     assert "decodes with length penalty 0.0 by default" in card  # the decode default differs from 0.7
     assert "train_images" not in card and "{" not in card and not app.sidebar.dataframe
@@ -460,3 +460,43 @@ def test_the_sidebar_switches_between_the_shipped_models(monkeypatch):
     chooser.set_value(other).run()
     assert not at.exception
     assert Captioner.load(other).model.info["name"] in shown() and first not in shown()
+
+
+def test_the_decoding_controls_follow_the_chosen_model(monkeypatch):
+    """Each model's sliders start at its own decode defaults, also after a value was changed for another model:
+    with one set of widget keys, switching from the general model (length penalty 0.7) to the flickr8k one
+    (0.5) kept 0.7, beside a model card saying 0.5."""
+    from captioner.models.shipped import list_models
+
+    monkeypatch.delenv(ENV, raising=False)
+    names = [m.name for m in list_models()]
+    penalties = {name: Captioner.load(name).decode_defaults.length_penalty for name in names}
+    assert len(set(penalties.values())) > 1  # the shipped models differ, or this test shows nothing
+    at = AppTest.from_file(str(APP), default_timeout=120).run()
+
+    def choose(name: str) -> None:
+        [chooser] = [s for s in at.sidebar.selectbox if s.label == "Model"]
+        chooser.set_value(name).run()
+        assert not at.exception
+
+    for name in [*names[1:], names[0]]:
+        choose(name)
+        assert sidebar_slider(at, "Length penalty").value == pytest.approx(penalties[name]), name
+    sidebar_slider(at, "Length penalty").set_value(1.5).run()
+    choose(names[1])
+    assert sidebar_slider(at, "Length penalty").value == pytest.approx(penalties[names[1]])
+
+
+def test_the_general_models_card_names_both_datasets():
+    """The card's first data line was cut from the data text at its first " (", which read "Trained on Flickr8k
+    (7,328 images, ...)" for the model trained on Flickr8k and COCO photos."""
+    from captioner.app_views import model_card
+    from captioner.models.checkpoint import load_model
+    from captioner.models.shipped import resolve
+
+    model = load_model(resolve("general"))
+    lines = model_card(model.info, model.decode_cfg)
+    trained = next(line for line in lines if line.startswith("Trained on"))
+    train, val = model.info["train_images"], model.info["val_images"]
+    assert trained == f"Trained on {train:,} images, model selection on {val:,}."
+    assert any("Flickr8k" in line and "coco_small" in line for line in lines)

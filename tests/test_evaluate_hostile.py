@@ -237,3 +237,23 @@ def test_evaluate_refuses_a_length_penalty_outside_the_search_range_before_the_m
     annotations = _annotations(tmp_path, 3)
     assert _evaluate(tiny_checkpoint, annotations, "--split", "dev", "--length-penalty", penalty) == 2
     assert "--length-penalty must be in [0, 2]" in _one_line(capsys)
+
+
+def test_no_data_is_named_as_such_before_the_model_loads(no_model, capsys):
+    """Without --data it said that Flickr_8k.testImages.txt does not exist."""
+    assert main(["evaluate", "--max-images", "5"]) == 2
+    assert capsys.readouterr().err.strip() == ("captioner: error: --data (or --annotations) is required: the "
+                                               "dataset folder or annotation file to score")
+
+
+def test_a_flickr8k_folder_without_the_split_list_asked_for_names_the_splits_it_has(tmp_path, no_model, capsys):
+    """The default split is test; a copy of Flickr8k with only train and dev lists (as ../shared/data holds) got
+    only "... Flickr_8k.testImages.txt does not exist"."""
+    images = write_images(tmp_path / "Images", 2)
+    (tmp_path / "Flickr8k.token.txt").write_text("".join(f"{p.name}#0\ta dog runs\n" for p in images))
+    (tmp_path / "Flickr_8k.trainImages.txt").write_text(images[0].name + "\n")
+    (tmp_path / "Flickr_8k.devImages.txt").write_text(images[1].name + "\n")
+    assert main(["evaluate", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no test split list (Flickr_8k.testImages.txt); it has train, dev: pass --split dev" in err
+    assert len(err.splitlines()) == 1

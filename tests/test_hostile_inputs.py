@@ -1076,3 +1076,20 @@ def test_an_input_name_too_long_to_look_up_is_an_input_error_not_cannot_write(tm
     assert "cannot read (File name too long)" in capsys.readouterr().err
     assert main(["train", "--config", f"{long}.yaml", "--dry-run"]) == 2
     assert "cannot be read (File name too long)" in capsys.readouterr().err
+
+
+def test_a_held_out_share_with_no_image_says_how_to_fill_the_dev_split(tmp_path, capsys):
+    """The README's three-row CSV: data.val_fraction (5%) of three images is none, and the dry run said only "the
+    dev split has no usable images"."""
+    images = write_images(tmp_path / "images", 3)
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption\n" + "".join(f"{p.name},a dog runs on the grass\n" for p in images))
+    overrides = ["data.format=csv", f"data.annotations={table}", f"data.images={tmp_path / 'images'}",
+                 f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_word_count=1"]
+    args = ["train", "--config", "configs/csv.yaml", "--dry-run"] + [item for o in overrides for item in ("--set", o)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the dev split has no images: it holds out val_fraction (0.05)" in err
+    assert "raise data.val_fraction, or name the validation images with data.val_annotations or data.val_list" in err
+    (tmp_path / "dev.txt").write_text(images[0].name + "\n")
+    assert main(args + ["--set", f"data.val_list={tmp_path / 'dev.txt'}"]) == 0  # the advice works

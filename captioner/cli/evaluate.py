@@ -78,7 +78,27 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--length-penalty must be in [0, {MAX_LENGTH_PENALTY:g}], got {args.length_penalty}"
     if args.split_list and args.format in ("flickr8k", "karpathy"):
         return f"--split-list is for coco, csv and jsonl; {args.format} reads its own split lists"
+    if not (args.data or args.annotations):  # was reported as a missing Flickr_8k.testImages.txt
+        return "--data (or --annotations) is required: the dataset folder or annotation file to score"
     return None
+
+
+def _missing_split_list(args: argparse.Namespace) -> str | None:
+    """One line when a flickr8k folder lacks the split list asked for, naming the splits it has; None otherwise.
+
+    Why: the default split is test, and a copy of Flickr8k without its test list (as ../shared/data holds) said
+    only that Flickr_8k.testImages.txt does not exist."""
+    from captioner.data.readers import FLICKR8K_SPLITS
+
+    if args.format != "flickr8k" or args.split not in FLICKR8K_SPLITS:
+        return None
+    folder = Path(args.data)
+    if (folder / FLICKR8K_SPLITS[args.split]).is_file() or not folder.is_dir():
+        return None  # the reader names a missing folder itself
+    present = [name for name in ("train", "dev", "test") if (folder / FLICKR8K_SPLITS[name]).is_file()]
+    has = f"it has {', '.join(present)}: pass --split {present[-1]}" if present else "it has none"
+    return (f"{escape_path(folder)} has no {args.split} split list ({FLICKR8K_SPLITS[args.split]}); {has} "
+            "(--split defaults to test)")
 
 
 OUTPUT_FILES = ("scores.json", "captions.jsonl")
@@ -219,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     from captioner.api import Captioner
     from captioner.evaluation.diversity import diversity
     from captioner.evaluation.metrics import score_captions
+    from captioner.models.shipped import DEFAULT
     from captioner.outputs import record, to_json_line
 
     problem = _check_args(args)
@@ -227,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
     out_problem = _output_problem(args.output) if args.output else None
     if out_problem:
         return _refuse(out_problem[1], out_problem[0])
+    missing = _missing_split_list(args)
+    if missing:
+        return _refuse(missing)
     samples = _read_split(args)  # before the model loads: data errors cost no decoding
     clash = _clobbered_input(args, samples) if args.output else None
     if clash:
@@ -246,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     scores = score_captions({ids[i]: results[i].text for i in good},
                             {ids[i]: samples[i].captions for i in good})
     beam_size = args.beam_size or cap.model.decode_cfg.beam_size
-    report = {"checkpoint": str(args.checkpoint or "shipped"), "split": args.split, "images": len(good),
+    report = {"checkpoint": str(args.checkpoint or DEFAULT), "split": args.split, "images": len(good),
               "precision": cap.precision,
               "failed": len(samples) - len(good), "beam_size": beam_size, "scores": scores,
               "diversity": diversity({ids[i]: results[i].text for i in good})}

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import yaml
 
 from captioner.config import Config, DatasetConfig, config_to_dict
-from captioner.data.readers import DatasetError
 from captioner.data.splits import check_images, read_dataset
-from captioner.training.prepare import build_vocabulary
+from captioner.training.prepare import build_vocabulary, empty_split, split_name
 from captioner.training.start import starting_model
 
 
@@ -50,12 +49,10 @@ def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[
     samples = read_dataset(source, split)
     if limit:
         samples = samples[:limit]
-    from captioner.training.prepare import split_name  # as training names it
-
     what = split_name(cfg, source, split)
     usable, missing = check_images(samples, cfg.data.on_missing, what)
     if not usable:  # as training stops, before extracting any features
-        raise DatasetError(f"the {what} has no usable images")
+        raise empty_split(source, split, what, len(samples))
     captions = [c for s in usable for c in s.captions]
     return SplitReport(split, len(samples), len(captions), len(missing), source.label()), captions
 

@@ -45,17 +45,35 @@ def split_name(cfg: Config, source: DatasetConfig, split: str) -> str:
     return f"{source.label()} {split} split" if cfg.data.datasets else f"{split} split"
 
 
+def empty_split(source: DatasetConfig, split: str, what: str, read: int) -> DatasetError:
+    """The error for a split left with no usable image, saying why and what would fill it; `read`: the samples
+    the split had before missing images were dropped.
+
+    Why: a small CSV, JSONL or COCO file without a validation file or list holds out data.val_fraction of its
+    images, which for the README's three-row example is none, and the error said only "no usable images"."""
+    if read:
+        return DatasetError(f"the {what} has no usable images (all {read} are missing or unreadable)")
+    own_list = source.val_list if split in ("dev", "val") else source.train_list
+    if split in ("dev", "val") and source.format in ("coco", "csv", "jsonl") and not (source.val_annotations
+                                                                                       or own_list):
+        return DatasetError(f"the {what} has no images: it holds out val_fraction ({source.val_fraction:g}) of the "
+                            "annotation file's images, which is none of them here; raise data.val_fraction, or "
+                            "name the validation images with data.val_annotations or data.val_list")
+    return DatasetError(f"the {what} has no images")
+
+
 def _read(cfg: Config, source: DatasetConfig, split: str, limit: int, dist: Dist) -> list[Sample]:
     """One dataset's split as training reads it: the first `limit` images, missing files checked."""
     samples = read_dataset(source, split)
     if limit:
         samples = samples[:limit]
     what = split_name(cfg, source, split)
+    read = len(samples)
     samples, missing = check_images(samples, cfg.data.on_missing, what)
     if missing and dist.is_main:
         log(f"skipping {len(missing)} missing images of the {what} (data.on_missing=skip)")
     if not samples:  # here, before any split is encoded: not after the training split's hours of extraction
-        raise DatasetError(f"the {what} has no usable images")
+        raise empty_split(source, split, what, read)
     return samples
 
 
