@@ -14,7 +14,7 @@ import dataclasses
 import io
 import json
 import os
-import re
+import unicodedata
 from dataclasses import dataclass
 
 from captioner.runtime import openmp
@@ -25,7 +25,7 @@ import streamlit as st
 from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError
-from captioner.app_views import TAGS_HINT, heatmap_spec, model_card, tags_line
+from captioner.app_views import TAGS_HINT, escape_md, heatmap_spec, model_card, tags_line
 from captioner.explain import (
     GATE_HELP,
     attention_legend,
@@ -52,6 +52,8 @@ HEATMAP_CELLS = 16
 PREVIEW_SIZE = 448
 # C0, DEL and C1 control characters as `\x07` (text_field has already written tab, newline and CR as `\t`...).
 _CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
+"""Unicode categories shown as `\\u202e`: format (bidi overrides, zero widths, BOM), line and paragraph separators."""
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,6 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
     return [memo[key] for key in keys]
 
 
-def _md(text: str) -> str:
-    """Escape what Streamlit's markdown would interpret in a file name (`*`, `_`, `$`, brackets...)."""
-    return re.sub(r"([\\`*_\[\]$~|<>])", r"\\\1", text)
-
-
 def _one_line(text: str) -> str:
     """`text` with its control characters written visibly: tab, newline and CR as `\\t`, `\\n`, `\\r` (as the
     text output writes them), the others as `\\x07`.
@@ -130,12 +127,14 @@ def _one_line(text: str) -> str:
     Why: a file name holding a newline split its header, the rest of the name shown as a paragraph of its own,
     and other control characters were invisible, so the name shown was not the file's.
     """
-    return text_field(text).translate(_CONTROL_ESCAPES)
+    text = text_field(text).translate(_CONTROL_ESCAPES)
+    # Format and separator characters too (U+202E turned "photo<U+202E>gpj.png" into "photognp.jpg" on screen).
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _INVISIBLE else c for c in text)
 
 
 def _md_name(text: str) -> str:
     """A file name (or a message naming one) as one line of markdown: controls shown, then escaped."""
-    return _md(_one_line(text))
+    return escape_md(_one_line(text))
 
 
 def results_csv(captions: list[Caption], n_best: int = 1) -> str:
@@ -249,10 +248,10 @@ def caption_ui(number: int, upload: Upload, caption: Caption) -> None:
         left, right = st.columns([2, 3])
         left.image(image)
         with right:
-            st.markdown(f"### {caption.text or '(empty caption)'}")
+            st.markdown(f"### {escape_md(caption.text) or '(empty caption)'}")  # a checkpoint's words are text
             st.caption(f"score {caption.score:.3f} | log-probability {caption.logprob:.3f}")
             if caption.tags:  # beside the caption, so a disagreement between the two is seen
-                st.markdown(_md(tags_line(caption.tags)))
+                st.markdown(escape_md(tags_line(caption.tags)))
                 st.caption(TAGS_HINT)
         # Full width below the picture, so no column is cut off.
         alternatives = [{"rank": rank, "caption": a.text, "score": round(a.score, 4),

@@ -46,4 +46,6 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names (also those not loaded yet) and the module's dunders; not the helpers this file imports
+    (`importlib`, `Any`, `TYPE_CHECKING`, which a completer listed as the package's API)."""
+    return sorted({*__all__, "__version__", *(name for name in globals() if name.startswith("__"))})

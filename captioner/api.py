@@ -111,7 +111,7 @@ class Captioner:
             CalibrationError: precision "int8" and the checkpoint's calibration file is missing, damaged or was
                 measured for another encoder.
         """
-        shipped = path is None or os.fspath(path) in SHIPPED
+        shipped = path is None or (isinstance(path, str) and path in SHIPPED)  # as `resolve_model` reads names
         path = default_model_path() if path is None else resolve_model(path)
         if shipped and not path.is_file():
             raise CheckpointError(
@@ -185,7 +185,7 @@ class Captioner:
         prep = self.encoder.preprocess
         return prep(open_image(item, prep.size, source))
 
-    def caption(self, images: ImageInput | Sequence[ImageInput], beam_size: int | None = None, n_best: int = 1,
+    def caption(self, images: ImageInput | Iterable[ImageInput], beam_size: int | None = None, n_best: int = 1,
                 batch_size: int = 64, max_length: int | None = None, min_length: int | None = None,
                 length_penalty: float | None = None, return_attention: bool = False, return_gates: bool = False,
                 on_error: Literal["raise", "skip"] = "raise", num_workers: int = 2,
@@ -204,7 +204,10 @@ class Captioner:
             TagError: (a ValueError) tags asked for and the encoder has no ImageNet classifier, or timm's label
                 files are not installed.
         """
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        # A list, tuple, set or iterator (a generator) holds images; anything else is one (a file object iterates
+        # over lines: one input, refused by the loader). A generator was taken as one image of an unsupported type.
+        many = isinstance(images, (list, tuple, set, frozenset, Iterator)) and not hasattr(images, "read")
+        items = list(images) if many else [images]
         if names is not None and len(names) != len(items):
             raise ValueError(f"got {len(names)} names for {len(items)} images")
         num_workers = count_argument("num_workers", num_workers, 0)  # checked before one image overrides it
@@ -258,9 +261,9 @@ class Captioner:
                 num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
         """`tags`: how many ImageNet tags per image, 0 for none. An error of the input is raised once what came
         before it is captioned (`_until_error`)."""
-        labels = names if names is not None else itertools.repeat(None)
+        labels = _named(images, names) if names is not None else zip(images, itertools.repeat(None))
         failure: list[Exception] = []
-        indexed = _until_error(((i, item, name) for i, (item, name) in enumerate(zip(images, labels))), failure)
+        indexed = _until_error(((i, item, name) for i, (item, name) in enumerate(labels)), failure)
         yield from self._stream_indexed(indexed, batch_size, num_workers, on_error, search, tags)
         if failure:
             raise failure[0]
@@ -298,6 +301,10 @@ class Captioner:
             return source, prep.to_uint8(open_image(item, prep.size, source))
         except ImageLoadError as exc:
             return source, exc
+        except Exception as exc:  # noqa: BLE001 - one image's failure must not end the others' captions
+            # What the loader did not foresee (an allocation the resize could not make, ...): this image's error,
+            # not the batch's. It ended the whole job, and --resume met it again at every try.
+            return source, ImageLoadError(source, f"could not be prepared ({type(exc).__name__}: {exc})")
 
     def _caption_batch(self, loaded: list[tuple[str, torch.Tensor | ImageLoadError]], on_error: str,
                        search: dict, tags: int = 0) -> list[Caption]:
@@ -343,6 +350,24 @@ def _until_error(items: Iterable, failure: list[Exception]) -> Iterator:
         yield from items
     except Exception as exc:  # noqa: BLE001 - raised again by the caller, after the images before it
         failure.append(exc)
+
+
+_NO_NAME = object()
+"""What `next` returns from a names iterator that has run out (a name may be any string, even empty)."""
+
+
+def _named(images: Iterable, names: Iterable[str]) -> Iterator[tuple]:
+    """(image, name) pairs, and a ValueError where one of the two runs out before the other. Why: `zip` stopped at
+    the shorter, so five images with two names gave two captions and no error."""
+    names = iter(names)
+    count = 0
+    for count, image in enumerate(images, 1):
+        name = next(names, _NO_NAME)
+        if name is _NO_NAME:
+            raise ValueError(f"names ran out at image {count}: give one name per image")
+        yield image, name
+    if next(names, _NO_NAME) is not _NO_NAME:
+        raise ValueError(f"more names than the {count} images: give one name per image")
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:

@@ -3,6 +3,7 @@ maps' specs."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -24,17 +25,17 @@ def model_card(info: dict, decode: DecodeConfig) -> list[str]:
     own decode defaults the line says so, since the README's headline is measured at the defaults.
     """
     if not isinstance(info, dict):
-        return [str(info)]
+        return [escape_md(str(info))]
     lines = []
     if info.get("name"):
-        lines.append(f"**{info['name']}**")
+        lines.append(f"**{escape_md(str(info['name']))}**")
     data = info.get("data")
-    train, val = info.get("train_images"), info.get("val_images")
+    train, val = _count(info.get("train_images")), _count(info.get("val_images"))
     if train:  # the counts only: the data line below names the data (a name cut from it read "Flickr8k" for
         # the model trained on Flickr8k and COCO, and "csv" for a CSV)
         lines.append(f"Trained on {train:,} images" + (f", model selection on {val:,}." if val else "."))
     if data:
-        lines.append(str(data) + ("" if str(data).endswith(".") else "."))
+        lines.append(escape_md(str(data)) + ("" if str(data).endswith(".") else "."))
     selection = info.get("selection")
     per = dataset_scores(info)
     if per is not None:  # per dataset: the shipped weights' own evaluation, or the selection's
@@ -42,31 +43,56 @@ def model_card(info: dict, decode: DecodeConfig) -> list[str]:
     elif isinstance(selection, dict):
         lines.append(_score_line(selection, info.get("epoch"), decode))
     if info.get("license"):
-        lines.append(f"License: {info['license']}.")
+        lines.append(f"License: {escape_md(str(info['license']))}.")
     return lines
+
+
+def escape_md(text: str) -> str:
+    """`text` with what Streamlit's markdown would interpret escaped (`*`, `_`, `$`, brackets, `<`...).
+
+    Why: a checkpoint's name, data line or vocabulary is text from a file; unescaped, a name holding
+    `[...](https://...)` or `![](...)` showed a link or loaded a remote image in the page."""
+    return re.sub(r"([\\`*_\[\]$~|<>#!])", r"\\\1", text)
+
+
+def _count(value: object) -> int | None:
+    """A checkpoint's image count when it is one (an int, not a bool); None otherwise. Why: "6000" or [1] from a
+    hand-written checkpoint ended the app in a format error."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _number(value: object) -> float | None:
+    """`value` as a float when it is a finite number (a bool is not); None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        return None
+    return float(value)
 
 
 def _dev_line(label: str, scores: dict, decode: DecodeConfig) -> str:
     """"flickr8k dev: CIDEr-D 0.601, BLEU-4 0.236 (beam 3)." for one dataset's scores."""
-    parts = [f"{name} {scores[key]:.3f}" for key, name in (("CIDEr", "CIDEr-D"), ("Bleu_4", "BLEU-4"))
-             if isinstance(scores.get(key), (int, float))]
-    beam = scores.get("beam_size", decode.beam_size)
-    return f"{label} {scores.get('split', 'dev')}: {', '.join(parts) or 'no scores'} (beam {beam})."
+    parts = [f"{name} {_number(scores.get(key)):.3f}" for key, name in (("CIDEr", "CIDEr-D"), ("Bleu_4", "BLEU-4"))
+             if _number(scores.get(key)) is not None]
+    beam = _count(scores.get("beam_size")) or decode.beam_size
+    split = escape_md(str(scores.get("split", "dev")))
+    return f"{escape_md(str(label))} {split}: {', '.join(parts) or 'no scores'} (beam {beam})."
 
 
 def _score_line(sel: dict, epoch, decode: DecodeConfig) -> str:
-    metric = sel.get("metric", "CIDEr")
-    value = sel.get(metric, sel.get(metric.replace("-D", "")))
-    if not isinstance(value, (int, float)):
-        return f"Selected by {metric} on {sel.get('split', 'the validation split')}."
-    beam, penalty = sel.get("beam_size"), sel.get("length_penalty")
+    """The selection score's sentence. Every field is checked for its type first: a metric of 5 or a length
+    penalty of "high" in a hand-written checkpoint ended the app in a traceback."""
+    metric = sel.get("metric") if isinstance(sel.get("metric"), str) else "CIDEr"
+    value = _number(sel.get(metric, sel.get(metric.replace("-D", ""))))
+    split = escape_md(str(sel.get("split", "validation")))
+    if value is None:
+        return f"Selected by {escape_md(metric)} on {escape_md(str(sel.get('split', 'the validation split')))}."
+    beam, penalty = _count(sel.get("beam_size")), _number(sel.get("length_penalty"))
     at = ", ".join(s for s in (f"beam {beam}" if beam else "",
-                               f"length penalty {penalty}" if penalty is not None else "") if s)
-    text = f"{sel.get('split', 'validation')} {metric} {value:.3f}" + (f" at {at}" if at else "")
-    if epoch:
+                               f"length penalty {penalty:g}" if penalty is not None else "") if s)
+    text = f"{split} {escape_md(metric)} {value:.3f}" + (f" at {at}" if at else "")
+    if _count(epoch):
         text += f": the score that picked epoch {epoch} during training"
     text = text[0].upper() + text[1:] + "."
-    if penalty is not None and float(penalty) != float(decode.length_penalty):
+    if penalty is not None and penalty != float(decode.length_penalty):
         text += f" This model decodes with length penalty {decode.length_penalty} by default."
     return text
 

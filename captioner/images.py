@@ -2,9 +2,10 @@
 
 Every failure is an `ImageLoadError` naming the source and the reason, so a batch can skip one bad file and
 keep the rest. Only the formats in `SUPPORTED_FORMATS` are decoded; the pixel count is checked from the header
-before any pixels are decoded (decompression-bomb guard); the image is fully decoded here, so a truncated file
-fails here and not later in preprocessing. Large JPEGs are decoded at reduced size with PIL's draft mode: the
-encoder only needs its input size (288x288 for the shipped model).
+before any pixels are decoded (decompression-bomb guard), and so are the length of a side and the aspect ratio
+(a thin strip of few pixels makes the antialiased resize allocate gigabytes); the image is fully decoded here,
+so a truncated file fails here and not later in preprocessing. Large JPEGs are decoded at reduced size with PIL's
+draft mode: the encoder only needs its input size (288x288 for the shipped model).
 
 Damaged JPEGs that libjpeg decodes without an error (a file cut short with an end-of-image marker appended, a
 frame header patched to a larger size) are refused too, by the checks of `captioner.jpeg_damage`.
@@ -17,6 +18,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from captioner.jpeg_damage import (
@@ -36,13 +38,27 @@ SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 """PIL formats we decode (JPEG includes the multi-picture MPO of some cameras); anything else is refused."""
 MAX_PIXELS = 64_000_000
 """Images above this many pixels are refused before decoding (decompression-bomb guard)."""
+MAX_SIDE = 30_000
+"""Images with a side longer than this are refused before decoding. Photos stay far below it (a 200-megapixel phone
+sensor is 16,320 px wide, a phone panorama about 16,000 to 20,000, and WebP cannot exceed 16,383); a stitched
+panorama beyond it is over `MAX_PIXELS` anyway unless it is a thin strip. Why refuse: the antialiased bicubic
+resize to the encoder's square needs memory in proportion to the long side times the output size (measured: 270 MB
+for 1 x 300,000 pixels, about 300,000 x 288 x 3 bytes; a 116 KB PNG of 1 x 60,000,000, under `MAX_PIXELS`, asked
+for 40 GB). At the limits (30,000 x 300) decoding and resizing took 0.1 s and about 100 MB."""
+MAX_ASPECT = 100
+"""Images whose long side is more than this many times the short one are refused before decoding. A 360-degree
+panorama is about 2:1 to 10:1; squashed to the encoder's square a 100:1 strip is smeared beyond recognition, so
+its caption would mean nothing, and a small aspect bound also bounds the resize's cost (`MAX_SIDE`)."""
 
 _ORIENTATION = 0x0112  # EXIF tag
 _T = Image.Transpose
 # EXIF orientation -> transposition, as in ImageOps.exif_transpose (which would cost an extra copy).
 _TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
               6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # older Pillow opens 16-bit gray PNGs as "I"
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_WIDE_GRAY = ("I", "F")
+"""32-bit integer and float gray, scaled by their values' range (`_wide_to_l`): "I" is what a 32-bit TIFF and
+`convert("I")` give (Pillow opens a 16-bit PNG as "I;16"; an older one opened it as "I", still scaled right)."""
 _POINT_MODES = ("I;16", "I")
 """The 16-bit modes PIL's `point` takes; the byte-order variants (a big-endian TIFF opens as "I;16B") are
 converted to "I" first, which keeps their values: `point` refused them ("not supported for this mode")."""
@@ -59,9 +75,14 @@ class ImageLoadError(ValueError):
 
 
 def describe(item: ImageInput, index: int | None = None) -> str:
-    """Human-readable name of an input, used in errors and output records."""
-    if isinstance(item, (str, os.PathLike)):
-        return str(item)
+    """Human-readable name of an input, used in errors and output records; never raises, whatever `item` is."""
+    if isinstance(item, str):
+        return item
+    if isinstance(item, os.PathLike):
+        try:  # the path itself, which a custom path object's str() may not be (its repr, say)
+            return os.fsdecode(os.fspath(item))
+        except Exception:  # noqa: BLE001 - a broken __fspath__ is reported by open_image, under this name
+            return f"<{type(item).__name__} #{index}>" if index is not None else f"<{type(item).__name__}>"
     name = getattr(item, "filename", None) if isinstance(item, Image.Image) else None
     if name:
         return str(name)
@@ -83,19 +104,22 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
 
     Raises:
         ImageLoadError: the only exception raised, for any input: missing, empty, truncated or corrupt, not an
-            image, a format outside `SUPPORTED_FORMATS`, or more than `MAX_PIXELS` pixels.
+            image, a format outside `SUPPORTED_FORMATS`, more than `MAX_PIXELS` pixels, a side over `MAX_SIDE`,
+            an aspect ratio over `MAX_ASPECT`, a path object whose `__fspath__` fails, or an unreadable buffer.
     """
     source = source or describe(item)
     if isinstance(item, Image.Image):
         return _decode(item, target_size, source, owned=False)
     data: bytes | None = None  # a JPEG's bytes, for its layout check
-    if isinstance(item, (bytes, bytearray, memoryview)):
+    if isinstance(item, memoryview):
+        item = _buffer_bytes(item, source)
+    if isinstance(item, (bytes, bytearray)):
         if not len(item):
             raise ImageLoadError(source, "empty data (0 bytes)")
         fp: io.BytesIO | Path = io.BytesIO(item)
         data = item if isinstance(item, bytes) else None
     elif isinstance(item, (str, os.PathLike)):
-        fp = Path(item)
+        fp = _as_path(item, source)
         try:
             problem = file_problem(fp, missing="file not found", folder="is a directory, not an image",
                                    unreachable="cannot read file ({})")
@@ -122,6 +146,24 @@ def open_image(item: ImageInput, target_size: int = 224, source: str | None = No
         rgb = _decode(image, target_size, source, owned=True, jpeg=jpeg)
         # Closing `image` invalidates its pixels, so never hand it out itself.
         return image.copy() if rgb is image else rgb
+
+
+def _as_path(item: str | os.PathLike, source: str) -> Path:
+    """The path `item` names. `os.fspath` may give bytes (a library that works in bytes paths): they are decoded as
+    the OS does (`os.fsdecode`), which `Path` refused with a TypeError that escaped `on_error="skip"`."""
+    try:
+        return Path(os.fsdecode(os.fspath(item)))
+    except Exception as exc:  # noqa: BLE001 - __fspath__ is the caller's code: it may raise, or return an int
+        raise ImageLoadError(source, f"cannot use as a file path ({type(exc).__name__}: {exc})") from exc
+
+
+def _buffer_bytes(view: memoryview, source: str) -> bytes:
+    """A memoryview's bytes: a strided or multi-dimensional view is copied in order (`io.BytesIO` raised
+    BufferError for it), and a released one is an ImageLoadError."""
+    try:
+        return view.tobytes()
+    except ValueError as exc:  # "operation forbidden on released memoryview object"
+        raise ImageLoadError(source, f"cannot read the buffer ({exc})") from exc
 
 
 def _open(fp: io.BytesIO | Path, source: str) -> Image.Image:
@@ -159,11 +201,18 @@ def _unidentified_reason(fp: io.BytesIO | Path) -> str:
 
 
 def _check_size(image: Image.Image, source: str) -> None:
+    """Refuse, from the header's size alone, what would exhaust memory or time in decoding or resizing."""
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageLoadError(source, f"{_BOMB} ({width}x{height} pixels; limit {MAX_PIXELS})")
     if width < 1 or height < 1:
         raise ImageLoadError(source, f"image has no pixels ({width}x{height})")
+    long, short = max(width, height), min(width, height)
+    if long > MAX_SIDE:
+        raise ImageLoadError(source, f"image side too long ({width}x{height} pixels; limit {MAX_SIDE} per side)")
+    if long > MAX_ASPECT * short:
+        raise ImageLoadError(source, f"aspect ratio too extreme ({width}x{height} pixels, {long / short:.0f}:1; "
+                                     f"limit {MAX_ASPECT}:1)")
 
 
 def _decode(image: Image.Image, target_size: int, source: str, owned: bool,
@@ -183,7 +232,7 @@ def _decode(image: Image.Image, target_size: int, source: str, owned: bool,
             except JpegDamage as exc:
                 raise ImageLoadError(source, str(exc)) from None
         orientation = _orientation(image)
-        rgb = _to_rgb(image)
+        rgb = _to_rgb(image, source)
         if orientation in _TRANSPOSE:
             rgb = rgb.transpose(_TRANSPOSE[orientation])
         return rgb
@@ -209,8 +258,11 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Flatten any mode (palette, alpha, 16-bit, CMYK, grayscale) to 8-bit RGB; transparency over white."""
+def _to_rgb(image: Image.Image, source: str) -> Image.Image:
+    """Flatten any mode (palette, alpha, 16-bit, 32-bit, float, CMYK, grayscale) to 8-bit RGB; transparency over
+    white."""
+    if image.mode in _WIDE_GRAY:
+        image = _wide_to_l(image, source)
     if image.mode in _SIXTEEN_BIT:
         image = image if image.mode in _POINT_MODES else image.convert("I")
         image = image.point(lambda v: v * (1 / 256)).convert("L")  # 0..65535 -> 0..255, not clipped at 255
@@ -225,6 +277,55 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         flat.paste(rgba, mask=rgba)
         return flat
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _wide_to_l(image: Image.Image, source: str) -> Image.Image:
+    """32-bit integer ("I") or float ("F") gray -> "L", by the range its values actually use: the mode alone does
+    not say (a 32-bit TIFF of 8-bit data, `convert("I")` of a photo; floats of 0..1 or of 0..255).
+
+    Float NaN and infinite pixels count as 0 (the "no data" of a float raster, say); an image with no finite
+    pixel at all is an ImageLoadError, not a black picture captioned as if it were one.
+    """
+    if image.mode == "F":
+        image = _finite(image, source)
+    low, high = image.getextrema()
+    scale, offset = _gray_scale(low, high, floats=image.mode == "F")
+    if (scale, offset) != (1, 0):
+        image = image.point(lambda v: v * scale + offset)  # affine: PIL runs it in C, keeping the mode
+    return image.convert("L")  # truncates toward zero and clips to 0..255
+
+
+def _gray_scale(low: float, high: float, floats: bool) -> tuple[float, float]:
+    """(scale, offset) taking values in low..high to 0..255, before "L" truncates and clips:
+
+    - floats within 0..1: normalised intensities, times 255;
+    - high <= 255: 8-bit values, kept (negatives clip to 0, as PIL's convert("L") does);
+    - high <= 65535: 16-bit values, divided by 256 as "I;16" is;
+    - larger: divided by the maximum, or min/max normalised when there are negative values.
+    Floats get 0.5 added, so truncation rounds them.
+    """
+    half = 0.5 if floats else 0
+    if floats and low >= 0 and high <= 1:
+        return 255.0, half
+    if high <= 255:
+        return 1, half
+    if high <= 65535:
+        return 1 / 256, 0
+    if low >= 0:
+        return 255 / high, half
+    return 255 / (high - low), -low * 255 / (high - low) + half
+
+
+def _finite(image: Image.Image, source: str) -> Image.Image:
+    """A float image with its NaN and infinite pixels set to 0 (PIL's extrema are NaN if one pixel is)."""
+    pixels = np.array(image, dtype=np.float32)
+    bad = ~np.isfinite(pixels)
+    if not bad.any():
+        return image
+    if bad.all():
+        raise ImageLoadError(source, "no finite pixel values (every pixel is NaN or infinite)")
+    pixels[bad] = 0
+    return Image.fromarray(pixels)
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:

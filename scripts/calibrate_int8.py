@@ -36,10 +36,10 @@ def main() -> int:
     parser.add_argument("--images", type=Path, required=True, action="append", help="folder of images (repeatable)")
     parser.add_argument("--list", type=Path, action="append",
                         help="file names to draw from, one per line (a training split); one per --images")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped model")
-    parser.add_argument("--count", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the general model")
+    parser.add_argument("--count", type=int, default=256, help="images drawn from the lists (default: 256)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per calibration batch (default: 16)")
     args = parser.parse_args()
     if args.count < 1 or args.batch_size < 1:
         parser.error("--count and --batch-size must be >= 1")

@@ -140,6 +140,20 @@ def test_app_refuses_what_the_other_commands_refuse(tmp_path, monkeypatch, no_st
     assert message in err and err.count("\n") == 1
 
 
+def test_app_makes_an_inherited_relative_checkpoint_variable_absolute(tmp_path, tiny_checkpoint, no_streamlit,
+                                                                      monkeypatch, capsys):
+    """$CAPTIONER_CHECKPOINT=run/best.safetensors set by the caller was read from app.py's folder, where Streamlit
+    runs: "checkpoint file not found", or another file of that name (the repository's runs/...) silently."""
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    monkeypatch.setenv(app_cli.CHECKPOINT_ENV, tiny_checkpoint.name)
+    assert app_cli.run(_app_args()) == 0
+    [(cmd, kw)] = no_streamlit
+    assert kw["env"][app_cli.CHECKPOINT_ENV] == str(tiny_checkpoint.resolve())
+    monkeypatch.setenv(app_cli.CHECKPOINT_ENV, "gone.safetensors")  # checked before the server starts
+    assert app_cli.run(_app_args()) == 2 and len(no_streamlit) == 1
+    assert "checkpoint file not found" in capsys.readouterr().err
+
+
 # --- caption_iter: a failing input, count arguments -------------------------------------------------------------
 
 
@@ -204,3 +218,68 @@ def test_a_single_image_still_checks_num_workers(tmp_path, captioner):
     with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
         captioner.caption([path], num_workers=1.5)
 
+
+
+def test_caption_iter_with_fewer_or_more_names_than_images_raises_after_the_named_ones(tmp_path, captioner):
+    """zip() stopped at the shorter: five images with two names gave two captions and no error."""
+    paths = write_images(tmp_path, 5)
+    got = []
+    with pytest.raises(ValueError, match="names ran out at image 3"):
+        for result in captioner.caption_iter(paths, names=["a", "b"], batch_size=2, num_workers=0):
+            got.append(result.source)
+    assert got == ["a", "b"]  # what was named is captioned first, as for any failing input
+    with pytest.raises(ValueError, match="more names than the 2 images"):
+        list(captioner.caption_iter(paths[:2], names=iter(["a", "b", "c"]), num_workers=0))
+    assert [r.source for r in captioner.caption_iter(paths[:2], names=("x", "y"))] == ["x", "y"]
+
+
+def test_a_path_object_is_never_a_shipped_models_name(tmp_path, monkeypatch):
+    """Path("./general") drops its "./", so os.fspath gave "general" and the shipped model was loaded instead of
+    the user's file ./general. An empty name was "checkpoint .: is a folder"."""
+    from pathlib import Path
+
+    from captioner.models.shipped import SHIPPED, UnknownModelError, resolve
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "general").write_bytes(b"not a checkpoint")
+    assert resolve(Path("./general")) == Path("general") and resolve("./general") == Path("./general")
+    assert resolve("general") == shipped_path("general") and "general" in SHIPPED
+    with pytest.raises(UnknownModelError, match="no model given"):
+        resolve("")
+    from captioner.models.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError):  # the user's (damaged) file is what is read, not the shipped model
+        Captioner.load(Path("./general"))
+
+
+def test_a_generator_or_set_of_images_is_captioned_as_many(tmp_path, captioner):
+    """caption(generator) was one image of an unsupported type ("<generator #0>: unsupported input type")."""
+    paths = write_images(tmp_path, 3)
+    expected = [r.text for r in captioner.caption(paths)]
+    assert [r.text for r in captioner.caption(p for p in paths)] == expected
+    assert sorted(r.text for r in captioner.caption(set(paths))) == sorted(expected)
+    import io
+
+    [one] = captioner.caption(io.BytesIO(paths[0].read_bytes()), on_error="skip")  # a file object is one input
+    assert not one.ok
+
+
+def test_an_unforeseen_failure_preparing_one_image_is_that_images_error(tmp_path, captioner, monkeypatch):
+    """A RuntimeError from the resize (a 1 x 60,000,000 PNG asked for 40 GB) ended the whole job; now it is the
+    image's error, and the other images are captioned."""
+    paths = write_images(tmp_path, 3)
+    prep = captioner.encoder.preprocess
+    original = type(prep).to_uint8
+
+    def to_uint8(self, image):
+        if image.size == (1, 1):
+            raise RuntimeError("you tried to allocate 40320000000 bytes")
+        return original(self, image)
+
+    monkeypatch.setattr(type(prep), "to_uint8", to_uint8)
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    for workers in (0, 2):
+        out = captioner.caption([paths[0], tiny, paths[1]], on_error="skip", num_workers=workers)
+        assert [r.ok for r in out] == [True, False, True]
+        assert "could not be prepared (RuntimeError: you tried to allocate" in out[1].error

@@ -17,7 +17,7 @@ from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from captioner import Caption, Captioner, explain
-from captioner.config import ModelConfig
+from captioner.config import DecodeConfig, ModelConfig
 from captioner.models.checkpoint import save_model
 from captioner.models.vocab import Vocabulary
 from tests.conftest import WORDS, make_model, write_images
@@ -499,4 +499,41 @@ def test_the_general_models_card_names_both_datasets():
     trained = next(line for line in lines if line.startswith("Trained on"))
     train, val = model.info["train_images"], model.info["val_images"]
     assert trained == f"Trained on {train:,} images, model selection on {val:,}."
-    assert any("Flickr8k" in line and "coco_small" in line for line in lines)
+    assert any("Flickr8k" in line and "coco\\_small" in line for line in lines)  # markdown-escaped
+
+
+def test_format_characters_in_a_file_name_are_shown_visibly(app, photos):
+    """U+202E (a right-to-left override) showed "photo<U+202E>gpj.png" as "photognp.jpg"; zero widths, BOMs and
+    line separators were invisible too. C0 and C1 controls were already escaped."""
+    upload(app, [("photo\u202egpj.png", photos[0]), ("a\u200bb\ufeffc\u2028d.jpg", photos[1])])
+    headers = [s.value for s in app.main.subheader]
+    assert headers == [r"1. photo\\u202egpj.png", r"2. a\\u200bb\\ufeffc\\u2028d.jpg"]
+
+
+@pytest.mark.parametrize("field, value", [("train_images", "6000"), ("val_images", [1]), ("epoch", "four"),
+                                          ("name", 5), ("data", ["x"])])
+def test_a_model_card_of_the_wrong_types_is_shown_not_a_traceback(field, value):
+    """A hand-written checkpoint's info ("6000" images, a metric of 5, a length penalty of "high") ended the app
+    in a format error before the uploader was shown."""
+    from captioner.app_views import model_card
+
+    info = {"name": "m", "data": "d", "train_images": 10, "val_images": 2, "epoch": 1,
+            "selection": {"metric": "CIDEr", "CIDEr": 0.5, "beam_size": 3, "length_penalty": 0.7}, field: value}
+    lines = model_card(info, DecodeConfig())
+    assert lines and all(isinstance(line, str) for line in lines)
+    for selection in ({"metric": 5, "CIDEr": 0.5}, {"metric": "CIDEr", "CIDEr": 0.5, "length_penalty": "high"},
+                      {"metric": "CIDEr", "CIDEr": "0.5", "beam_size": [3]}, {"CIDEr": float("nan")}):
+        assert model_card({**info, "selection": selection}, DecodeConfig())
+    per = {"dev_scores": {"a": {"CIDEr": "x", "beam_size": "3", "split": 5}}}
+    assert model_card({**info, **per}, DecodeConfig())[-1] == "a 5: no scores (beam 3)."
+
+
+def test_markdown_in_a_checkpoints_text_is_escaped():
+    """A model name `[click](https://...)` showed a link in the sidebar, and a vocabulary word `![x](url)` loaded a
+    remote image above its caption (trained vocabularies hold word characters only; a hand-made one need not)."""
+    from captioner.app_views import escape_md, model_card
+
+    name = "[Download the better model](https://evil.example/x) ![](https://evil.example/t.png)"
+    [title, *_] = model_card({"name": name}, DecodeConfig())
+    assert "](" not in title.replace("\\]", "") and "\\[" in title and "\\!" in title
+    assert escape_md("# a_b *c*") == "\\# a\\_b \\*c\\*"

@@ -62,3 +62,11 @@ def test_train_help_names_the_sections_and_the_key_reference():
         assert section in text
     assert "docs/training.md" in text
     assert "--dry-run" in text
+
+
+def test_the_package_lists_its_public_names_not_its_helpers():
+    """dir(captioner) listed Any, TYPE_CHECKING, importlib and annotations beside the API."""
+    import captioner
+
+    public = [name for name in dir(captioner) if not name.startswith("_")]
+    assert public == sorted(captioner.__all__)

@@ -1011,6 +1011,17 @@ def test_an_output_path_that_cannot_name_a_file_is_exit_4_not_a_traceback(tmp_pa
         assert "cannot write" in err and reason in err and "Traceback" not in err, err
 
 
+def test_an_output_in_a_folder_that_does_not_exist_names_the_folder_exit_4(tmp_path, tiny_checkpoint, capsys):
+    """It was exit 2 with "[Errno 2] No such file or directory: '.../.x.txt.partial'", the hidden temporary file."""
+    [img] = write_images(tmp_path / "src", 1)
+    output = tmp_path / "nodir" / "x.txt"
+    assert _caption(tmp_path, tiny_checkpoint, img, "--precision", "reference", "--output", output) == 4
+    err = capsys.readouterr().err
+    assert err == (f"captioner: error: cannot write --output {output}: [Errno 2] its folder {output.parent} "
+                   "does not exist\n")
+    assert not (tmp_path / "nodir").exists()
+
+
 def test_an_output_name_near_the_length_limit_is_written_and_resumed(tmp_path, tiny_checkpoint):
     """A 250-byte name is valid, but `.NAME.partial` is not (255 bytes at most): it was an OSError traceback."""
     from captioner.cli.output_file import PartialOutput

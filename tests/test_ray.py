@@ -227,3 +227,19 @@ def test_caption_batch_with_tags(photos, checkpoint):
     writer = CaptionWriter(buffer, "csv", tags=True)
     writer.write_record(good)
     assert next(csv.DictReader(io.StringIO(buffer.getvalue())))["tags"].startswith(good["tags"][0]["label"])
+
+
+def test_a_ray_errors_one_line_is_its_cause_not_the_retry_advice():
+    """Ray 2.60 ends a task's error with advice on retries, which was all `--ray` printed of a failure."""
+    from captioner.cli.caption_ray import _one_line
+
+    text = ("Task failed.\nTraceback (most recent call last):\n  File \"x.py\", line 3, in f\n"
+            "RuntimeError: you tried to allocate 40320000000 bytes\n\n"
+            "To change retry attempts, backoff, use max_retries if you believe this to be transient.")
+    assert _one_line(Exception(text)) == "RuntimeError: you tried to allocate 40320000000 bytes"
+
+    class TaskError(Exception):
+        cause = MemoryError("out of memory")
+
+    assert _one_line(TaskError("To change retry attempts ...")) == "MemoryError: out of memory"
+    assert _one_line(Exception("actor died")) == "actor died" and _one_line(Exception("")) == "Exception"

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Sequence
 
 from captioner.cli import app, caption, evaluate, models, train
+from captioner.cli.output_file import OutputFolderError
 from captioner.runtime import openmp
 
 PATH_ERRORS = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno in PATH_ERRORS and not _names_output(exc, args):  # an input's name: a data error
             print(f"captioner: error: cannot read: {exc}", file=sys.stderr)
             return 2
-        if exc.errno in WRITE_ERRORS:
+        if exc.errno in WRITE_ERRORS or isinstance(exc, OutputFolderError):
             print(f"captioner: error: {_cannot_write(exc, args)}", file=sys.stderr)
             return 4
         raise

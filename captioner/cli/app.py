@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="MODEL",
                    help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
-                        f"(sets ${CHECKPOINT_ENV}); default: the shipped model")
+                        f"(sets ${CHECKPOINT_ENV}); default: ${CHECKPOINT_ENV} if set, else the general model")
     p.set_defaults(func=run, streamlit_args=[])
     p.parse_known_args = _pass_unknown(p.parse_known_args)
 
@@ -85,6 +85,8 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if args.checkpoint:
         env[CHECKPOINT_ENV] = str(checkpoint_path(args.checkpoint))
+    elif env.get(CHECKPOINT_ENV):  # inherited: made absolute too, else read from app.py's folder, not the caller's
+        env[CHECKPOINT_ENV] = str(checkpoint_path(env[CHECKPOINT_ENV]))
     return [sys.executable, "-m", "streamlit", "run", str(path), *getattr(args, "streamlit_args", [])], env
 
 
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, UnknownModelError) as exc:
         print(f"captioner: error: {exc}", file=sys.stderr)
         return 2
-    problem = checkpoint_problem(Path(env[CHECKPOINT_ENV])) if args.checkpoint else None
+    problem = checkpoint_problem(Path(env[CHECKPOINT_ENV])) if env.get(CHECKPOINT_ENV) else None
     if problem:
         print(f"captioner: error: {problem}", file=sys.stderr)
         return 2

@@ -26,13 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
                         "(default: the general model)")
     p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the model's)")
-    p.add_argument("--n-best", type=int, default=1, help="alternatives per image")
+    p.add_argument("--n-best", type=int, default=1, help="alternatives per image (default: 1)")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="images per network batch: larger batches step more beams per matrix product")
+                   help="images per network batch (default: 64): larger "
+                        "batches step more beams per matrix product; the progress bar shows when there is more "
+                        "than one batch")
     p.add_argument("--max-length", type=int, default=None,
                    help="most words per caption, the end token included (default: the model's)")
     p.add_argument("--num-workers", type=int, default=1,
-                   help="image-decoding threads working ahead of the network (0: decode in the main thread)")
+                   help="image-decoding threads working ahead of the network (default: 1; 0: decode in the main "
+                        "thread)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 on CPUs with AMX and OpenVINO installed (OpenVINO bf16 encoder), "
                         "bf16-encoder on CPUs with AVX512-BF16 but no AMX (OpenVINO installed), bf16-decoder on CPUs "
@@ -43,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "bf16: bf16 encoder and decoder products, faster on CPUs with bf16 instructions, "
                         "changes some captions (dev CIDEr-D within 0.01 of fp32 with AMX); int8: int8 encoder "
                         "(and bf16 decoder products where the CPU has bf16 instructions), changes more captions, "
-                        "needs the checkpoint's .int8.json calibration (the shipped model has one)")
+                        "needs the checkpoint's .int8.json calibration (each shipped model has one)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for the network (default: one per core); 1 is faster when other processes "
                         "keep the cores busy")

@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -133,6 +134,14 @@ def records(args: argparse.Namespace, paths: list) -> Iterator[dict]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """The last non-empty line of a Ray error (its cause, without the remote traceback)."""
+    """The line of a Ray error that states its cause ("RuntimeError: ..."), without the remote traceback.
+
+    Why not the last line: Ray 2.60 ends its task errors with advice on retries ("To change retry attempts,
+    ..."), which was all the user was told. The cause is the last line that reads `SomethingError: ...`, or
+    Ray's own `cause` where it keeps one; the last non-empty line otherwise."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and not isinstance(cause, type(exc)):
+        return f"{type(cause).__name__}: {_one_line(cause)}" if str(cause).strip() else type(cause).__name__
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    stated = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b.*:", line)]
+    return (stated or lines or [type(exc).__name__])[-1]

@@ -115,6 +115,13 @@ class OutputResumeError(ValueError):
     """The file to resume from is not a whole-records output of this format."""
 
 
+class OutputFolderError(OSError):
+    """`--output`'s folder does not exist: a file that cannot be written (exit 4, as for a full disk).
+
+    Why a class of its own: a plain ENOENT is a FileNotFoundError, which the CLI reads as a missing input (exit
+    2), and its message named the hidden temporary file (`.x.txt.partial`), not `--output`."""
+
+
 class PartialOutput:
     """The temporary file behind `--output`; `open()` returns the keys of the records already done."""
 
@@ -137,6 +144,9 @@ class PartialOutput:
         """
         if self.target.is_dir():  # with its errno, so that the CLI reports it as an unwritable file (exit 4)
             raise IsADirectoryError(errno.EISDIR, f"--output {escape_path(self.target)} is a folder")
+        folder = self.target.parent
+        if not os.path.lexists(folder):  # under a file is ENOTDIR, reported by the open below
+            raise OutputFolderError(errno.ENOENT, f"its folder {escape_path(folder)} does not exist")
         if self.direct:
             if self.resume:
                 raise OutputResumeError(f"--resume needs a regular file; --output {escape_path(self.target)} "

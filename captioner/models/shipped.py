@@ -55,18 +55,25 @@ def shipped_path(name: str) -> Path:
 def resolve(model: str | os.PathLike | None) -> Path:
     """A shipped model's name, a checkpoint path, or None (the default model) -> checkpoint path.
 
-    A name wins over a file of the same name in the current folder only when it has no suffix and no folder, so
-    `general` is the shipped model and `./general` or `general.safetensors` are files.
+    A name wins over a file of the same name in the current folder only when it is a `str` with no suffix and no
+    folder, so "general" is the shipped model and "./general", "general.safetensors" and `Path("general")` are
+    files. Why a Path is never a name: `Path("./general")` drops its "./" and read as the shipped model.
 
     Raises:
-        UnknownModelError: `model` is neither a shipped name nor an existing file; the message lists the names.
+        UnknownModelError: `model` is neither a shipped name nor an existing file, or is empty; the message lists
+            the names.
     """
     if model is None:
         return shipped_path(DEFAULT)
-    text = os.fspath(model)
-    if text in SHIPPED:
-        return shipped_path(text)
+    if isinstance(model, str) and model in SHIPPED:
+        return shipped_path(model)
+    text = os.fsdecode(model)
+    if not text:  # Path("") is the current folder, which exists: it was "checkpoint .: is a folder"
+        raise UnknownModelError(f"no model given (an empty name); shipped models: {', '.join(SHIPPED)} "
+                                "(or give the path of a .safetensors checkpoint)")
     path = Path(text)
+    if not isinstance(model, str):
+        return path
     if path.suffix or os.sep in text or (os.altsep or os.sep) in text or path.exists():
         return path  # a path: a missing file is the checkpoint loader's error to report, with the path
     raise UnknownModelError(f"unknown model {text!r}; shipped models: {', '.join(SHIPPED)} "
