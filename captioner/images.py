@@ -18,9 +18,9 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
+from captioner.image_modes import ModeError, to_rgb
 from captioner.jpeg_damage import (
     JPEG_FORMATS,
     MAX_CHECKED_BYTES,
@@ -55,13 +55,6 @@ _T = Image.Transpose
 # EXIF orientation -> transposition, as in ImageOps.exif_transpose (which would cost an extra copy).
 _TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
               6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
-_WIDE_GRAY = ("I", "F")
-"""32-bit integer and float gray, scaled by their values' range (`_wide_to_l`): "I" is what a 32-bit TIFF and
-`convert("I")` give (Pillow opens a 16-bit PNG as "I;16"; an older one opened it as "I", still scaled right)."""
-_POINT_MODES = ("I;16", "I")
-"""The 16-bit modes PIL's `point` takes; the byte-order variants (a big-endian TIFF opens as "I;16B") are
-converted to "I" first, which keeps their values: `point` refused them ("not supported for this mode")."""
 _BOMB = "image too large, refused as a possible decompression bomb"
 
 
@@ -232,7 +225,10 @@ def _decode(image: Image.Image, target_size: int, source: str, owned: bool,
             except JpegDamage as exc:
                 raise ImageLoadError(source, str(exc)) from None
         orientation = _orientation(image)
-        rgb = _to_rgb(image, source)
+        try:
+            rgb = to_rgb(image)
+        except ModeError as exc:
+            raise ImageLoadError(source, str(exc)) from None
         if orientation in _TRANSPOSE:
             rgb = rgb.transpose(_TRANSPOSE[orientation])
         return rgb
@@ -256,76 +252,6 @@ def _orientation(image: Image.Image) -> int:
         return value if isinstance(value, int) else 1
     except Exception:  # noqa: BLE001 - getexif parses untrusted bytes
         return 1
-
-
-def _to_rgb(image: Image.Image, source: str) -> Image.Image:
-    """Flatten any mode (palette, alpha, 16-bit, 32-bit, float, CMYK, grayscale) to 8-bit RGB; transparency over
-    white."""
-    if image.mode in _WIDE_GRAY:
-        image = _wide_to_l(image, source)
-    if image.mode in _SIXTEEN_BIT:
-        image = image if image.mode in _POINT_MODES else image.convert("I")
-        image = image.point(lambda v: v * (1 / 256)).convert("L")  # 0..65535 -> 0..255, not clipped at 255
-    if image.mode == "La":
-        # Premultiplied luminance (gray * alpha / 255): PIL converts it to nothing but "LA", and that
-        # conversion un-premultiplies it, so it is flattened over white below as "LA" is. ("La" to "RGBA"
-        # failed: "conversion from La to L not supported".) A pixel of alpha 0 holds no gray, and is white.
-        image = image.convert("LA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:  # alpha, or tRNS
-        rgba = image.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba)
-        return flat
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _wide_to_l(image: Image.Image, source: str) -> Image.Image:
-    """32-bit integer ("I") or float ("F") gray -> "L", by the range its values actually use: the mode alone does
-    not say (a 32-bit TIFF of 8-bit data, `convert("I")` of a photo; floats of 0..1 or of 0..255).
-
-    Float NaN and infinite pixels count as 0 (the "no data" of a float raster, say); an image with no finite
-    pixel at all is an ImageLoadError, not a black picture captioned as if it were one.
-    """
-    if image.mode == "F":
-        image = _finite(image, source)
-    low, high = image.getextrema()
-    scale, offset = _gray_scale(low, high, floats=image.mode == "F")
-    if (scale, offset) != (1, 0):
-        image = image.point(lambda v: v * scale + offset)  # affine: PIL runs it in C, keeping the mode
-    return image.convert("L")  # truncates toward zero and clips to 0..255
-
-
-def _gray_scale(low: float, high: float, floats: bool) -> tuple[float, float]:
-    """(scale, offset) taking values in low..high to 0..255, before "L" truncates and clips:
-
-    - floats within 0..1: normalised intensities, times 255;
-    - high <= 255: 8-bit values, kept (negatives clip to 0, as PIL's convert("L") does);
-    - high <= 65535: 16-bit values, divided by 256 as "I;16" is;
-    - larger: divided by the maximum, or min/max normalised when there are negative values.
-    Floats get 0.5 added, so truncation rounds them.
-    """
-    half = 0.5 if floats else 0
-    if floats and low >= 0 and high <= 1:
-        return 255.0, half
-    if high <= 255:
-        return 1, half
-    if high <= 65535:
-        return 1 / 256, 0
-    if low >= 0:
-        return 255 / high, half
-    return 255 / (high - low), -low * 255 / (high - low) + half
-
-
-def _finite(image: Image.Image, source: str) -> Image.Image:
-    """A float image with its NaN and infinite pixels set to 0 (PIL's extrema are NaN if one pixel is)."""
-    pixels = np.array(image, dtype=np.float32)
-    bad = ~np.isfinite(pixels)
-    if not bad.any():
-        return image
-    if bad.all():
-        raise ImageLoadError(source, "no finite pixel values (every pixel is NaN or infinite)")
-    pixels[bad] = 0
-    return Image.fromarray(pixels)
 
 
 def find_images(paths: Iterable[str | os.PathLike]) -> Iterator[Path]:
