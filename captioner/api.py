@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from captioner.api_arguments import check_decode, count_argument
+from captioner.api_inputs import as_items, batches, named, until_error
 from captioner.config import DecodeConfig
 from captioner.decoding import Hypothesis, decode
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
@@ -204,10 +205,7 @@ class Captioner:
             TagError: (a ValueError) tags asked for and the encoder has no ImageNet classifier, or timm's label
                 files are not installed.
         """
-        # A list, tuple, set or iterator (a generator) holds images; anything else is one (a file object iterates
-        # over lines: one input, refused by the loader). A generator was taken as one image of an unsupported type.
-        many = isinstance(images, (list, tuple, set, frozenset, Iterator)) and not hasattr(images, "read")
-        items = list(images) if many else [images]
+        items = as_items(images)
         if names is not None and len(names) != len(items):
             raise ValueError(f"got {len(names)} names for {len(items)} images")
         num_workers = count_argument("num_workers", num_workers, 0)  # checked before one image overrides it
@@ -260,10 +258,10 @@ class Captioner:
     def _stream(self, images: Iterable[ImageInput], names: Iterable[str] | None, batch_size: int,
                 num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
         """`tags`: how many ImageNet tags per image, 0 for none. An error of the input is raised once what came
-        before it is captioned (`_until_error`)."""
-        labels = _named(images, names) if names is not None else zip(images, itertools.repeat(None))
+        before it is captioned (`api_inputs.until_error`)."""
+        labels = named(images, names) if names is not None else zip(images, itertools.repeat(None))
         failure: list[Exception] = []
-        indexed = _until_error(((i, item, name) for i, (item, name) in enumerate(labels)), failure)
+        indexed = until_error(((i, item, name) for i, (item, name) in enumerate(labels)), failure)
         yield from self._stream_indexed(indexed, batch_size, num_workers, on_error, search, tags)
         if failure:
             raise failure[0]
@@ -272,14 +270,14 @@ class Captioner:
                         num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
         """Caption (index, image, name) triples in order, decoding in `num_workers` threads (0: here)."""
         if num_workers == 0:
-            for batch in _batches(indexed, batch_size):
+            for batch in batches(indexed, batch_size):
                 yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search,
                                                tags)
             return
         pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="captioner-decode")
         try:
             pending = None
-            for batch in _batches(indexed, batch_size):
+            for batch in batches(indexed, batch_size):
                 # Submit the next batch's decoding before running the network on the current one.
                 futures = [pool.submit(self._safe_preprocess, item) for item in batch]
                 if pending is not None:
@@ -341,41 +339,3 @@ class Captioner:
         alternatives = [Alternative(" ".join(self.vocab.decode(h.tokens)), h.score, h.logprob) for h in hyps]
         return Caption(source=source, text=" ".join(words), tokens=words, score=best.score, logprob=best.logprob,
                        alternatives=alternatives, attention=attention, gates=gates, tags=tags)
-
-
-def _until_error(items: Iterable, failure: list[Exception]) -> Iterator:
-    """`items` until one raises; the error goes into `failure`, for the caller to raise once everything received
-    before it is done. Why: the batch being filled, and with workers the batch decoded ahead, were dropped."""
-    try:
-        yield from items
-    except Exception as exc:  # noqa: BLE001 - raised again by the caller, after the images before it
-        failure.append(exc)
-
-
-_NO_NAME = object()
-"""What `next` returns from a names iterator that has run out (a name may be any string, even empty)."""
-
-
-def _named(images: Iterable, names: Iterable[str]) -> Iterator[tuple]:
-    """(image, name) pairs, and a ValueError where one of the two runs out before the other. Why: `zip` stopped at
-    the shorter, so five images with two names gave two captions and no error."""
-    names = iter(names)
-    count = 0
-    for count, image in enumerate(images, 1):
-        name = next(names, _NO_NAME)
-        if name is _NO_NAME:
-            raise ValueError(f"names ran out at image {count}: give one name per image")
-        yield image, name
-    if next(names, _NO_NAME) is not _NO_NAME:
-        raise ValueError(f"more names than the {count} images: give one name per image")
-
-
-def _batches(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -10,6 +10,8 @@ each bound.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -316,3 +318,59 @@ def test_a_chunk_size_below_one_is_refused(small_encoder, backend, chunk_size):
     precision = "fp32" if backend != "openvino" else "bf16"
     with pytest.raises(ValueError, match=f"chunk_size must be >= 1, got {chunk_size}"):
         FastEncoder(small_encoder, precision, backend=backend, chunk_size=chunk_size, script=False)
+
+
+_SIGINT_AFTER_TWO_MODELS = """
+import gc, os, signal, sys
+import torch
+from captioner.models.encoder import build_encoder
+from captioner.runtime import openvino_runtime
+from captioner.runtime.fast import export_onnx
+
+encoder = build_encoder("efficientnet_lite0", image_size=96)
+model, pixels = export_onnx(encoder), (encoder.preprocess.mean, encoder.preprocess.std)
+first = openvino_runtime.runner(model, "f32", pixels=pixels)
+second = openvino_runtime.runner(model, "f32", pixels=pixels)
+first(torch.zeros(1, 3, 96, 96, dtype=torch.uint8))
+del first  # freed before the model built after it
+gc.collect()
+junk = [bytearray(20000) for _ in range(500)]  # the freed memory used again, as a running program does
+del second
+gc.collect()
+try:
+    os.kill(os.getpid(), signal.SIGINT)
+except KeyboardInterrupt:
+    sys.exit(7)
+"""
+
+
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_ctrl_c_after_two_models_freed_out_of_order_is_a_keyboard_interrupt(tmp_path, faulthandler):
+    """Compiling an OpenVINO model put an alternate signal stack of its own on the thread, and freeing it put back
+    the one it had found: two models freed in another order left the thread on a freed stack, and the next
+    Ctrl-C was a segmentation fault in Python's handler (exit -11) instead of a KeyboardInterrupt."""
+    script = tmp_path / "sigint.py"
+    script.write_text(_SIGINT_AFTER_TWO_MODELS)
+    done = subprocess.run([sys.executable, *(["-X", "faulthandler"] if faulthandler else []), str(script)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 7, done.stderr[-2000:]
+
+
+def test_building_a_model_keeps_the_threads_signal_stack(small_encoder):
+    """The in-process half of the test above: the thread's alternate signal stack is the same before and after a
+    model is built (under pytest, faulthandler's)."""
+    import ctypes
+
+    stack = openvino_runtime._SignalStack
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def current() -> tuple:
+        now = stack()
+        assert libc.sigaltstack(None, ctypes.byref(now)) == 0
+        return now.ss_sp, now.ss_size, now.ss_flags
+
+    before = current()
+    pixels = (small_encoder.preprocess.mean, small_encoder.preprocess.std)
+    run = openvino_runtime.runner(export_onnx(small_encoder), "f32", pixels=pixels)
+    run(torch.zeros(1, 3, 96, 96))  # the float graph, compiled at its first use
+    assert current() == before

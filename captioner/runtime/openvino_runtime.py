@@ -13,8 +13,11 @@ distance of the features from fp32 about 0.07), "f32" keeps fp32 (the int8 model
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -70,7 +73,8 @@ def runner(model: bytes, precision: str = "bf16", threads: int | None = None,
                 if pixels is None:
                     raise ValueError("this encoder takes normalised float images, not uint8 pixels")
                 graph = _with_normalisation(ov, graph, *pixels)
-            requests[uint8] = core.compile_model(graph, "CPU", config).create_infer_request()
+            with signal_stack_kept():
+                requests[uint8] = core.compile_model(graph, "CPU", config).create_infer_request()
         return requests[uint8]
 
     request(pixels is not None)
@@ -83,6 +87,45 @@ def runner(model: bytes, precision: str = "bf16", threads: int | None = None,
             return torch.from_numpy(infer.get_output_tensor(0).data.copy())
 
     return run
+
+
+class _SignalStack(ctypes.Structure):
+    """`stack_t` of sigaltstack(2) on Linux."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def signal_stack_kept() -> Iterator[None]:
+    """Run the block, then give the calling thread back the alternate signal stack it had before.
+
+    Why: compiling an OpenVINO model installs an alternate signal stack of its own (11,568 bytes) on the calling
+    thread, and freeing the model puts back the one it found. Two models freed in another order than they were
+    built (the app's two models, a Captioner collected while another lives) leave the thread on the stack of a
+    model already freed. Python runs its signal handlers on the alternate stack (SA_ONSTACK), so the next Ctrl-C
+    was a segmentation fault in the handler instead of a KeyboardInterrupt (reproduced on a 2-core Zen 4 EPYC:
+    two runners, the first freed first, then SIGINT; `tests/test_openvino.py`). OpenVINO's own handlers then run
+    on the thread's stack, which is large enough for them. Linux only; elsewhere, or if libc cannot be asked,
+    the block just runs."""
+    libc, saved = _libc(), _SignalStack()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)  # fails harmlessly (EPERM) only while on that stack
+
+
+def _libc():
+    """The C library, for sigaltstack; None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "sigaltstack") else None
+    except OSError:
+        return None
 
 
 def _with_normalisation(ov, graph, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -1,0 +1,57 @@
+"""The input streams of `Captioner.caption` and `caption_iter`: what counts as many images, names paired with
+images, batches, and an input that fails part-way.
+
+Why a module of their own: these are rules about the caller's iterables (a generator, names that run out, an
+iterator that raises), read and changed together, apart from the captioning they feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+
+def as_items(images: object) -> list:
+    """The images of `caption(images)` as a list. A list, tuple, set or iterator (a generator) holds images;
+    anything else is one image (a file object iterates over its lines: one input, which the loader refuses).
+    Why: a generator was taken as one image of an unsupported type."""
+    many = isinstance(images, (list, tuple, set, frozenset, Iterator)) and not hasattr(images, "read")
+    return list(images) if many else [images]
+
+
+def until_error(items: Iterable, failure: list[Exception]) -> Iterator:
+    """`items` until one raises; the error goes into `failure`, for the caller to raise once everything received
+    before it is done. Why: the batch being filled, and with workers the batch decoded ahead, were dropped."""
+    try:
+        yield from items
+    except Exception as exc:  # noqa: BLE001 - raised again by the caller, after the images before it
+        failure.append(exc)
+
+
+_NO_NAME = object()
+"""What `next` returns from a names iterator that has run out (a name may be any string, even empty)."""
+
+
+def named(images: Iterable, names: Iterable[str]) -> Iterator[tuple]:
+    """(image, name) pairs, and a ValueError where one of the two runs out before the other. Why: `zip` stopped at
+    the shorter, so five images with two names gave two captions and no error."""
+    names = iter(names)
+    count = 0
+    for count, image in enumerate(images, 1):
+        name = next(names, _NO_NAME)
+        if name is _NO_NAME:
+            raise ValueError(f"names ran out at image {count}: give one name per image")
+        yield image, name
+    if next(names, _NO_NAME) is not _NO_NAME:
+        raise ValueError(f"more names than the {count} images: give one name per image")
+
+
+def batches(items: Iterable, size: int) -> Iterator[list]:
+    """`items` in lists of `size`, the last one shorter; consumed lazily, so a stream is never read ahead."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
