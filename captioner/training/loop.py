@@ -8,16 +8,16 @@ images, and rank 0 alone validates, writes checkpoints and logs; its decisions a
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from captioner.config import Config, config_to_dict, save_config
+from captioner.config import Config, config_to_dict
 from captioner.config.checks import config_error
 from captioner.data.dataset import Batch, CaptionSet, encode_captions, iterate_batches
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model, new_model, save_model
@@ -25,9 +25,17 @@ from captioner.models.vocab import Vocabulary
 from captioner.training.distributed import Dist, barrier, broadcast, setup, teardown
 from captioner.training.ema import WeightAverage, averaged
 from captioner.training.log import log
-from captioner.training.plots import plot_history
 from captioner.training.prepare import Prepared, build_vocabulary, prepare_data, validate_paths
-from captioner.training.run_state import Progress, SavedState, json_safe, load_state, read_state, save_state
+from captioner.training.run_folder import (
+    BEST,
+    STATE,
+    RunLock,
+    refusal,
+    remove_temporaries,
+    write_config,
+    write_history,
+)
+from captioner.training.run_state import Progress, SavedState, load_state, read_state, save_state
 from captioner.training.start import check_features, starting_model
 from captioner.training.validation import per_dataset, validation_scores
 
@@ -137,39 +145,51 @@ def train_step(model: CaptionModel, trainer: torch.nn.Module, optimizer: torch.o
 def checkpoint_epoch(run: Path, model: CaptionModel, optimizer: torch.optim.Optimizer, progress: Progress,
                      generator: torch.Generator, improved: bool, ema: WeightAverage | None = None) -> None:
     """Save the best model (when improved; the averaged weights if averaging), then the resumable state (the
-    live weights and the average), then the log and curves."""
+    live weights and the average), then the log and curves: each file written whole, so a kill at any moment
+    leaves every one complete."""
     if improved:
         with averaged(ema, model.decoder):
-            save_model(model, run / "best.safetensors")
-    save_state(run / "train_state.safetensors", model.decoder, optimizer, progress, model.vocab.itos, generator,
+            save_model(model, run / BEST)
+    save_state(run / STATE, model.decoder, optimizer, progress, model.vocab.itos, generator,
                extra=ema.state() if ema is not None else None)
-    with (run / "metrics.jsonl").open("w") as fh:
-        for row in progress.history:  # strict JSON: a NaN score is null (a bare NaN breaks other tools' parsers)
-            fh.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
-    plot_history(progress.history, run / "curves.png")
+    write_history(run, progress.history)
 
 
 def start_from_best(model: CaptionModel, optimizer: torch.optim.Optimizer, run: Path,
                     ema: WeightAverage | None = None) -> None:
     """Load the best checkpoint's weights and forget the optimizer's moments (a new phase, a new objective);
     the weight average restarts from there."""
-    model.decoder.load_state_dict(load_model(run / "best.safetensors").decoder.state_dict())
+    model.decoder.load_state_dict(load_model(run / BEST).decoder.state_dict())
     optimizer.state.clear()
     if ema is not None:
         ema.reset(model.decoder)
 
 
-def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
+def _lock_run(cfg: Config, dist: Dist, held: ExitStack) -> None:
+    """Rank 0 takes the run folder's lock, kept in `held` until training ends; a folder another run holds stops
+    every rank at once (rank 0 alone looked, so it tells the others)."""
     run = Path(cfg.train.out_dir)
-    if (run / "train_state.safetensors").exists() and not resume:
-        raise config_error(f"{run} holds a previous run; pass --resume to continue it or "
-                           "set train.out_dir to a new folder")
-    barrier(dist)  # every rank has looked before rank 0 writes anything
+    holder = None
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        for stale in run.glob(".*.tmp"):  # half-written checkpoints of a killed run (save_tensors' temp names)
-            stale.unlink(missing_ok=True)
-        save_config(cfg, run / "config.yaml")
+        holder = held.enter_context(RunLock(run)).acquire()
+    holder = broadcast(holder, dist)
+    if holder:
+        raise config_error(f"train.out_dir {run} is in use by another training run ({holder})")
+
+
+def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
+    """Rank 0 looks at what the (locked) run folder holds and refuses one this run may not write into, stopping
+    every rank before anything is written; then it clears a killed run's temporary files and saves the config."""
+    run = Path(cfg.train.out_dir)
+    problem = refusal(run, resume) if dist.is_main else None
+    problem = broadcast(problem, dist)
+    if problem:
+        raise config_error(problem)
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run)  # under the lock: no live run's temporary file is among them
+        write_config(cfg, run)
     return run
 
 
@@ -188,18 +208,20 @@ def fit(cfg: Config, resume: bool = False) -> CaptionModel:
     validate_paths(cfg)
     dist = setup()
     try:
-        return _fit(cfg, resume, dist)
+        with ExitStack() as held:  # the run folder's lock (`_lock_run`), let go however training ends
+            return _fit(cfg, resume, dist, held)
     finally:
         teardown(dist)
 
 
-def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
-    state_file = Path(cfg.train.out_dir) / "train_state.safetensors"
+def _fit(cfg: Config, resume: bool, dist: Dist, held: ExitStack) -> CaptionModel:
+    state_file = Path(cfg.train.out_dir) / STATE
     resuming = resume and state_file.exists()
     # A new run from a model checks it before anything is written or extracted; a resumed one has all it needs,
     # its state checked here too (a damaged one is refused before the features, not after).
     start = starting_model(cfg) if cfg.train.init_from and not resuming else None
     saved: SavedState | None = read_state(state_file) if resuming else None
+    _lock_run(cfg, dist, held)
     run = _open_run(cfg, resume, dist)
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout differs per rank; the data order does not
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -238,6 +260,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
             raise config_error(f"{run}: the data no longer gives the vocabulary of the run "
                                "being resumed")
         if dist.is_main:
+            write_history(run, progress.history)  # repairs a log or curves a kill (of an older version) damaged
             log(f"resumed after epoch {progress.epoch} (best validation score {progress.best_score:.4f})")
     trainer = (DistributedDataParallel(model.decoder, device_ids=[dist.device.index] if dist.device.index is not None
                                        else None) if dist.enabled else model.decoder)
@@ -278,7 +301,7 @@ def _fit(cfg: Config, resume: bool, dist: Dist) -> CaptionModel:
         _validate_and_checkpoint(run, model, optimizer, progress, generator, data, cfg, dist, phase, loss,
                                  time.time() - epoch_start, ema)
     barrier(dist)
-    best = load_model(run / "best.safetensors")
+    best = load_model(run / BEST)
     if dist.is_main:
         what = "CIDEr" if len(data.vals) == 1 else "selection score (weighted CIDEr)"
         log(f"best epoch {progress.best_epoch}: {what} {progress.best_score:.4f}; total {time.time() - started:.0f}s")
