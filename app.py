@@ -129,7 +129,8 @@ def _one_line(text: str) -> str:
     """
     text = text_field(text).translate(_CONTROL_ESCAPES)
     # Format and separator characters too (U+202E turned "photo<U+202E>gpj.png" into "photognp.jpg" on screen).
-    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) in _INVISIBLE else c for c in text)
+    return "".join((f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+                   if unicodedata.category(c) in _INVISIBLE else c for c in text)
 
 
 def _md_name(text: str) -> str:
@@ -299,7 +300,7 @@ def gates_ui(caption: Caption, step: int, labels: list[str]) -> None:
                            use_container_width=True)
     with st.expander("All words: gates averaged over the cells"):
         st.dataframe([r.as_row() for r in rows], hide_index=True)
-    st.markdown(f"**Memory cells that changed most at word {labels[step]}**")
+    st.markdown(f"**Memory cells that changed most at word {escape_md(labels[step])}**")
     if step == 0:
         st.caption("The memory before the first word is not reported, so these are the cells with the "
                    "largest values after it.")

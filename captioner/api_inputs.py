@@ -7,15 +7,29 @@ iterator that raises), read and changed together, apart from the captioning they
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 
 
 def as_items(images: object) -> list:
-    """The images of `caption(images)` as a list. A list, tuple, set or iterator (a generator) holds images;
-    anything else is one image (a file object iterates over its lines: one input, which the loader refuses).
-    Why: a generator was taken as one image of an unsupported type."""
-    many = isinstance(images, (list, tuple, set, frozenset, Iterator)) and not hasattr(images, "read")
-    return list(images) if many else [images]
+    """The images of `caption(images)` as a list: any iterable but one image's own types (a path, bytes, a PIL
+    image, a buffer, a file object, which iterates over its lines) holds images. Why: a generator, a deque or a
+    dict's keys was taken as one image of an unsupported type.
+
+    Raises:
+        ValueError: a set: the captions come back in input order, and
+            `names` are paired in it, so a set's arbitrary order would label images wrongly.
+    """
+    from PIL import Image
+
+    single = (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)
+    array = hasattr(images, "__array__")  # a numpy array or tensor is one (refused) input, not rows of pixels
+    if isinstance(images, single) or hasattr(images, "read") or array or not isinstance(images, Iterable):
+        return [images]
+    if isinstance(images, (set, frozenset)):
+        raise ValueError(f"images is an unordered {type(images).__name__}: pass a list or another sequence, so that "
+                         "the captions (and names) follow a known order")
+    return list(images)
 
 
 def until_error(items: Iterable, failure: list[Exception]) -> Iterator:

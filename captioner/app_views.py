@@ -3,6 +3,7 @@ maps' specs."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -52,7 +53,7 @@ def escape_md(text: str) -> str:
 
     Why: a checkpoint's name, data line or vocabulary is text from a file; unescaped, a name holding
     `[...](https://...)` or `![](...)` showed a link or loaded a remote image in the page."""
-    return re.sub(r"([\\`*_\[\]$~|<>#!])", r"\\\1", text)
+    return re.sub(r"([\\`*_\[\]$~|<>#!&])", r"\\\1", text)  # & too: "&NoBreak;" would render invisible
 
 
 def _count(value: object) -> int | None:
@@ -63,9 +64,13 @@ def _count(value: object) -> int | None:
 
 def _number(value: object) -> float | None:
     """`value` as a float when it is a finite number (a bool is not); None otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int of 400 digits
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _dev_line(label: str, scores: dict, decode: DecodeConfig) -> str:

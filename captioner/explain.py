@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from captioner.app_views import escape_md
 from captioner.results import Caption
 
 END = "<end>"
@@ -187,7 +188,7 @@ def describe_resets(caption: Caption, max_words: int = 6) -> str:
     gates = _gates(caption)
     per_word = resets(gates).sum(axis=1)  # (L,)
     words = step_words(caption)
-    hits = [(int(n), f"**{words[t]}** (word {t + 1}: {n} cell{'s' if n > 1 else ''})")
+    hits = [(int(n), f"**{escape_md(words[t])}** (word {t + 1}: {n} cell{'s' if n > 1 else ''})")
             for t, n in enumerate(per_word) if n]
     if not hits:
         return ("No cell was reset in this caption (no word had a cell with forget gate below "
@@ -199,7 +200,7 @@ def describe_resets(caption: Caption, max_words: int = 6) -> str:
 
 def describe_word(row: WordGates) -> str:
     """One plain-English sentence about the gates at one word."""
-    text = (f"While writing **{row.word}**, the LSTM kept on average {row.forget:.0%} of each memory cell "
+    text = (f"While writing **{escape_md(row.word)}**, the LSTM kept on average {row.forget:.0%} of each memory cell "
             f"(forget gate), wrote {row.input:.0%} of the new candidate content (input gate) and showed "
             f"{row.output:.0%} of its memory to the word predictor (output gate).")
     if not math.isnan(row.cell_change):

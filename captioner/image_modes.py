@@ -62,14 +62,14 @@ def _wide_to_l(image: Image.Image) -> Image.Image:
 def _gray_scale(low: float, high: float, floats: bool) -> tuple[float, float]:
     """(scale, offset) taking values in low..high to 0..255, before "L" truncates and clips:
 
-    - floats within 0..1: normalised intensities, times 255;
+    - floats up to 1: normalised intensities, times 255 (negatives clip to 0);
     - high <= 255: 8-bit values, kept (negatives clip to 0, as PIL's convert("L") does);
     - high <= 65535: 16-bit values, divided by 256 as "I;16" is;
     - larger: divided by the maximum, or min/max normalised when there are negative values.
     Floats get 0.5 added, so truncation rounds them.
     """
     half = 0.5 if floats else 0
-    if floats and low >= 0 and high <= 1:
+    if floats and high <= 1:  # a slight undershoot (-0.01 after a filter) clips; it made the image 8-bit, black
         return 255.0, half
     if high <= 255:
         return 1, half

@@ -252,12 +252,20 @@ def test_a_path_object_is_never_a_shipped_models_name(tmp_path, monkeypatch):
         Captioner.load(Path("./general"))
 
 
-def test_a_generator_or_set_of_images_is_captioned_as_many(tmp_path, captioner):
-    """caption(generator) was one image of an unsupported type ("<generator #0>: unsupported input type")."""
+def test_a_generator_or_other_iterable_of_images_is_captioned_as_many(tmp_path, captioner):
+    """caption(generator) was one image of an unsupported type ("<generator #0>: unsupported input type"); so were a
+    deque and a dict's keys. A set is refused: its order is arbitrary."""
     paths = write_images(tmp_path, 3)
     expected = [r.text for r in captioner.caption(paths)]
     assert [r.text for r in captioner.caption(p for p in paths)] == expected
-    assert sorted(r.text for r in captioner.caption(set(paths))) == sorted(expected)
+    from collections import deque
+
+    assert [r.text for r in captioner.caption(deque(paths))] == expected
+    assert [r.text for r in captioner.caption({p: 1 for p in paths}.keys())] == expected
+    with pytest.raises(ValueError, match="unordered set"):  # names would be paired in an arbitrary order
+        captioner.caption(set(paths), names=["a", "b", "c"])
+    [array] = captioner.caption(np.zeros((4, 4, 3), dtype=np.uint8), on_error="skip")  # one input, not 4 rows
+    assert not array.ok
     import io
 
     [one] = captioner.caption(io.BytesIO(paths[0].read_bytes()), on_error="skip")  # a file object is one input

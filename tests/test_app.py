@@ -537,3 +537,15 @@ def test_markdown_in_a_checkpoints_text_is_escaped():
     [title, *_] = model_card({"name": name}, DecodeConfig())
     assert "](" not in title.replace("\\]", "") and "\\[" in title and "\\!" in title
     assert escape_md("# a_b *c*") == "\\# a\\_b \\*c\\*"
+
+
+def test_the_gates_views_escape_a_checkpoints_words():
+    """Only the caption heading was escaped; the gates tab put the same words raw into markdown ("While writing
+    **![x](https://...)**"), so a hand-made vocabulary could still load a remote image."""
+    from captioner.app_views import escape_md, model_card
+    from captioner.explain import WordGates, describe_word
+
+    word = "![x](https://evil.example/t.png)&NoBreak;"
+    assert "![x](" not in describe_word(WordGates(0, word, 0.5, 0.5, 0.5, float("nan")))
+    assert escape_md("a&b") == "a\\&b"
+    assert model_card({"selection": {"CIDEr": 10**400}}, DecodeConfig())  # a 400-digit score: OverflowError

@@ -257,3 +257,9 @@ def test_a_flickr8k_folder_without_the_split_list_asked_for_names_the_splits_it_
     err = capsys.readouterr().err
     assert "has no test split list (Flickr_8k.testImages.txt); it has train, dev: pass --split dev" in err
     assert len(err.splitlines()) == 1
+
+
+def test_annotations_alone_with_the_default_flickr8k_format_is_one_line(no_model, tmp_path, capsys):
+    """--format defaults to flickr8k, which reads a folder: `--annotations x.json` alone was a TypeError traceback."""
+    assert main(["evaluate", "--annotations", str(tmp_path / "x.json")]) == 2
+    assert "--format flickr8k reads a dataset folder: give it as --data" in capsys.readouterr().err

@@ -1020,6 +1020,10 @@ def test_an_output_in_a_folder_that_does_not_exist_names_the_folder_exit_4(tmp_p
     assert err == (f"captioner: error: cannot write --output {output}: [Errno 2] its folder {output.parent} "
                    "does not exist\n")
     assert not (tmp_path / "nodir").exists()
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")  # a dangling link as the folder: the same line, not exit 2
+    gone = tmp_path / "gone" / "x.txt"
+    assert _caption(tmp_path, tiny_checkpoint, img, "--precision", "reference", "--output", gone) == 4
+    assert "its folder" in capsys.readouterr().err
 
 
 def test_an_output_name_near_the_length_limit_is_written_and_resumed(tmp_path, tiny_checkpoint):

@@ -220,3 +220,12 @@ def test_api_skip_reports_a_bad_path_object_and_captions_the_rest(tmp_path, capt
     assert [r.ok for r in results] == [True, True, False]  # the call raised TypeError for the bytes path
     assert results[1].source == str(path) and results[1].text == results[0].text
     assert "cannot use as a file path" in results[2].error
+
+
+def test_a_float_image_of_intensities_with_a_slight_undershoot_is_not_black():
+    """Floats in 0..1 with one value at -0.01 (after a filter) fell to the 8-bit rule and came out black."""
+    from captioner.image_modes import to_rgb
+
+    pixels = np.array([[-0.01, 0.25, 0.5, 1.0]], dtype=np.float32)
+    gray = np.array(to_rgb(Image.fromarray(pixels, mode="F")))[0, :, 0]
+    assert gray.tolist() == [0, 64, 128, 255]

@@ -263,3 +263,16 @@ def test_resume_rewrites_a_damaged_log_and_curves_from_the_run_state(finished, t
     assert _rows(run) == history
     image = (run / "curves.png").read_bytes()
     assert image.startswith(PNG) and len(image) > 1000
+
+
+def test_resume_without_a_state_refuses_a_folder_holding_a_runs_weights(tmp_path, capsys):
+    """--resume with the run state deleted (to save space, say) started a new run there, whose first epoch replaced
+    best.safetensors."""
+    config = _shapes_config(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"the user's best model")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')  # epochs were finished: their state was deleted
+    assert _train(config, "--resume") == 2
+    assert "holds best.safetensors, metrics.jsonl but no train_state.safetensors" in capsys.readouterr().err
+    assert (run / "best.safetensors").read_bytes() == b"the user's best model"

@@ -80,6 +80,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--split-list is for coco, csv and jsonl; {args.format} reads its own split lists"
     if not (args.data or args.annotations):  # was reported as a missing Flickr_8k.testImages.txt
         return "--data (or --annotations) is required: the dataset folder or annotation file to score"
+    if args.format == "flickr8k" and not args.data:  # it reads a folder; --annotations alone was a traceback
+        return "--format flickr8k reads a dataset folder: give it as --data (--annotations is for the other formats)"
     return None
 
 

@@ -145,8 +145,12 @@ class PartialOutput:
         if self.target.is_dir():  # with its errno, so that the CLI reports it as an unwritable file (exit 4)
             raise IsADirectoryError(errno.EISDIR, f"--output {escape_path(self.target)} is a folder")
         folder = self.target.parent
-        if not os.path.lexists(folder):  # under a file is ENOTDIR, reported by the open below
-            raise OutputFolderError(errno.ENOENT, f"its folder {escape_path(folder)} does not exist")
+        try:
+            os.stat(folder)
+        except FileNotFoundError:  # absent, or a dangling link
+            raise OutputFolderError(errno.ENOENT, f"its folder {escape_path(folder)} does not exist") from None
+        except OSError:  # under a file (ENOTDIR), a loop of links (ELOOP): the open below says which
+            pass
         if self.direct:
             if self.resume:
                 raise OutputResumeError(f"--resume needs a regular file; --output {escape_path(self.target)} "

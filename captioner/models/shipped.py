@@ -68,7 +68,7 @@ def resolve(model: str | os.PathLike | None) -> Path:
     if isinstance(model, str) and model in SHIPPED:
         return shipped_path(model)
     text = os.fsdecode(model)
-    if not text:  # Path("") is the current folder, which exists: it was "checkpoint .: is a folder"
+    if not text:  # "" (or b""): it read as the current folder, "checkpoint .: is a folder"; Path("") is "."
         raise UnknownModelError(f"no model given (an empty name); shipped models: {', '.join(SHIPPED)} "
                                 "(or give the path of a .safetensors checkpoint)")
     path = Path(text)

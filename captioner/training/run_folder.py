@@ -58,9 +58,18 @@ def refusal(run: Path, resume: bool) -> str | None:
         what = "a previous run" if STATE in present else "files a training run writes"
         return (f"train.out_dir {run} already holds {', '.join(present)} ({what}); pass --resume to continue "
                 "the run there, or set train.out_dir to a new or empty folder")
-    if resume and not (run / STATE).exists() and CONFIG in present and not written_by_a_run(run / CONFIG):
-        return (f"train.out_dir {run} holds no {STATE} to resume, and its {CONFIG} was not written by a training "
-                "run (the recipe itself?), so a run would overwrite it; set train.out_dir to a folder of its own")
+    if resume and not (run / STATE).exists():
+        if CONFIG in present and not written_by_a_run(run / CONFIG):
+            return (f"train.out_dir {run} holds no {STATE} to resume, and its {CONFIG} was not written by a "
+                    "training run (the recipe itself?), so a run would overwrite it; set train.out_dir to a folder "
+                    "of its own")
+        # A log means finished epochs whose state is gone (deleted to save space, say): a fresh run would replace
+        # their best.safetensors. Without one, a best.safetensors is the first epoch's, of a run killed before its
+        # state was written, and the run starts again.
+        if METRICS in present or CURVES in present:
+            others = [name for name in present if name != CONFIG]
+            return (f"train.out_dir {run} holds {', '.join(others)} but no {STATE} to resume from, and a new run "
+                    "would overwrite them; move them away, or set train.out_dir to a new or empty folder")
     return None
 
 
@@ -131,7 +140,10 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; None when taken (or the file system has no locks), else who holds it ("pid N")."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except PermissionError:  # another user's stale lock file in a shared folder: flock works read-only
+                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -146,8 +158,11 @@ class RunLock:
             if _names(self.path, fd):
                 break
             os.close(fd)  # its holder removed it after it was opened here: lock the file there now
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError:  # opened read-only: the lock holds, only its holder's name is not written
+            pass
         self._fd = fd
         return None
 
