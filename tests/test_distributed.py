@@ -71,3 +71,17 @@ def test_cli_shards_concatenate_to_the_full_run(tmp_path, tiny_checkpoint):
         pieces += out.read_text().splitlines()
     assert pieces == full.read_text().splitlines()
     assert main(["caption", str(tmp_path / "many"), "--checkpoint", str(tiny_checkpoint), "--shard", "3/3"]) == 2
+
+
+def test_a_rank_0_failure_preparing_the_run_folder_stops_every_rank(tmp_path):
+    """Rank 0 alone locks the run folder; when that failed (here its lock file is a folder), rank 1 was left in
+    the broadcast and ended in a traceback from broadcast_object_list once rank 0 had died, naming nothing."""
+    csv_path = make_shapes_dataset(tmp_path / "images", copies=1)[0]
+    config = tiny_config(tmp_path, csv_path, out="run", epochs=1, batch_size=8)
+    (tmp_path / "run" / ".captioner-train.lock").mkdir(parents=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "29535", "-m", "captioner", "train", "--config", str(config)],
+                          capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "rank 0 could not prepare the run folder" in proc.stderr, proc.stderr[-3000:]  # rank 1's line

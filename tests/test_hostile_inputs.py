@@ -317,7 +317,7 @@ def test_training_error_exits_3(tmp_path, monkeypatch, capsys):
 def test_stale_checkpoint_temp_files_are_removed_when_a_run_opens(tmp_path):
     from captioner.config import config_from_dict
     from captioner.training.distributed import Dist
-    from captioner.training.loop import _open_run
+    from captioner.training.run_folder import open_run
 
     run = tmp_path / "run"
     run.mkdir()
@@ -325,7 +325,7 @@ def test_stale_checkpoint_temp_files_are_removed_when_a_run_opens(tmp_path):
     stale.write_bytes(b"\0" * 1000)
     keep = run / "best.safetensors"
     keep.write_bytes(b"x")
-    _open_run(config_from_dict({"train": {"out_dir": str(run)}}), True, Dist())
+    open_run(config_from_dict({"train": {"out_dir": str(run)}}), True, Dist())
     assert not stale.exists() and keep.exists()
 
 

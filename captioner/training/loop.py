@@ -26,15 +26,7 @@ from captioner.training.distributed import Dist, barrier, broadcast, setup, tear
 from captioner.training.ema import WeightAverage, averaged
 from captioner.training.log import log
 from captioner.training.prepare import Prepared, build_vocabulary, prepare_data, validate_paths
-from captioner.training.run_folder import (
-    BEST,
-    STATE,
-    RunLock,
-    refusal,
-    remove_temporaries,
-    write_config,
-    write_history,
-)
+from captioner.training.run_folder import BEST, STATE, lock_run, open_run, write_history
 from captioner.training.run_state import Progress, SavedState, load_state, read_state, save_state
 from captioner.training.start import check_features, starting_model
 from captioner.training.validation import per_dataset, validation_scores
@@ -165,34 +157,6 @@ def start_from_best(model: CaptionModel, optimizer: torch.optim.Optimizer, run: 
         ema.reset(model.decoder)
 
 
-def _lock_run(cfg: Config, dist: Dist, held: ExitStack) -> None:
-    """Rank 0 takes the run folder's lock, kept in `held` until training ends; a folder another run holds stops
-    every rank at once (rank 0 alone looked, so it tells the others)."""
-    run = Path(cfg.train.out_dir)
-    holder = None
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        holder = held.enter_context(RunLock(run)).acquire()
-    holder = broadcast(holder, dist)
-    if holder:
-        raise config_error(f"train.out_dir {run} is in use by another training run ({holder})")
-
-
-def _open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
-    """Rank 0 looks at what the (locked) run folder holds and refuses one this run may not write into, stopping
-    every rank before anything is written; then it clears a killed run's temporary files and saves the config."""
-    run = Path(cfg.train.out_dir)
-    problem = refusal(run, resume) if dist.is_main else None
-    problem = broadcast(problem, dist)
-    if problem:
-        raise config_error(problem)
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        remove_temporaries(run)  # under the lock: no live run's temporary file is among them
-        write_config(cfg, run)
-    return run
-
-
 def _load_average(ema: WeightAverage, extra: dict[str, torch.Tensor], state_file: Path) -> None:
     """Restore the saved weight average; one that does not fit the model (missing weights, other shapes) is a
     CheckpointError naming the state file, not a KeyError traceback."""
@@ -208,7 +172,7 @@ def fit(cfg: Config, resume: bool = False) -> CaptionModel:
     validate_paths(cfg)
     dist = setup()
     try:
-        with ExitStack() as held:  # the run folder's lock (`_lock_run`), let go however training ends
+        with ExitStack() as held:  # the run folder's lock (`run_folder.lock_run`), let go however training ends
             return _fit(cfg, resume, dist, held)
     finally:
         teardown(dist)
@@ -221,8 +185,8 @@ def _fit(cfg: Config, resume: bool, dist: Dist, held: ExitStack) -> CaptionModel
     # its state checked here too (a damaged one is refused before the features, not after).
     start = starting_model(cfg) if cfg.train.init_from and not resuming else None
     saved: SavedState | None = read_state(state_file) if resuming else None
-    _lock_run(cfg, dist, held)
-    run = _open_run(cfg, resume, dist)
+    lock_run(cfg, dist, held)
+    run = open_run(cfg, resume, dist)
     torch.manual_seed(cfg.train.seed + dist.rank)  # dropout differs per rank; the data order does not
     generator = torch.Generator().manual_seed(cfg.train.seed)
     started = time.time()

@@ -15,6 +15,8 @@ import json
 import os
 import re
 import socket
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,7 +24,9 @@ from typing import Any
 import yaml
 
 from captioner.config import Config, config_to_dict, load_config
+from captioner.config.checks import config_error
 from captioner.models.checkpoint import atomic_write_bytes
+from captioner.training.distributed import Dist, broadcast
 from captioner.training.log import log
 from captioner.training.plots import plot_history
 from captioner.training.run_state import json_safe
@@ -71,6 +75,55 @@ def refusal(run: Path, resume: bool) -> str | None:
             return (f"train.out_dir {run} holds {', '.join(others)} but no {STATE} to resume from, and a new run "
                     "would overwrite them; move them away, or set train.out_dir to a new or empty folder")
     return None
+
+
+def on_rank0(dist: Dist, what: Callable[[], Any]) -> Any:
+    """`what()` run by rank 0 alone, its result handed to every rank; an OSError it raises stops every rank.
+
+    Why: a rank-0 failure before the broadcast (a lock file it cannot open, a folder it cannot make) left the
+    other ranks in `broadcast` with no value coming: under torchrun with gloo they ended in a traceback from
+    `broadcast_object_list` once rank 0 had died, naming nothing. Now rank 0 raises its error and the others a
+    config error naming it."""
+    result, failure = None, None
+    if dist.is_main:
+        try:
+            result = what()
+        except OSError as exc:
+            failure = exc
+    result, message = broadcast((result, None if failure is None else str(failure)), dist)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise config_error(f"train.out_dir: rank 0 could not prepare the run folder ({message})")
+    return result
+
+
+def lock_run(cfg: Config, dist: Dist, held: ExitStack) -> None:
+    """Rank 0 takes the run folder's lock, kept in `held` until training ends; a folder another run holds stops
+    every rank at once (rank 0 alone looked, so it tells the others)."""
+    run = Path(cfg.train.out_dir)
+
+    def lock() -> str | None:
+        run.mkdir(parents=True, exist_ok=True)
+        return held.enter_context(RunLock(run)).acquire()
+
+    holder = on_rank0(dist, lock)
+    if holder:
+        raise config_error(f"train.out_dir {run} is in use by another training run ({holder})")
+
+
+def open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
+    """Rank 0 looks at what the (locked) run folder holds and refuses one this run may not write into, stopping
+    every rank before anything is written; then it clears a killed run's temporary files and saves the config."""
+    run = Path(cfg.train.out_dir)
+    problem = on_rank0(dist, lambda: refusal(run, resume))
+    if problem:
+        raise config_error(problem)
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(run)  # under the lock: no live run's temporary file is among them
+        write_config(cfg, run)
+    return run
 
 
 def config_text(cfg: Config) -> str:
