@@ -12,9 +12,9 @@ from captioner.config.checks import MAX_BEAM_SIZE, MAX_DECODE_LENGTH, MAX_LENGTH
 from captioner.config.data import DataConfig, DatasetConfig
 from captioner.config.mapping import dataclass_from_dict
 from captioner.config.model import DecodeConfig, ModelConfig
-from captioner.config.recipe import Config, config_from_dict, config_to_dict, load_config, save_config
+from captioner.config.recipe import Config, config_from_dict, config_to_dict, config_yaml, load_config, save_config
 from captioner.config.train import TrainConfig
 
 __all__ = ["MAX_BEAM_SIZE", "MAX_DECODE_LENGTH", "MAX_LENGTH_PENALTY", "MAX_WIDTH", "Config", "ConfigError",
            "DataConfig", "DatasetConfig", "DecodeConfig", "ModelConfig", "TrainConfig", "config_from_dict",
-           "config_to_dict", "dataclass_from_dict", "load_config", "save_config"]
+           "config_to_dict", "config_yaml", "dataclass_from_dict", "load_config", "save_config"]

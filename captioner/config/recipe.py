@@ -113,6 +113,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(raw)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (the format `load_config` reads back), in the dataclasses' key order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the format `load_config` reads back)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (`config_yaml`)."""
+    Path(path).write_text(config_yaml(cfg))

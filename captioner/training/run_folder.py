@@ -21,9 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import yaml
-
-from captioner.config import Config, config_to_dict, load_config
+from captioner.config import Config, config_yaml, load_config
 from captioner.config.checks import config_error
 from captioner.models.checkpoint import atomic_write_bytes
 from captioner.training.distributed import Dist, broadcast
@@ -126,11 +124,6 @@ def open_run(cfg: Config, resume: bool, dist: Dist) -> Path:
     return run
 
 
-def config_text(cfg: Config) -> str:
-    """The YAML a run saves as its config.yaml: the same text as `captioner.config.save_config` writes."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
 def written_by_a_run(path: Path) -> bool:
     """Whether `path` is a config.yaml as a run writes it: a regular file whose text is exactly the resolved config
     it reads back as. Why so strict: a hand-written recipe (comments, its own key order, defaults left out) is
@@ -138,7 +131,7 @@ def written_by_a_run(path: Path) -> bool:
     if path.is_symlink():
         return False
     try:
-        return path.read_bytes() == config_text(load_config(path)).encode("utf-8")
+        return path.read_bytes() == config_yaml(load_config(path)).encode("utf-8")
     except (OSError, ValueError):  # unreadable, or not a valid config (ConfigError is a ValueError)
         return False
 
@@ -162,7 +155,7 @@ def write_config(cfg: Config, run: Path) -> None:
         log(f"{path} is kept as it is (not a config a run wrote: edited, or the recipe being run); "
             "this run's resolved config is not saved there")
         return
-    atomic_write_bytes(path, config_text(cfg).encode("utf-8"))
+    atomic_write_bytes(path, config_yaml(cfg).encode("utf-8"))
 
 
 def write_history(run: Path, history: list[dict[str, Any]]) -> None:
