@@ -3,13 +3,12 @@ maps' specs."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from captioner.config import DecodeConfig
-from captioner.models.shipped import dataset_scores
+from captioner.models.shipped import dataset_scores, finite_number
 
 if TYPE_CHECKING:
     from captioner.results import Tag
@@ -62,21 +61,10 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _number(value: object) -> float | None:
-    """`value` as a float when it is a finite number (a bool is not); None otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:  # an int of 400 digits
-        return None
-    return number if math.isfinite(number) else None
-
-
 def _dev_line(label: str, scores: dict, decode: DecodeConfig) -> str:
     """"flickr8k dev: CIDEr-D 0.601, BLEU-4 0.236 (beam 3)." for one dataset's scores."""
-    parts = [f"{name} {_number(scores.get(key)):.3f}" for key, name in (("CIDEr", "CIDEr-D"), ("Bleu_4", "BLEU-4"))
-             if _number(scores.get(key)) is not None]
+    values = {name: finite_number(scores.get(key)) for key, name in (("CIDEr", "CIDEr-D"), ("Bleu_4", "BLEU-4"))}
+    parts = [f"{name} {value:.3f}" for name, value in values.items() if value is not None]
     beam = _count(scores.get("beam_size")) or decode.beam_size
     split = escape_md(str(scores.get("split", "dev")))
     return f"{escape_md(str(label))} {split}: {', '.join(parts) or 'no scores'} (beam {beam})."
@@ -86,11 +74,11 @@ def _score_line(sel: dict, epoch, decode: DecodeConfig) -> str:
     """The selection score's sentence. Every field is checked for its type first: a metric of 5 or a length
     penalty of "high" in a hand-written checkpoint ended the app in a traceback."""
     metric = sel.get("metric") if isinstance(sel.get("metric"), str) else "CIDEr"
-    value = _number(sel.get(metric, sel.get(metric.replace("-D", ""))))
+    value = finite_number(sel.get(metric, sel.get(metric.replace("-D", ""))))
     split = escape_md(str(sel.get("split", "validation")))
     if value is None:
         return f"Selected by {escape_md(metric)} on {escape_md(str(sel.get('split', 'the validation split')))}."
-    beam, penalty = _count(sel.get("beam_size")), _number(sel.get("length_penalty"))
+    beam, penalty = _count(sel.get("beam_size")), finite_number(sel.get("length_penalty"))
     at = ", ".join(s for s in (f"beam {beam}" if beam else "",
                                f"length penalty {penalty:g}" if penalty is not None else "") if s)
     text = f"{split} {escape_md(metric)} {value:.3f}" + (f" at {at}" if at else "")

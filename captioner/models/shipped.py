@@ -116,9 +116,21 @@ def _scores(info: dict[str, Any], label: str) -> dict[str, dict[str, float]]:
 
 
 def _numbers(scores: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a scores mapping (metrics and beam size; no text, no NaN)."""
-    return {k: v for k, v in scores.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    """The finite numbers of a scores mapping (metrics and beam size; no text, no NaN), as they are."""
+    return {k: v for k, v in scores.items() if finite_number(v) is not None}
+
+
+def finite_number(value: object) -> float | None:
+    """`value` as a float when it is a finite number (a bool is not); None otherwise, also for an int too large
+    for a float (`math.isfinite` of a 400-digit int raises OverflowError). Read by `captioner models` and the
+    app's model card alike."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def list_models() -> list[ModelSummary]:
