@@ -115,6 +115,10 @@ class FusedAttentionDecoder:
     4.03-4.51 ms per image with it in bf16, and of the general model's 1,150 dev captions under "bf16-encoder"
     six changed, all on Flickr8k (dev CIDEr-D 0.5557 and 0.7121 against 0.5559 and 0.7121). The step products
     stay fp32 there: with them in bf16 too, coco_small dev fell 0.007-0.013 below fp32 (docs/performance.md).
+
+    In fp32 the step's products keep their weights in fp16 where every weight is an fp16 value, as in the shipped
+    models (`fp16_weight_linear`): the same numbers read at half the bytes, which is what one image's search is
+    bound by. `init`'s products, run once per image on many rows, stay on oneDNN's fp32 product.
     """
 
     memory_per_image = True
@@ -134,17 +138,18 @@ class FusedAttentionDecoder:
             E = d.embed.embedding_dim
             w_ih = d.lstm.weight_ih.float()  # (4H, E + F)
             self.word_gates = torch.addmm(d.lstm.bias_ih.float(), d.embed.weight.float(), w_ih[:, :E].t())  # (V, 4H)
-            self.context = Product(w_ih[:, E:].t(), None, dtype)  # (F, 4H)
+            step = {"dtype": dtype, "fp16_weights": True}  # the step's products: bound by reading their weights
+            self.context = Product(w_ih[:, E:].t(), None, **step)  # (F, 4H)
             hidden = torch.cat([2 * d.att_hidden.weight, d.gate.weight, d.lstm.weight_hh])  # (A + F + 4H, H)
             bias = torch.cat([2 * d.att_hidden.bias, d.gate.bias, d.lstm.bias_hh])  # the query doubled: sigmoid form
-            self.hidden = Product(hidden.t(), bias, dtype)
+            self.hidden = Product(hidden.t(), bias, **step)
             self.score_w = 2 * d.att_score.weight.float().view(-1, 1)  # (A, 1)
-            self.out = Product.of(d.out, dtype)  # (H, V), or (E, V) with the deep output
+            self.out = Product.of(d.out, **step)  # (H, V), or (E, V) with the deep output
             self.deep = d.cfg.deep_output
             if self.deep:  # readout = tanh(embed[word] + L_h h + L_z context): a table row and two products
                 self.readout_words = (d.embed.weight.float() + d.readout_hidden.bias.float()).contiguous()  # (V, E)
-                self.readout_hidden = Product(d.readout_hidden.weight.t(), None, dtype)  # (H, E)
-                self.readout_context = Product(d.readout_context.weight.t(), None, dtype)  # (F, E)
+                self.readout_hidden = Product(d.readout_hidden.weight.t(), None, **step)  # (H, E)
+                self.readout_context = Product(d.readout_context.weight.t(), None, **step)  # (F, E)
             # init's products: the per-image projection (a third of the decoder's arithmetic) and the keys.
             self.project = self._projection(list(d.project.children()), PRODUCT_DTYPES[projection])
             # the last product writes into `init`'s features, where the activations after it work in place
