@@ -94,7 +94,7 @@ def test_openvino_bf16_features_within_tolerance(bf16_features, reference):
 
 
 def test_openvino_output_shape_and_chunking(encoder, openvino_bf16, bf16_features, pixels):
-    """Chunks of 3 (a last chunk of 2, and single images: OpenVINO's batch is dynamic) give the features of the
+    """Chunks of 3 (a last chunk of 2), and single images (the model compiled for one image), give the features of the
     default chunks of 8 (measured: identical)."""
     chunked = FastEncoder(encoder, "bf16", backend="openvino", chunk_size=3)
     whole = chunked(pixels[0][:5])
@@ -174,6 +174,32 @@ def test_runner_without_pixels_refuses_uint8_and_names_why(tiny_onnx):
         assert torch.allclose(run(x), conv(x), atol=1e-5)
     with pytest.raises(ValueError, match="normalised float images, not uint8"):
         run(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_one_image_runs_a_model_compiled_for_one_image(tiny_onnx, monkeypatch):
+    """A single image runs on a model with a static batch of 1 (faster kernels: `openvino_runtime.runner`),
+    compiled once at its first use; batches keep the dynamic model; both give the layer's output."""
+    import openvino as ov
+
+    shapes = []
+    compile_model = ov.Core.compile_model
+
+    def recording(core, graph, *args):
+        shapes.append(str(graph.input(0).get_partial_shape()))
+        return compile_model(core, graph, *args)
+
+    monkeypatch.setattr(ov.Core, "compile_model", recording)
+    model, conv = tiny_onnx
+    run = openvino_runtime.runner(model, "f32", threads=1)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = conv(x)
+    assert torch.allclose(run(x), expected, atol=1e-5)
+    assert shapes == ["[?,3,16,16]"]
+    for i in (0, 2, 1):
+        assert torch.allclose(run(x[i:i + 1]), expected[i:i + 1], atol=1e-5)
+    assert shapes == ["[?,3,16,16]", "[1,3,16,16]"]  # compiled once, then reused
+    assert torch.allclose(run(x[:2]), expected[:2], atol=1e-5) and len(shapes) == 2
 
 
 def test_runner_compiles_the_float_graph_at_first_use_from_several_threads(tiny_onnx):
