@@ -98,11 +98,11 @@ def timed(fn, *a) -> tuple[float, object]:
 
 def countable_decoder(decoder: torch.nn.Module) -> FusedAttentionDecoder:
     """The fp32 fused decoder of `decoder` with its products on `torch.mm` / `torch.addmm` instead of oneDNN's
-    linear: the same arithmetic, in ops that FlopCounterMode counts."""
+    linear or FBGEMM's fp16-weight product: the same arithmetic, in ops that FlopCounterMode counts."""
     fused = FusedAttentionDecoder(decoder)
     for product in [*vars(fused).values(), *fused.project]:
         if isinstance(product, Product):
-            product._linear = None
+            product._linear = product._fp16 = None
     return fused
 
 
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, tmp: Path) ->
     dec_flops = FlopCounterMode(display=False)
     with dec_flops, torch.no_grad():
         # The fp32 fused decoder, auto's products, with every product on torch.mm / addmm, which
-        # FlopCounterMode counts (it does not see oneDNN's linear, which the fast paths run)
+        # FlopCounterMode counts (it sees neither oneDNN's linear nor FBGEMM's product, which the fast paths run)
         beam_search(countable_decoder(caps["reference"].decoder), features[: args.batch_size], **search)
     dec_gflop = dec_flops.get_total_flops() / 1e9 / min(args.batch_size, len(features))
     jpeg_s = statistics.median(decode_seconds(fast, paths) for _ in range(args.repeats))

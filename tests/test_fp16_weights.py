@@ -139,3 +139,29 @@ def test_shipped_models_run_their_step_products_on_fp16_weights(name):
     """The shipped weights are stored in fp16, so every step product of their fused decoder is kept in fp16."""
     fused = FusedAttentionDecoder(load_model(shipped_path(name)).decoder.eval())
     assert all(getattr(fused, n)._fp16 is not None for n in STEP_PRODUCTS)
+
+
+def test_the_benchmark_counts_the_products_kept_in_fp16(monkeypatch):
+    """benchmarks/batch_captioning.py's arithmetic limit counts the decoder's FLOPs on torch.mm; a product left
+    on FBGEMM is invisible to FlopCounterMode, so fp16 weights must not lower the count."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from captioner.runtime import products
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_captioning.py"
+    spec = importlib.util.spec_from_file_location("batch_captioning", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    decoder, vocab = _decoder(True, fp16=True)
+    features = torch.rand(4, 9, 64, generator=torch.Generator().manual_seed(0))
+    counts = []
+    for kept_in_fp16 in (True, False):
+        if not kept_in_fp16:
+            monkeypatch.setattr(products, "fp16_weight_linear", lambda weight: None)
+        with FlopCounterMode(display=False) as flops:
+            _search(bench.countable_decoder(decoder), features, vocab)
+        counts.append(flops.get_total_flops())
+    assert counts[1] > 0 and counts[0] == counts[1]
