@@ -79,7 +79,8 @@ def openvino_usable() -> bool:
 def default_backend(precision: str, flags: set[str] | None = None) -> str:
     """The encoder backend "auto" picks for an encoder `precision` (fp32, bf16 or int8) on this CPU (or `flags`).
 
-    - fp32: ONNX Runtime (OpenVINO's fp32 is no faster: 148 against 144 images/s on the AMX Xeon).
+    - fp32: ONNX Runtime (OpenVINO's fp32 is no faster: 148 against 144 images/s on the AMX Xeon; on an AVX2-only
+      Zen 3 EPYC 45.6 against 43.7 images/s and 14.8 against 15.3 ms for one image's encoder, within the noise).
     - bf16: OpenVINO where bf16 is native, else TorchScript (ONNX Runtime has no bf16 convolutions).
     - int8: OpenVINO where the CPU has 8-bit dot products (VNNI or AMX: 395 against ONNX Runtime's 278 images/s on
       the AMX Xeon), else ONNX Runtime, whose 7-bit weights on AVX2 are what was measured there.
