@@ -50,8 +50,6 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # captioner.images.SUPPORTED_FORMATS
 HEATMAP_CELLS = 16
 PREVIEW_SIZE = 448
-# C0, DEL and C1 control characters as `\x07` (text_field has already written tab, newline and CR as `\t`...).
-_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
 _INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
 """Unicode categories shown as `\\u202e`: format (bidi overrides, zero widths, BOM), line and paragraph separators."""
 
@@ -121,13 +119,13 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
 
 
 def _one_line(text: str) -> str:
-    """`text` with its control characters written visibly: tab, newline and CR as `\\t`, `\\n`, `\\r` (as the
-    text output writes them), the others as `\\x07`.
+    """`text` with its control characters written visibly, as the text output writes them (`text_field`: tab,
+    newline and CR as `\\t`, `\\n`, `\\r`, the others as `\\x07`), and its invisible characters too.
 
     Why: a file name holding a newline split its header, the rest of the name shown as a paragraph of its own,
     and other control characters were invisible, so the name shown was not the file's.
     """
-    text = text_field(text).translate(_CONTROL_ESCAPES)
+    text = text_field(text)
     # Format and separator characters too (U+202E turned "photo<U+202E>gpj.png" into "photognp.jpg" on screen).
     return "".join((f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
                    if unicodedata.category(c) in _INVISIBLE else c for c in text)

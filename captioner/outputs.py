@@ -15,8 +15,9 @@ local loop or Ray actors, `captioner.integrations.ray_data`) writes the same byt
   spreadsheet shows it as text instead of running it as a formula; removing a leading `'` gives the text back.
 - text: `path<TAB>caption`, and with --tags a TAB and the tags in brackets, `[pizza 0.93, plate 0.04]`; a failed
   image is `path<TAB>ERROR reason`; with n_best > 1 one `path<TAB>  alt SCORE: text` line per alternative follows.
-  A tab, newline or carriage return in a path or reason is written as `\\t`, `\\n`, `\\r` (`text_field`), so
-  every line is one record (or alternative) and `--resume` finds it; use JSONL or CSV to be lossless.
+  A tab, newline or carriage return in a path, caption or reason is written as `\\t`, `\\n`, `\\r`, another
+  control character as `\\x1b` (`text_field`), so every line is one record (or alternative), `--resume` finds
+  it, and a terminal shows it without running it; use JSONL or CSV to be lossless.
 - parquet (`ParquetCaptionWriter`, needs pyarrow): one row per image, the record's fields as columns; nested
   `alternatives` and `tags` as list-of-struct columns (not JSON strings); `path_bytes` is a column that is null
   unless the name is not valid UTF-8, and `tags` is null for a failed image.
@@ -65,14 +66,20 @@ def escape_path(path: str | os.PathLike) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-_TEXT_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_TEXT_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))} | {
+    ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
 
 
 def text_field(text: str) -> str:
-    """`text` as one field of the text format: tabs, newlines and carriage returns as `\\t`, `\\n`, `\\r`.
+    """`text` as one field of the text format, or one line on a terminal: tabs, newlines and carriage returns as
+    `\\t`, `\\n`, `\\r`, the other control characters (C0, DEL, C1) as `\\x1b`.
 
     Why: written raw, a file named `a<NEWLINE>b.jpg` split its record over two lines (and a tab moved the
     caption to another column), so `--resume` did not recognise it and captioned it again, appending a duplicate.
+    And a name holding an escape sequence (`\\x1b]52;c;...\\x07` sets the clipboard in some terminals,
+    `\\x1b[2K` erases the line) was run by the terminal that showed the text output or the "failed:" line. The
+    CLI's lines on stderr that name an input file (one that failed, one not found, a dataset's missing image)
+    pass through here too.
     """
     return text.translate(_TEXT_ESCAPES)
 
@@ -242,7 +249,7 @@ class CaptionWriter:
             text += "\t" + _tags_text(rec["tags"])
         lines = [f"{path}\t{text}\n"]
         for alt in alternatives[1:]:
-            lines.append(f"{path}\t  alt {_num(alt['score'], 3)}: {alt['text']}\n")
+            lines.append(f"{path}\t  alt {_num(alt['score'], 3)}: {text_field(alt['text'])}\n")
         return "".join(lines)
 
     def write(self, caption: Caption) -> None:

@@ -1131,3 +1131,46 @@ def test_csv_names_that_spreadsheets_run_as_formulas_are_text_and_resume(tmp_pat
     assert main(["caption", *args, "--checkpoint", str(tiny_checkpoint), "--quiet", "--output", str(out),
                  "--resume", "--", *names]) == 0
     assert out.read_bytes() == full.read_bytes()  # the first name was found done, not captioned twice
+
+
+def test_names_holding_terminal_escape_sequences_are_shown_not_run(tmp_path, tiny_checkpoint, capsys):
+    [a, b] = write_images(tmp_path / "src", 2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(a, folder / "\x1b]52;c;cHduZWQ=\x07clip.jpg")  # OSC 52: sets the clipboard in some terminals
+    shutil.copy(b, folder / "\x9b2Kc1\x7f.jpg")  # C1 CSI and DEL
+    (folder / "\x1b[2Kbroken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "o.txt"
+    args = ["caption", str(folder), "--format", "text", "--precision", "reference", "--n-best", "2",
+            "--checkpoint", str(tiny_checkpoint)]
+    assert main([*args, "--output", str(out)]) == 1  # the broken file failed, the others were captioned
+    assert main(args) == 1  # the same records on stdout
+    written, (stdout, err) = out.read_text(encoding="utf-8"), capsys.readouterr()
+    assert stdout == written
+    for shown in (written, err):
+        assert not any(c in shown for c in "\x1b\x9b\x7f\x07"), shown
+    lines = written.split("\n")[:-1]
+    assert {line.split("\t")[0] for line in lines} == {f"{folder}/\\x1b]52;c;cHduZWQ=\\x07clip.jpg",
+                                                        f"{folder}/\\x9b2Kc1\\x7f.jpg", f"{folder}/\\x1b[2Kbroken.jpg"}
+    assert f"failed: {folder}/\\x1b[2Kbroken.jpg" in err
+    assert main([*args, "--output", str(out), "--resume"]) == 0  # all three found done
+    assert out.read_text(encoding="utf-8") == written
+
+
+def test_evaluate_and_training_name_a_missing_image_with_its_controls_shown(tmp_path, tiny_checkpoint, capsys):
+    from captioner.training.prepare import _listed
+
+    images = write_images(tmp_path, 2)
+    gone = "\x1b[2Kgone\x9b.jpg"
+    annotations = tmp_path / "a.jsonl"
+    annotations.write_text("".join(json.dumps({"image": n, "caption": "a dog runs"}) + "\n"
+                                   for n in [p.name for p in images] + [gone]))
+    (tmp_path / "dev.txt").write_text("".join(f"{p.name}\n" for p in images) + gone + "\n")
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--format", "jsonl", "--data", str(annotations),
+                 "--precision", "reference", "--split", "dev", "--split-list", str(tmp_path / "dev.txt"),
+                 "--output", str(tmp_path / "scores")]) == 0
+    err = capsys.readouterr().err
+    assert "skipping 1 missing images, e.g. " in err and "\\x1b[2Kgone\\x9b.jpg" in err
+    assert "\x1b" not in err and "\x9b" not in err
+    listed = _listed([(tmp_path / gone, "not found\x1b[2K")])  # a training run's unreadable images
+    assert listed == f"\n  {tmp_path}/\\x1b[2Kgone\\x9b.jpg: not found\\x1b[2K"

@@ -10,7 +10,7 @@ import argparse
 import contextlib
 import sys
 
-from captioner.outputs import FORMATS
+from captioner.outputs import FORMATS, escape_path, text_field
 from captioner.runtime.precisions import PRECISIONS
 
 MAX_THREADS = 1024
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from captioner.cli.output_file import PartialOutput, same_file
-    from captioner.outputs import escape_path, pyarrow_missing, text_clash
+    from captioner.outputs import pyarrow_missing, text_clash
     from captioner.sharding import parse_shard, take_shard
 
     problem = _check_args(args)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     paths, missing = _expand(args.paths)
     for raw in missing:
-        print(f"captioner: {escape_path(raw)}: no such file or directory", file=sys.stderr)
+        print(f"captioner: {text_field(escape_path(raw))}: no such file or directory", file=sys.stderr)
     if args.shard:
         try:
             index, count = parse_shard(args.shard)
@@ -161,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     clash = text_clash(paths) if args.resume and args.format == "text" else None
     if clash:
-        print(f"captioner: error: --resume: {' and '.join(escape_path(p) for p in clash)} are written the same in "
-              "the text format, so a resume cannot tell which one is done; use --format jsonl or csv", file=sys.stderr)
+        names = " and ".join(repr(escape_path(p)) for p in clash)  # repr: the two differ where text_field would not
+        print(f"captioner: error: --resume: {names} are written the same in the text format, so a resume cannot tell "
+              "which one is done; use --format jsonl or csv", file=sys.stderr)
         return 2
     from captioner.api import Captioner
 
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace, signal, threading,
            PartialOutput) -> int:
     """Open the output, caption `paths` (locally with `captioner`, or on Ray when it is None), close the output."""
-    from captioner.outputs import CaptionWriter, ParquetCaptionWriter, csv_header, escape_path, written_path
+    from captioner.outputs import CaptionWriter, ParquetCaptionWriter, csv_header, written_path
 
     output = PartialOutput(args.output, args.format, resume=args.resume) if args.output else None
     if output is not None:
@@ -289,7 +290,7 @@ def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signa
                         error = item.error
                     if error:
                         failures += 1
-                        bar.write(f"captioner: failed: {error}", file=sys.stderr)
+                        bar.write(f"captioner: failed: {text_field(escape_path(error))}", file=sys.stderr)
                     bar.update(1)
                     if stop:
                         raise KeyboardInterrupt

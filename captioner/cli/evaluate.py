@@ -13,7 +13,7 @@ import stat
 import sys
 from pathlib import Path
 
-from captioner.outputs import escape_path
+from captioner.outputs import escape_path, text_field
 from captioner.runtime.precisions import PRECISIONS
 
 
@@ -215,7 +215,8 @@ def _usable(args: argparse.Namespace, samples: list) -> list:
 
     samples, missing = check_images(samples, "skip", f"{args.split} split")
     if missing:
-        print(f"captioner: skipping {len(missing)} missing images, e.g. {missing[0]}", file=sys.stderr)
+        print(f"captioner: skipping {len(missing)} missing images, e.g. {text_field(escape_path(missing[0]))}",
+              file=sys.stderr)
     return samples[: args.max_images] if args.max_images else samples
 
 

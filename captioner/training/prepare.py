@@ -23,6 +23,7 @@ from captioner.data.readers import DatasetError, Sample
 from captioner.data.splits import check_images, read_dataset
 from captioner.models.encoder import build_encoder
 from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
+from captioner.outputs import escape_path, text_field
 from captioner.training.distributed import Dist, gather
 from captioner.training.log import log
 
@@ -124,8 +125,8 @@ def _extract(cfg: Config, cache: FeatureCache, samples: list[Sample], what: str,
 
 
 def _listed(failures: list[tuple[Path, str]]) -> str:
-    """The first 20 failures, one "path: reason" per indented line."""
-    return "".join(f"\n  {p}: {why}" for p, why in failures[:20])
+    """The first 20 failures, one "path: reason" per indented line (each on one line, its controls shown)."""
+    return "".join(f"\n  {text_field(escape_path(p))}: {text_field(why)}" for p, why in failures[:20])
 
 
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
