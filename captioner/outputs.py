@@ -24,7 +24,8 @@ local loop or Ray actors, `captioner.integrations.ray_data`) writes the same byt
 
 Strict output:
 - Non-finite floats (the score of a failed image is NaN) are written as JSON `null` / an empty CSV cell, so every
-  JSON line passes `json.loads` and `json.dumps(..., allow_nan=False)`.
+  JSON line passes `json.loads` and `json.dumps(..., allow_nan=False)`. JSON lines hold no raw control character
+  or line separator (`to_json_line`), so one shown on a terminal runs nothing.
 - Paths are written as valid UTF-8. A file name whose bytes are not valid UTF-8 (Python holds it as a
   surrogate-escaped str) is written with each undecodable byte as the four characters `\\xNN` (see
   `escape_path`); JSON records of such files also carry `path_bytes`, the exact file name bytes in base64
@@ -148,9 +149,17 @@ def record(caption: Caption, n_best: int = 2) -> dict:
     return rec
 
 
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x7f, 0xa0), 0x2028, 0x2029)}
+
+
 def to_json_line(rec: dict) -> str:
-    """One strict JSON line (raises ValueError on NaN/inf), newline included."""
-    return json.dumps(rec, ensure_ascii=False, allow_nan=False) + "\n"
+    """One strict JSON line (raises ValueError on NaN/inf), newline included.
+
+    json.dumps escapes the C0 controls but writes DEL, the C1 controls (`\\x9b` is a terminal's CSI) and the
+    line and paragraph separators raw; they are written as `\\u009b` here, which every JSON parser reads back as
+    the same character, so a JSON line shown on a terminal runs nothing and stays one line to `str.splitlines`.
+    """
+    return json.dumps(rec, ensure_ascii=False, allow_nan=False).translate(_JSON_ESCAPES) + "\n"
 
 
 def record_key(line: str, fmt: str) -> str | None:

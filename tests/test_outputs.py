@@ -158,3 +158,11 @@ def test_csv_text_cells_that_a_spreadsheet_would_run_as_formulas_are_written_as_
     lines = text.split("\r\n")[1:-1]  # csv's record ends; the "\r" inside a quoted name is not one
     assert [record_key(line, "csv") for line in lines] == [written_path(s, "csv") for s in sources + ["@bad.jpg"]]
     assert csv_cell("a dog") == "a dog" and csv_cell("") == ""
+
+
+def test_json_lines_hold_no_raw_c1_controls_or_line_separators_and_read_back_the_same():
+    rec = record(Caption(source="p/a\x9b2K\x7f\u2028\u2029\x1b.jpg", text="a dog\x85", score=-1.0, logprob=-2.0))
+    line = to_json_line(rec)
+    assert not any(c in line[:-1] for c in "\x9b\x7f\u2028\u2029\x1b\x85\n")
+    assert len(line.splitlines()) == 1 and json.loads(line) == rec
+    assert record_key(line, "jsonl") == "p/a\x9b2K\x7f\u2028\u2029\x1b.jpg"
