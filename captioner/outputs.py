@@ -29,7 +29,8 @@ Strict output:
 - Paths are written as valid UTF-8. A file name whose bytes are not valid UTF-8 (Python holds it as a
   surrogate-escaped str) is written with each undecodable byte as the four characters `\\xNN` (see
   `escape_path`); JSON records of such files also carry `path_bytes`, the exact file name bytes in base64
-  (lossless). A name that is valid UTF-8 is written unchanged.
+  (lossless). A name that is valid UTF-8 is written unchanged but for the text format's escapes and the CSV
+  cell's leading `'` (above).
 
 Each text record is rendered first and then handed to the stream in a single write, so a run stopped between
 records (Ctrl-C, see `captioner.cli.caption`) leaves a valid partial file.
@@ -79,8 +80,7 @@ def text_field(text: str) -> str:
     caption to another column), so `--resume` did not recognise it and captioned it again, appending a duplicate.
     And a name holding an escape sequence (`\\x1b]52;c;...\\x07` sets the clipboard in some terminals,
     `\\x1b[2K` erases the line) was run by the terminal that showed the text output or the "failed:" line. The
-    CLI's lines on stderr that name an input file (one that failed, one not found, a dataset's missing image)
-    pass through here too.
+    CLI's lines on stderr pass through here too (`shown`, for its error messages).
     """
     return text.translate(_TEXT_ESCAPES)
 
@@ -109,15 +109,23 @@ def written_path(path: str | os.PathLike, fmt: str) -> str:
     return csv_cell(text) if fmt == "csv" else text
 
 
-def text_clash(paths: list) -> tuple | None:
-    """Two of `paths` that the text format writes the same (a literal `\\n` in one name, a newline in the other;
-    `\\xff` and an undecodable byte), or None. `--resume` of a text output cannot tell which was done."""
+def written_clash(paths: list, fmt: str) -> tuple | None:
+    """Two of `paths` that format `fmt` writes the same, or None: `--resume` could not tell which was done.
+    In every line format a name holding the four characters `\\xff` and one holding the undecodable byte;
+    in text also a literal `\\n` in one name and a newline in the other."""
     seen: dict[str, object] = {}
     for path in paths:
-        other = seen.setdefault(written_path(path, "text"), path)
+        other = seen.setdefault(written_path(path, fmt), path)
         if other != path:
             return other, path
     return None
+
+
+def shown(message: object) -> str:
+    """`message` (one line or several) as the CLI prints it on stderr: each of its lines through `text_field`,
+    so that a file name it quotes shows its control characters instead of the terminal running them, while the
+    message's own line breaks (a list of missing images) stay. `text_field`'s output passes unchanged."""
+    return "\n".join(text_field(line) for line in str(message).split("\n"))
 
 
 def _has_undecodable(text: str) -> bool:
@@ -189,8 +197,8 @@ def csv_header(n_best: int, tags: bool = False) -> list[str]:
 
 
 def _flat(label: str) -> str:
-    """A tag label on one line (the text format is line-based; labels never hold tabs or newlines in practice)."""
-    return " ".join(str(label).split())
+    """A tag label on one line, its controls shown (the text format is line-based; the labels are ImageNet's)."""
+    return text_field(" ".join(str(label).split()))
 
 
 def _tags_text(tags: list[dict]) -> str:

@@ -684,9 +684,29 @@ def test_text_resume_refuses_two_names_it_would_write_the_same(tmp_path, tiny_ch
     out.write_text("precious\n")
     args = (folder, "--format", "text", "--output", out, "--precision", "reference", "--resume")
     assert _caption(tmp_path, tiny_checkpoint, *args) == 2
-    assert "are written the same in the text format" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "are written the same in the text format" in err
+    assert repr(f"{folder}/a\\nb.jpg") in err and repr(f"{folder}/a\nb.jpg") in err  # repr tells them apart
     assert out.read_text() == "precious\n"
     assert _caption(tmp_path, tiny_checkpoint, *args[:-1], "--format", "jsonl") == 0  # other formats: no clash
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_resume_refuses_an_undecodable_byte_and_the_characters_that_write_it(tmp_path, tiny_checkpoint, capsys, fmt):
+    [a, b] = write_images(tmp_path / "src", 2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(a, os.path.join(os.fsencode(folder), b"x\xff.jpg"))  # the byte 0xff
+    shutil.copy(b, folder / "x\\xff.jpg")  # the four characters \xff: both are written x\xff.jpg
+    out = tmp_path / f"o.{fmt}"
+    args = (folder, "--format", fmt, "--output", out, "--precision", "reference")
+    assert _caption(tmp_path, tiny_checkpoint, *args) == 0
+    first = out.read_bytes()
+    assert _caption(tmp_path, tiny_checkpoint, *args, "--resume") == 2  # it took the second for done
+    err = capsys.readouterr().err
+    assert f"are written the same in the {fmt} format" in err and "rename one of them" in err
+    assert "x\\udcff.jpg'" in err and "x\\\\xff.jpg'" in err
+    assert out.read_bytes() == first
 
 
 def test_coco_image_id_given_to_two_files_is_refused(tmp_path):
@@ -1174,3 +1194,39 @@ def test_evaluate_and_training_name_a_missing_image_with_its_controls_shown(tmp_
     assert "\x1b" not in err and "\x9b" not in err
     listed = _listed([(tmp_path / gone, "not found\x1b[2K")])  # a training run's unreadable images
     assert listed == f"\n  {tmp_path}/\\x1b[2Kgone\\x9b.jpg: not found\\x1b[2K"
+
+
+def test_error_lines_show_the_controls_of_the_names_they_quote(tmp_path, tiny_checkpoint, capsys):
+    """The lines on stderr of a training run whose data lists a missing image, of an evaluation whose every
+    image failed, and of a caption run given a path that does not exist: the names' escapes are shown."""
+    images = write_images(tmp_path / "images", 3)
+    gone = "\x1b[2Kgone\x9b.jpg"
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption\n" + "".join(f"{n},a dog runs on the grass\n" for n in
+                                                 [p.name for p in images] + [gone]))
+    overrides = ["data.format=csv", f"data.annotations={table}", f"data.images={tmp_path / 'images'}",
+                 f"train.out_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "data.min_word_count=1"]
+    assert main(["train", "--config", "configs/csv.yaml", "--dry-run",
+                 *[item for o in overrides for item in ("--set", o)]]) == 2
+    train_err = capsys.readouterr().err
+    assert "missing or empty" in train_err and "\\x1b[2Kgone\\x9b.jpg" in train_err
+    assert len(train_err.strip().splitlines()) > 1  # the message's own list stays a list
+
+    bad = tmp_path / "ev" / "\x1b[2Kbad\x9b.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    annotations = tmp_path / "ev" / "a.jsonl"
+    annotations.write_text(json.dumps({"image": bad.name, "caption": "a dog"}) + "\n")
+    (tmp_path / "ev" / "dev.txt").write_text(bad.name + "\n")
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--format", "jsonl", "--data", str(annotations),
+                 "--precision", "reference", "--split", "dev", "--split-list", str(tmp_path / "ev" / "dev.txt"),
+                 "--output", str(tmp_path / "scores")]) == 1
+    evaluate_err = capsys.readouterr().err
+    assert "none of the 1 images could be captioned" in evaluate_err and "\\x1b[2Kbad\\x9b.jpg" in evaluate_err
+
+    [img] = write_images(tmp_path / "one", 1)
+    assert _caption(tmp_path, tiny_checkpoint, img, tmp_path / gone) == 1
+    caption_err = capsys.readouterr().err
+    assert "\\x1b[2Kgone\\x9b.jpg: no such file or directory" in caption_err
+    for err in (train_err, evaluate_err, caption_err):
+        assert "\x1b" not in err and "\x9b" not in err, err

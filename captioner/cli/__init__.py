@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 from captioner.cli import app, caption, evaluate, models, train
 from captioner.cli.output_file import OutputFolderError
+from captioner.outputs import shown
 from captioner.runtime import openmp
 
 PATH_ERRORS = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
@@ -61,10 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except OSError as exc:
         if exc.errno in PATH_ERRORS and not _names_output(exc, args):  # an input's name: a data error
-            print(f"captioner: error: cannot read: {exc}", file=sys.stderr)
+            print(f"captioner: error: cannot read: {shown(exc)}", file=sys.stderr)
             return 2
         if exc.errno in WRITE_ERRORS or isinstance(exc, OutputFolderError):
-            print(f"captioner: error: {_cannot_write(exc, args)}", file=sys.stderr)
+            print(f"captioner: error: {shown(_cannot_write(exc, args))}", file=sys.stderr)
             return 4
         raise
 
@@ -111,10 +112,10 @@ def _run(args: argparse.Namespace) -> int:
         return args.func(args)
     except (CheckpointError, ConfigError, EncoderError, DatasetError, CalibrationError, FileNotFoundError,
             OutputResumeError, UnknownModelError) as exc:
-        print(f"captioner: error: {exc}", file=sys.stderr)
+        print(f"captioner: error: {shown(exc)}", file=sys.stderr)
         return 2
     except TrainingError as exc:
-        print(f"captioner: error: {exc}", file=sys.stderr)
+        print(f"captioner: error: {shown(exc)}", file=sys.stderr)
         return 3
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import captioner
 from captioner.models.shipped import UnknownModelError
 from captioner.models.shipped import resolve as resolve_model
+from captioner.outputs import shown
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"  # read by app.py
 
@@ -95,11 +96,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         cmd, env = command(args)
     except (FileNotFoundError, UnknownModelError) as exc:
-        print(f"captioner: error: {exc}", file=sys.stderr)
+        print(f"captioner: error: {shown(exc)}", file=sys.stderr)
         return 2
     problem = checkpoint_problem(Path(env[CHECKPOINT_ENV])) if env.get(CHECKPOINT_ENV) else None
     if problem:
-        print(f"captioner: error: {problem}", file=sys.stderr)
+        print(f"captioner: error: {shown(problem)}", file=sys.stderr)
         return 2
     try:
         return subprocess.call(cmd, env=env, cwd=app_path().parent)  # cwd: .streamlit/config.toml applies

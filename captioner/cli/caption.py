@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 
-from captioner.outputs import FORMATS, escape_path, text_field
+from captioner.outputs import FORMATS, escape_path, shown, text_field
 from captioner.runtime.precisions import PRECISIONS
 
 MAX_THREADS = 1024
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from captioner.cli.output_file import PartialOutput, same_file
-    from captioner.outputs import pyarrow_missing, text_clash
+    from captioner.outputs import TEXT_FORMATS, pyarrow_missing, written_clash
     from captioner.sharding import parse_shard, take_shard
 
     problem = _check_args(args)
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
         problem = caption_ray.check(args)
     if problem:
-        print(f"captioner: error: {problem}", file=sys.stderr)
+        print(f"captioner: error: {shown(problem)}", file=sys.stderr)
         return 2
     paths, missing = _expand(args.paths)
     for raw in missing:
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             index, count = parse_shard(args.shard)
         except ValueError as exc:
-            print(f"captioner: error: --shard: {exc}", file=sys.stderr)
+            print(f"captioner: error: --shard: {shown(exc)}", file=sys.stderr)
             return 2
         paths = take_shard(paths, index, count)
     if not paths:
@@ -159,11 +160,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output and any(same_file(p, args.output) for p in paths):
         print(f"captioner: error: --output {escape_path(args.output)} is one of the input images", file=sys.stderr)
         return 2
-    clash = text_clash(paths) if args.resume and args.format == "text" else None
+    clash = written_clash(paths, args.format) if args.resume and args.format in TEXT_FORMATS else None
     if clash:
-        names = " and ".join(repr(escape_path(p)) for p in clash)  # repr: the two differ where text_field would not
-        print(f"captioner: error: --resume: {names} are written the same in the text format, so a resume cannot tell "
-              "which one is done; use --format jsonl or csv", file=sys.stderr)
+        names = " and ".join(repr(os.fspath(p)) for p in clash)  # repr: a byte 0xff is \udcff, the text \\xff
+        advice = "use --format jsonl or csv" if args.format == "text" else "rename one of them"
+        print(f"captioner: error: --resume: {names} are written the same in the {args.format} format, so a resume "
+              f"cannot tell which one is done; {advice}", file=sys.stderr)
         return 2
     from captioner.api import Captioner
 
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             captioner.caption_iter([], return_tags=True)  # raises at the call when this model cannot tag
         except ValueError as exc:
-            print(f"captioner: error: --tags: {exc}", file=sys.stderr)
+            print(f"captioner: error: --tags: {shown(exc)}", file=sys.stderr)
             return 2
     if args.ray is not None:
         del captioner  # the actors load their own
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             with caption_ray.cluster(args.ray or None):
                 return _write(None, paths, missing, args, signal, threading, PartialOutput)
         except caption_ray.RayStartError as exc:
-            print(f"captioner: error: {exc}", file=sys.stderr)
+            print(f"captioner: error: {shown(exc)}", file=sys.stderr)
             return 2
     return _write(captioner, paths, missing, args, signal, threading, PartialOutput)
 
@@ -222,7 +224,7 @@ def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace,
                 writer.close()
                 if output is not None:
                     output.close(keep=False)  # the whole records so far stay in the partial file, for --resume
-                print(f"captioner: error: the Ray job failed: {exc}", file=sys.stderr)
+                print(f"captioner: error: the Ray job failed: {shown(exc)}", file=sys.stderr)
                 where = "" if output is None or output.direct else f" to {escape_path(output.partial)}" + (
                     "; --resume continues" if args.format != "parquet" else "")
                 print(f"captioner: {writer.count} of {total} records written{where}", file=sys.stderr)

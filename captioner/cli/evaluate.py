@@ -13,7 +13,7 @@ import stat
 import sys
 from pathlib import Path
 
-from captioner.outputs import escape_path, text_field
+from captioner.outputs import escape_path, shown, text_field
 from captioner.runtime.precisions import PRECISIONS
 
 
@@ -221,7 +221,7 @@ def _usable(args: argparse.Namespace, samples: list) -> list:
 
 
 def _refuse(message: str, code: int = 2) -> int:
-    print(f"captioner: error: {message}", file=sys.stderr)
+    print(f"captioner: error: {shown(message)}", file=sys.stderr)
     return code
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from captioner.outputs import shown
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `models` and its options."""
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         models = list_models()
     except ValueError as exc:  # a damaged header (UnknownModelError is one too, never raised here)
-        print(f"captioner: error: {exc}", file=sys.stderr)
+        print(f"captioner: error: {shown(exc)}", file=sys.stderr)
         return 2
     if args.json:
         for m in models:

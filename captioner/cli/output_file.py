@@ -200,7 +200,8 @@ class PartialOutput:
         if self.fmt == "csv":
             rows = list(csv.reader(io.StringIO(text)))
             return {row[0] for row in rows[1:] if row}
-        # split("\n"), not splitlines(): a name may hold U+2028, U+0085 or \f, which jsonl and text write raw
+        # split("\n"), not splitlines(): a name may hold U+2028 (the text format writes it raw), and outputs of earlier
+        # versions hold U+2028, U+0085 or \f raw in jsonl and text
         keys = (record_key(line, self.fmt) for line in text.split("\n") if line)
         return {k for k in keys if k is not None}
 
