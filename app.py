@@ -26,6 +26,7 @@ from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError
 from captioner.app_views import TAGS_HINT, escape_md, heatmap_spec, model_card, tags_line
+from captioner.escapes import text_field
 from captioner.explain import (
     GATE_HELP,
     attention_legend,
@@ -41,7 +42,7 @@ from captioner.explain import (
 )
 from captioner.images import open_image
 from captioner.models.shipped import list_models
-from captioner.outputs import CaptionWriter, record, text_field
+from captioner.outputs import CaptionWriter, record
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
 # Per file, in Streamlit's megabytes (10^6 bytes); .streamlit/config.toml sets the same server.maxUploadSize.

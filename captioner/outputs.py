@@ -49,6 +49,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING
 
+from captioner.escapes import csv_cell, escape_path, text_field
+
 if TYPE_CHECKING:
     from captioner.results import Caption
 
@@ -59,46 +61,6 @@ FORMATS = TEXT_FORMATS + ("parquet",)
 RECORD_FIELDS = ("path", "caption", "score", "logprob", "alternatives", "tags", "error", "path_bytes")
 """Every field a record can have, in the order `record` writes them (alternatives, tags and path_bytes are
 present only in some records)."""
-
-
-def escape_path(path: str | os.PathLike) -> str:
-    """`path` as valid UTF-8 text: undecodable bytes (surrogate escapes) become `\\xNN`; other names unchanged."""
-    text = os.fspath(path)
-    raw = text.encode("utf-8", "surrogateescape")
-    return raw.decode("utf-8", "backslashreplace")
-
-
-_TEXT_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))} | {
-    ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
-
-
-def text_field(text: str) -> str:
-    """`text` as one field of the text format, or one line on a terminal: tabs, newlines and carriage returns as
-    `\\t`, `\\n`, `\\r`, the other control characters (C0, DEL, C1) as `\\x1b`.
-
-    Why: written raw, a file named `a<NEWLINE>b.jpg` split its record over two lines (and a tab moved the
-    caption to another column), so `--resume` did not recognise it and captioned it again, appending a duplicate.
-    And a name holding an escape sequence (`\\x1b]52;c;...\\x07` sets the clipboard in some terminals,
-    `\\x1b[2K` erases the line) was run by the terminal that showed the text output or the "failed:" line. The
-    CLI's lines on stderr pass through here too (`shown`, for its error messages).
-    """
-    return text.translate(_TEXT_ESCAPES)
-
-
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
-
-
-def csv_cell(text: str) -> str:
-    """`text` as a CSV text cell: with one `'` in front when it starts with `=`, `+`, `-`, `@`, a tab, a carriage
-    return or `'` itself.
-
-    Why: the path cell holds whatever the files are called, and spreadsheets run a cell that starts with one of
-    these as a formula: a photo named `=HYPERLINK("http://...?"&A2, "open").jpg` became a link that sends the
-    row's neighbours away when the CSV was opened (OWASP, "CSV injection"); the leading `'` makes it text. A cell
-    that already starts with `'` gets another, so removing exactly one leading `'` always gives the text back.
-    Numbers (the score) are not text cells and are written as they are.
-    """
-    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 def written_path(path: str | os.PathLike, fmt: str) -> str:
@@ -119,13 +81,6 @@ def written_clash(paths: list, fmt: str) -> tuple | None:
         if other != path:
             return other, path
     return None
-
-
-def shown(message: object) -> str:
-    """`message` (one line or several) as the CLI prints it on stderr: each of its lines through `text_field`,
-    so that a file name it quotes shows its control characters instead of the terminal running them, while the
-    message's own line breaks (a list of missing images) stay. `text_field`'s output passes unchanged."""
-    return "\n".join(text_field(line) for line in str(message).split("\n"))
 
 
 def _has_undecodable(text: str) -> bool:

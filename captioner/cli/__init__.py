@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from captioner.cli import app, caption, evaluate, models, train
 from captioner.cli.output_file import OutputFolderError
-from captioner.outputs import shown
+from captioner.escapes import shown
 from captioner.runtime import openmp
 
 PATH_ERRORS = (errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP)
@@ -88,7 +88,7 @@ def _cannot_write(exc: OSError, args: argparse.Namespace) -> str:
     output = getattr(args, "output", None) if exc.filename is None else None
     if not output:
         return f"cannot write: {exc}"
-    from captioner.outputs import escape_path
+    from captioner.escapes import escape_path
 
     return f"cannot write --output {escape_path(output)}: {exc}"
 

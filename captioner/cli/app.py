@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import captioner
+from captioner.escapes import shown
 from captioner.models.shipped import UnknownModelError
 from captioner.models.shipped import resolve as resolve_model
-from captioner.outputs import shown
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"  # read by app.py
 

@@ -11,7 +11,8 @@ import contextlib
 import os
 import sys
 
-from captioner.outputs import FORMATS, escape_path, shown, text_field
+from captioner.escapes import escape_path, shown, text_field
+from captioner.outputs import FORMATS
 from captioner.runtime.precisions import PRECISIONS
 
 MAX_THREADS = 1024

@@ -13,7 +13,7 @@ import stat
 import sys
 from pathlib import Path
 
-from captioner.outputs import escape_path, shown, text_field
+from captioner.escapes import escape_path, shown, text_field
 from captioner.runtime.precisions import PRECISIONS
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from captioner.outputs import shown
+from captioner.escapes import shown
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

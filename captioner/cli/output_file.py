@@ -22,7 +22,8 @@ import os
 import re
 from pathlib import Path
 
-from captioner.outputs import escape_path, record_key
+from captioner.escapes import escape_path
+from captioner.outputs import record_key
 from captioner.path_kind import path_kind, replaced_file
 
 

@@ -21,9 +21,9 @@ from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, Sample
 from captioner.data.splits import check_images, read_dataset
+from captioner.escapes import escape_path, text_field
 from captioner.models.encoder import build_encoder
 from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
-from captioner.outputs import escape_path, text_field
 from captioner.training.distributed import Dist, gather
 from captioner.training.log import log
 
