@@ -11,10 +11,7 @@ UI only: every model operation goes through `captioner.Captioner`; the gate and 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
-import unicodedata
 from dataclasses import dataclass
 
 from captioner.runtime import openmp
@@ -25,8 +22,16 @@ import streamlit as st
 from PIL import Image
 
 from captioner import Caption, Captioner, CheckpointError
-from captioner.app_views import TAGS_HINT, escape_md, heatmap_spec, model_card, tags_line
-from captioner.escapes import text_field
+from captioner.app_views import (
+    TAGS_HINT,
+    escape_md,
+    heatmap_spec,
+    md_name,
+    model_card,
+    results_csv,
+    results_json,
+    tags_line,
+)
 from captioner.explain import (
     GATE_HELP,
     attention_legend,
@@ -42,7 +47,6 @@ from captioner.explain import (
 )
 from captioner.images import open_image
 from captioner.models.shipped import list_models
-from captioner.outputs import CaptionWriter, record
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
 # Per file, in Streamlit's megabytes (10^6 bytes); .streamlit/config.toml sets the same server.maxUploadSize.
@@ -51,8 +55,6 @@ MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")  # captioner.images.SUPPORTED_FORMATS
 HEATMAP_CELLS = 16
 PREVIEW_SIZE = 448
-_INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
-"""Unicode categories shown as `\\u202e`: format (bidi overrides, zero widths, BOM), line and paragraph separators."""
 
 
 @dataclass(frozen=True)
@@ -117,39 +119,6 @@ def caption_uploads(cap: Captioner, uploads: list[Upload], settings: Settings, m
     for stale in memo.keys() - set(keys):
         del memo[stale]
     return [memo[key] for key in keys]
-
-
-def _one_line(text: str) -> str:
-    """`text` with its control characters written visibly, as the text output writes them (`text_field`: tab,
-    newline and CR as `\\t`, `\\n`, `\\r`, the others as `\\x07`), and its invisible characters too.
-
-    Why: a file name holding a newline split its header, the rest of the name shown as a paragraph of its own,
-    and other control characters were invisible, so the name shown was not the file's.
-    """
-    text = text_field(text)
-    # Format and separator characters too (U+202E turned "photo<U+202E>gpj.png" into "photognp.jpg" on screen).
-    return "".join((f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
-                   if unicodedata.category(c) in _INVISIBLE else c for c in text)
-
-
-def _md_name(text: str) -> str:
-    """A file name (or a message naming one) as one line of markdown: controls shown, then escaped."""
-    return escape_md(_one_line(text))
-
-
-def results_csv(captions: list[Caption], n_best: int = 1) -> str:
-    """The CSV that `captioner caption --format csv` writes: one row per image (the one serialiser, outputs)."""
-    out = io.StringIO()
-    writer = CaptionWriter(out, "csv", n_best)
-    for c in captions:
-        writer.write(c)
-    return out.getvalue()
-
-
-def results_json(captions: list[Caption], settings: Settings) -> str:
-    """The settings and the CLI's JSON record per image (`captioner.outputs.record`): strict JSON, NaN as null."""
-    records = [record(c, settings.n_best) for c in captions]
-    return json.dumps({"settings": dataclasses.asdict(settings), "results": records}, indent=2, allow_nan=False)
 
 
 def choose_model_ui() -> str | None:
@@ -233,16 +202,16 @@ def downloads_ui(captions: list[Caption], settings: Settings) -> None:
     left, right = st.columns(2)
     left.download_button("Download CSV", results_csv(captions, settings.n_best), "captions.csv", "text/csv",
                          on_click="ignore")
-    right.download_button("Download JSON", results_json(captions, settings), "captions.json",
-                          "application/json", on_click="ignore")
+    right.download_button("Download JSON", results_json(captions, dataclasses.asdict(settings), settings.n_best),
+                          "captions.json", "application/json", on_click="ignore")
 
 
 def caption_ui(number: int, upload: Upload, caption: Caption) -> None:
     """One image: caption, alternatives, and the attention and gates for a chosen word."""
     with st.container(border=True):
-        st.subheader(f"{number}. {_md_name(upload.name)}")
+        st.subheader(f"{number}. {md_name(upload.name)}")
         if not caption.ok:
-            st.error(f"Could not caption {_md_name(caption.error)}")
+            st.error(f"Could not caption {md_name(caption.error)}")
             return
         image = preview(upload.data)
         left, right = st.columns([2, 3])

@@ -1,17 +1,24 @@
-"""Plain data for the Streamlit app (no Streamlit here): the sidebar's model card, the tags line, the gate heat
-maps' specs."""
+"""Plain data for the Streamlit app (no Streamlit here): the sidebar's model card, file names as one line of
+markdown, the tags line, the gate heat maps' specs, the CSV and JSON downloads."""
 
 from __future__ import annotations
 
+import io
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from captioner.config import DecodeConfig
+from captioner.escapes import text_field
 from captioner.models.shipped import dataset_scores, finite_number
+from captioner.outputs import CaptionWriter, record, strict_json
 
 if TYPE_CHECKING:
-    from captioner.results import Tag
+    from captioner.results import Caption, Tag
+
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
+"""Unicode categories shown as `\\u202e`: format (bidi overrides, zero widths, BOM), line and paragraph separators."""
 
 TAGS_HINT = ("ImageNet classes that the encoder's own classifier sees, not part of the caption: the two can "
              "disagree (ImageNet has no plain \"person\" class, for one).")
@@ -121,3 +128,38 @@ def heatmap_spec(quantity: str, step: int) -> dict:
          "encoding": {**pos, "text": {"field": "mark", "type": "nominal"}}},
     ], "transform": [{"calculate": "datum.mark == 'reset' ? 'R' : datum.mark == 'held' ? 'H' : ''",
                       "as": "mark"}]}
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters written visibly, as the text output writes them (`text_field`: tab,
+    newline and CR as `\\t`, `\\n`, `\\r`, the others as `\\x07`), and its invisible characters too.
+
+    Why: a file name holding a newline split its header, the rest of the name shown as a paragraph of its own,
+    and other control characters were invisible, so the name shown was not the file's.
+    """
+    text = text_field(text)
+    # Format and separator characters too (U+202E turned "photo<U+202E>gpj.png" into "photognp.jpg" on screen).
+    return "".join((f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}")
+                   if unicodedata.category(c) in _INVISIBLE else c for c in text)
+
+
+def md_name(text: str) -> str:
+    """A file name (or a message naming one) as one line of markdown: controls shown, then escaped."""
+    return escape_md(one_line(text))
+
+
+def results_csv(captions: Sequence[Caption], n_best: int = 1) -> str:
+    """The CSV that `captioner caption --format csv` writes: one row per image (the one serialiser, outputs)."""
+    out = io.StringIO()
+    writer = CaptionWriter(out, "csv", n_best)
+    for c in captions:
+        writer.write(c)
+    return out.getvalue()
+
+
+def results_json(captions: Sequence[Caption], settings: dict, n_best: int = 1) -> str:
+    """The settings and the CLI's JSON record per image (`captioner.outputs.record`), written as the JSON lines
+    are (`strict_json`): NaN as null, letters as UTF-8 (json.dumps' default wrote "café" as "caf\\u00e9"), the
+    controls and line separators as `\\u` escapes."""
+    records = [record(c, n_best) for c in captions]
+    return strict_json({"settings": settings, "results": records}, indent=2)

@@ -115,14 +115,19 @@ def record(caption: Caption, n_best: int = 2) -> dict:
 _JSON_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x7f, 0xa0), 0x2028, 0x2029)}
 
 
-def to_json_line(rec: dict) -> str:
-    """One strict JSON line (raises ValueError on NaN/inf), newline included.
+def strict_json(value: object, indent: int | None = None) -> str:
+    """`value` as strict JSON (raises ValueError on NaN/inf), non-ASCII text kept as it is.
 
     json.dumps escapes the C0 controls but writes DEL, the C1 controls (`\\x9b` is a terminal's CSI) and the
     line and paragraph separators raw; they are written as `\\u009b` here, which every JSON parser reads back as
-    the same character, so a JSON line shown on a terminal runs nothing and stays one line to `str.splitlines`.
+    the same character, so JSON shown on a terminal runs nothing and a line stays one line to `str.splitlines`.
     """
-    return json.dumps(rec, ensure_ascii=False, allow_nan=False).translate(_JSON_ESCAPES) + "\n"
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, indent=indent).translate(_JSON_ESCAPES)
+
+
+def to_json_line(rec: dict) -> str:
+    """One strict JSON line (`strict_json`), newline included."""
+    return strict_json(rec) + "\n"
 
 
 def record_key(line: str, fmt: str) -> str | None:

@@ -4,6 +4,7 @@ summaries in captioner.explain. A tiny random checkpoint with the real Efficient
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib
 import io
 import json
@@ -17,6 +18,7 @@ from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
 from streamlit.testing.v1 import AppTest
 
 from captioner import Caption, Captioner, explain
+from captioner.app_views import results_csv, results_json
 from captioner.config import DecodeConfig, ModelConfig
 from captioner.models.checkpoint import save_model
 from captioner.models.vocab import Vocabulary
@@ -294,7 +296,7 @@ def test_exports_are_valid_csv_and_json(captioner, photos):
     bad = Caption(source="b.png", error="b.png: not a recognised image format")
     settings = app_module.Settings(beam_size=3, n_best=2, max_length=8, length_penalty=0.5)
 
-    rows = list(csv.DictReader(io.StringIO(app_module.results_csv([good, bad], n_best=2))))
+    rows = list(csv.DictReader(io.StringIO(results_csv([good, bad], n_best=2))))
     assert [r["path"] for r in rows] == ["a.jpg", "b.png"]  # the columns of `captioner caption --format csv`
     assert rows[0]["caption"] == good.text and float(rows[0]["score"]) == pytest.approx(good.score, abs=1e-4)
     assert rows[0]["alternative_2"] == good.alternatives[1].text and rows[0]["error"] == ""
@@ -303,11 +305,22 @@ def test_exports_are_valid_csv_and_json(captioner, photos):
     def no_nan(constant):
         raise AssertionError(f"{constant} is not JSON")
 
-    doc = json.loads(app_module.results_json([good, bad], settings), parse_constant=no_nan)
+    doc = json.loads(results_json([good, bad], dataclasses.asdict(settings), n_best=2), parse_constant=no_nan)
     assert doc["settings"] == {"beam_size": 3, "n_best": 2, "max_length": 8, "length_penalty": 0.5}
     assert [r["path"] for r in doc["results"]] == ["a.jpg", "b.png"]
     assert [a["text"] for a in doc["results"][0]["alternatives"]] == [a.text for a in good.alternatives]
     assert doc["results"][1]["score"] is None and doc["results"][1]["error"] == bad.error
+
+
+def test_the_json_download_keeps_text_readable_and_escapes_controls_and_line_separators():
+    """The download writes text as the JSON lines do (`strict_json`): letters as UTF-8, so "café" stays
+    readable, and DEL, U+009B (a terminal's CSI) and U+2028 as escapes, so `cat captions.json` runs nothing;
+    a parser reads the same name back."""
+    name = "café\x9b31mred\u2028b\x7f.jpg"
+    text = results_json([Caption(source=name, error=f"{name}: not a recognised image format")], {}, n_best=1)
+    assert not set(text) & {"\x7f", "\x9b", "\u2028"}
+    assert "café" in text and "\\u009b" in text and "\\u2028" in text and "\\u007f" in text
+    assert json.loads(text)["results"][0]["path"] == name
 
 
 # --- captioner.explain --------------------------------------------------------------------------------------
