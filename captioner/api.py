@@ -17,14 +17,13 @@ import itertools
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from captioner.api_arguments import check_decode, count_argument
-from captioner.api_inputs import as_items, batches, named, until_error
+from captioner.api_inputs import as_items, named, prepared_batches, until_error
 from captioner.config import DecodeConfig
 from captioner.decoding import Hypothesis, decode
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
@@ -262,31 +261,14 @@ class Captioner:
         labels = named(images, names) if names is not None else zip(images, itertools.repeat(None))
         failure: list[Exception] = []
         indexed = until_error(((i, item, name) for i, (item, name) in enumerate(labels)), failure)
-        yield from self._stream_indexed(indexed, batch_size, num_workers, on_error, search, tags)
+        loaded = prepared_batches(indexed, self._safe_preprocess, batch_size, num_workers)
+        try:
+            for batch in loaded:
+                yield from self._caption_batch(batch, on_error, search, tags)
+        finally:  # also when the consumer stops early: the decoding threads end with it
+            loaded.close()
         if failure:
             raise failure[0]
-
-    def _stream_indexed(self, indexed: Iterable[tuple[int, ImageInput, str | None]], batch_size: int,
-                        num_workers: int, on_error: str, search: dict, tags: int) -> Iterator[Caption]:
-        """Caption (index, image, name) triples in order, decoding in `num_workers` threads (0: here)."""
-        if num_workers == 0:
-            for batch in batches(indexed, batch_size):
-                yield from self._caption_batch([self._safe_preprocess(item) for item in batch], on_error, search,
-                                               tags)
-            return
-        pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="captioner-decode")
-        try:
-            pending = None
-            for batch in batches(indexed, batch_size):
-                # Submit the next batch's decoding before running the network on the current one.
-                futures = [pool.submit(self._safe_preprocess, item) for item in batch]
-                if pending is not None:
-                    yield from self._caption_batch([f.result() for f in pending], on_error, search, tags)
-                pending = futures
-            if pending is not None:
-                yield from self._caption_batch([f.result() for f in pending], on_error, search, tags)
-        finally:  # also when the consumer stops early: drop queued decoding instead of finishing it
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def _safe_preprocess(self, indexed: tuple[int, ImageInput, str | None]
                          ) -> tuple[str, torch.Tensor | ImageLoadError]:

@@ -1,5 +1,5 @@
 """The input streams of `Captioner.caption` and `caption_iter`: what counts as many images, names paired with
-images, batches, and an input that fails part-way.
+images, batches prepared ahead in threads, and an input that fails part-way.
 
 Why a module of their own: these are rules about the caller's iterables (a generator, names that run out, an
 iterator that raises), read and changed together, apart from the captioning they feed.
@@ -8,7 +8,12 @@ iterator that raises), read and changed together, apart from the captioning they
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def as_items(images: object) -> list:
@@ -69,3 +74,28 @@ def batches(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
+
+
+def prepared_batches(items: Iterable[T], prepare: Callable[[T], R], size: int, workers: int) -> Iterator[list[R]]:
+    """`prepare` of each item, in lists of `size`. With `workers` threads the next batch is prepared while the
+    caller works on the one just given (PIL releases the GIL while decoding); with 0, in the calling thread.
+
+    `prepare` must not raise: one image's failure is a value, so that the others in its batch still come out.
+    Closing the generator (the consumer stopped early) drops the batch queued ahead instead of finishing it.
+    """
+    if workers == 0:
+        for batch in batches(items, size):
+            yield [prepare(item) for item in batch]
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="captioner-decode")
+    try:
+        pending = None
+        for batch in batches(items, size):
+            futures = [pool.submit(prepare, item) for item in batch]  # submitted before the current one is given
+            if pending is not None:
+                yield [f.result() for f in pending]
+            pending = futures
+        if pending is not None:
+            yield [f.result() for f in pending]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
