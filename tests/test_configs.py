@@ -150,3 +150,29 @@ def test_dry_run_without_the_data_is_a_clear_error(tmp_path, capsys):
     assert main(_dry_run(config, [f"data.annotations={tmp_path / 'nope.csv'}"], tmp_path)) == 2
     err = capsys.readouterr().err
     assert "data.annotations" in err and "does not exist" in err
+
+
+def test_dry_run_refuses_the_run_folder_the_run_would_refuse(tmp_path, capsys):
+    """A folder holding a finished run passed the dry run, and the run itself then refused to start."""
+    config = next(c for c in CONFIGS if c.stem == "csv")
+    overrides = make_dataset("csv", tmp_path / "data")
+    args = _dry_run(config, overrides, tmp_path)
+    assert main(args) == 0
+    assert f"# run folder: {tmp_path / 'run'} (created by the run)" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(args) == 0
+    assert "(written into)" in capsys.readouterr().out  # an empty folder is the run's
+    (run / "best.safetensors").write_bytes(b"a previous run's weights")
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds best.safetensors, metrics.jsonl" in err and "--resume" in err
+    assert main([*args, "--resume"]) == 2  # nothing to resume from: the run would overwrite them
+    assert "no train_state.safetensors to resume from" in capsys.readouterr().err
+
+    (run / "train_state.safetensors").write_bytes(b"state")
+    assert main([*args, "--resume"]) == 0
+    assert "(the run there is resumed)" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["best.safetensors", "metrics.jsonl", "train_state.safetensors"]

@@ -33,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in train.out_dir from its last complete epoch")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the config and the data (images, captions, missing files, vocabulary size per "
-                        "split), print the resolved config as YAML, and stop: no features, no training")
+                   help="check the config, the data (images, captions, missing files, vocabulary size per "
+                        "split) and train.out_dir (with --resume too), print the resolved config as YAML, and "
+                        "stop: no features, no training")
     p.set_defaults(func=run)
 
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         from captioner.training.dry_run import dry_run, format_report
 
-        print(format_report(cfg, dry_run(cfg)), end="")
+        print(format_report(cfg, dry_run(cfg, resume=args.resume)), end="")
         return 0
     from captioner.training.loop import fit
 

@@ -1,19 +1,23 @@
 """`captioner train --dry-run`: check a recipe and its data as training would read them, without the work.
 
 Reads every dataset's two splits with the same readers, limits and missing-image rule as `fit`, builds the
-vocabulary from the training captions as `fit` does, and reports counts per split. No features are extracted and
-nothing is written.
+vocabulary from the training captions as `fit` does, and reports counts per split; refuses a `train.out_dir` the
+run would refuse (a previous run without --resume, a recipe's own folder). No features are extracted and nothing
+is written.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
 from captioner.config import Config, DatasetConfig, config_to_dict
+from captioner.config.checks import config_error
 from captioner.data.splits import check_images, read_dataset
 from captioner.training.prepare import build_vocabulary, empty_split, split_name
+from captioner.training.run_folder import STATE, refusal
 from captioner.training.start import starting_model
 
 
@@ -43,6 +47,8 @@ class DryRunReport:
     the starting model's."""
     vocabulary_from: str = ""
     """`train.init_from` when the run keeps its starting model's vocabulary, else empty (built from the data)."""
+    run_folder: str = ""
+    """What the run would do with `train.out_dir`: create it, write into it, or resume the run there."""
 
 
 def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[SplitReport, list[str]]:
@@ -57,11 +63,27 @@ def _split(cfg: Config, source: DatasetConfig, split: str, limit: int) -> tuple[
     return SplitReport(split, len(samples), len(captions), len(missing), source.label()), captions
 
 
-def dry_run(cfg: Config) -> DryRunReport:
-    """Validate `cfg`'s data paths, read every dataset's two splits and build the vocabulary, as `fit(cfg)` would.
+def _run_folder(cfg: Config, resume: bool) -> str:
+    """What `fit` would make of `train.out_dir`, looked at without its lock (nothing is written). Why: a recipe
+    whose out_dir held a finished run passed the check, and the run itself then refused to start."""
+    run = Path(cfg.train.out_dir)
+    if not run.exists():
+        return f"{run} (created by the run)"
+    problem = refusal(run, resume)
+    if problem:
+        raise config_error(problem)
+    if resume and (run / STATE).exists():
+        return f"{run} (the run there is resumed)"
+    return f"{run} (written into)"
+
+
+def dry_run(cfg: Config, resume: bool = False) -> DryRunReport:
+    """Validate `cfg`'s data paths and run folder, read every dataset's two splits and build the vocabulary, as
+    `fit(cfg, resume)` would.
 
     Raises:
-        ConfigError: a data path the config names does not exist.
+        ConfigError: a data path the config names does not exist, or `train.out_dir` holds files the run would
+            overwrite (a previous run without `resume`, or no run to resume with it).
         EncoderError: `model.encoder` is not a registered encoder.
         DatasetError: annotations cannot be read, a split has no usable images, or images are missing with
             `data.on_missing: error`.
@@ -70,6 +92,7 @@ def dry_run(cfg: Config) -> DryRunReport:
     from captioner.training.prepare import validate_paths  # the check `fit` runs first
 
     validate_paths(cfg)
+    folder = _run_folder(cfg, resume)
     if cfg.model.encoder not in available_encoders():
         raise EncoderError(f"unknown encoder {cfg.model.encoder!r}; "
                            f"choose one of {', '.join(available_encoders())}")
@@ -81,9 +104,9 @@ def dry_run(cfg: Config) -> DryRunReport:
             train_captions += captions
         splits.append(_split(cfg, source, source.val_split, cfg.train.val_max_images)[0])
     if cfg.train.init_from:  # the run checks its starting model before extracting anything: so does the check
-        return DryRunReport(splits, len(starting_model(cfg).vocab), cfg.train.init_from)
+        return DryRunReport(splits, len(starting_model(cfg).vocab), cfg.train.init_from, folder)
     vocab = build_vocabulary(train_captions, cfg.data.min_word_count)
-    return DryRunReport(splits, len(vocab))
+    return DryRunReport(splits, len(vocab), run_folder=folder)
 
 
 def format_report(cfg: Config, report: DryRunReport) -> str:
@@ -99,4 +122,6 @@ def format_report(cfg: Config, report: DryRunReport) -> str:
     else:
         lines.append(f"# vocabulary: {report.vocabulary} words over all training captions "
                      f"(min_word_count {cfg.data.min_word_count})")
+    if report.run_folder:
+        lines.append(f"# run folder: {report.run_folder}")
     return "\n".join(lines) + "\n"
