@@ -2,6 +2,7 @@
 
     streamlit run app.py                                          # the shipped models (general first)
     CAPTIONER_CHECKPOINT=runs/x/best.safetensors streamlit run app.py
+    CAPTIONER_CHECKPOINT=runs/r50/best.safetensors CAPTIONER_ENCODER_WEIGHTS=resnet50.pth streamlit run app.py
     captioner app --checkpoint runs/x/best.safetensors --server.port 8502   # the same, from the CLI
 
 UI only: every model operation goes through `captioner.Captioner`; the gate and attention summaries come from
@@ -49,6 +50,7 @@ from captioner.images import open_image
 from captioner.models.shipped import list_models
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
+ENCODER_WEIGHTS_ENV = "CAPTIONER_ENCODER_WEIGHTS"
 # Per file, in Streamlit's megabytes (10^6 bytes); .streamlit/config.toml sets the same server.maxUploadSize.
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1_000_000
@@ -77,12 +79,12 @@ class Upload:
 
 
 @st.cache_resource(show_spinner="Loading the model...")
-def load_captioner(path: str | None) -> Captioner:
+def load_captioner(path: str | None, encoder_weights: str | None = None) -> Captioner:
     """The model, loaded once per checkpoint path and shared by all sessions (a Captioner is thread-safe).
 
     Warmed up here so the first upload does not pay for building the fast inference paths.
     """
-    cap = Captioner.load(path)
+    cap = Captioner.load(path, encoder_weights=encoder_weights)
     cap.warmup()
     return cap
 
@@ -137,8 +139,11 @@ def choose_model_ui() -> str | None:
 def load_ui() -> tuple[Captioner, str | None] | None:
     """Load the model named by $CAPTIONER_CHECKPOINT, else the chosen shipped one; explain any failure."""
     path = choose_model_ui()
+    # The weights file goes with $CAPTIONER_CHECKPOINT's model alone: the shipped ones carry their own.
+    from_env = bool(os.environ.get(CHECKPOINT_ENV)) and path == os.environ[CHECKPOINT_ENV]
+    weights = (os.environ.get(ENCODER_WEIGHTS_ENV) or None) if from_env else None
     try:
-        return load_captioner(path), path
+        return load_captioner(path, weights), path
     except CheckpointError as exc:
         hint = ("The shipped model is not installed yet (it is trained with `captioner train`). "
                 if path is None else "")

@@ -28,7 +28,7 @@ from captioner.config import DecodeConfig
 from captioner.decoding import Hypothesis, decode
 from captioner.images import ImageInput, ImageLoadError, describe, open_image
 from captioner.models.checkpoint import CaptionModel, CheckpointError, load_model
-from captioner.models.encoder import Encoder, build_encoder
+from captioner.models.encoder import NEEDS_WEIGHTS_FILE, Encoder, EncoderError, build_encoder
 from captioner.models.no_init import NoInit
 from captioner.models.shipped import SHIPPED
 from captioner.models.shipped import resolve as resolve_model
@@ -107,6 +107,8 @@ class Captioner:
 
         Raises:
             UnknownModelError: `path` is neither a shipped model's name nor a file; the message lists the names.
+            EncoderError: (a ValueError) the encoder needs `encoder_weights` and none was given, or they do not
+                fit it.
             CheckpointError: no shipped model, or the file is missing, damaged or pickle-based.
             CalibrationError: precision "int8" and the checkpoint's calibration file is missing, damaged or was
                 measured for another encoder.
@@ -122,6 +124,11 @@ class Captioner:
             model = load_model(path)
             cfg = model.model_cfg
             # The checkpoint's own `encoder_weights` path is not followed: a file must not name other files.
+            if cfg.encoder in NEEDS_WEIGHTS_FILE and encoder_weights is None:
+                raise EncoderError(
+                    f"{path}: its encoder {cfg.encoder} needs the weights file the model was trained with "
+                    "(nothing is downloaded): pass encoder_weights= (captioner caption / evaluate / app: "
+                    "--encoder-weights FILE)")
             encoder = build_encoder(cfg.encoder, encoder_weights, image_size=cfg.image_size,
                                     headless=bool(cfg.encoder_head))
         return cls(model, encoder, device, precision, int8_calibration=calibration_path(path))

@@ -14,6 +14,7 @@ from captioner.models.shipped import UnknownModelError
 from captioner.models.shipped import resolve as resolve_model
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"  # read by app.py
+ENCODER_WEIGHTS_ENV = "CAPTIONER_ENCODER_WEIGHTS"  # read by app.py, for the checkpoint of $CAPTIONER_CHECKPOINT
 
 EPILOG = """\
 examples:
@@ -31,12 +32,16 @@ def app_path() -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `app` and its options; unknown options go to `streamlit run`."""
     p = sub.add_parser("app", help="start the Streamlit app (upload images, see attention and LSTM gates)",
-                       description="Start the Streamlit app. Options other than --checkpoint are passed to "
+                       description="Start the Streamlit app. Options other than --checkpoint and --encoder-weights are "
+                                   "passed to "
                                    "`streamlit run` (e.g. --server.port 8502).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="MODEL",
                    help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
                         f"(sets ${CHECKPOINT_ENV}); default: ${CHECKPOINT_ENV} if set, else the general model")
+    p.add_argument("--encoder-weights", metavar="FILE",
+                   help="the encoder's weights file of the --checkpoint model, for encoders no installed package "
+                        f"ships (resnet50; sets ${ENCODER_WEIGHTS_ENV})")
     p.set_defaults(func=run, streamlit_args=[])
     p.parse_known_args = _pass_unknown(p.parse_known_args)
 
@@ -88,6 +93,10 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         env[CHECKPOINT_ENV] = str(checkpoint_path(args.checkpoint))
     elif env.get(CHECKPOINT_ENV):  # inherited: made absolute too, else read from app.py's folder, not the caller's
         env[CHECKPOINT_ENV] = str(checkpoint_path(env[CHECKPOINT_ENV]))
+    if getattr(args, "encoder_weights", None):
+        env[ENCODER_WEIGHTS_ENV] = args.encoder_weights
+    if env.get(ENCODER_WEIGHTS_ENV):  # absolute for the same reason
+        env[ENCODER_WEIGHTS_ENV] = os.path.abspath(env[ENCODER_WEIGHTS_ENV])
     return [sys.executable, "-m", "streamlit", "run", str(path), *getattr(args, "streamlit_args", [])], env
 
 

@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="MODEL",
                    help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
                         "(default: the general model)")
+    p.add_argument("--encoder-weights", metavar="FILE",
+                   help="the encoder's weights file, for a model whose encoder no installed package ships "
+                        "(resnet50): the file it was trained with")
     p.add_argument("--beam-size", type=int, default=None, help="beams per image (default: the model's)")
     p.add_argument("--n-best", type=int, default=1, help="alternatives per image (default: 1)")
     p.add_argument("--batch-size", type=int, default=64,
@@ -174,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    captioner = Captioner.load(args.checkpoint, precision=args.precision)
+    captioner = Captioner.load(args.checkpoint, encoder_weights=args.encoder_weights, precision=args.precision)
     beam_size = args.beam_size or captioner.decode_defaults.beam_size
     if args.n_best > beam_size:
         print(f"captioner: error: --n-best {args.n_best} is above the beam size {beam_size} (--beam-size)",

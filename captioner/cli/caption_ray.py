@@ -115,7 +115,8 @@ def records(args: argparse.Namespace, paths: list) -> Iterator[dict]:
         out = caption_dataset(ds, actors=args.ray_actors or 1, batch_size=args.batch_size, threads=args.threads,
                               checkpoint=checkpoint, precision=args.precision, beam_size=args.beam_size,
                               n_best=args.n_best, return_tags=args.tags, max_length=args.max_length,
-                              num_workers=args.num_workers)
+                              num_workers=args.num_workers,
+                              encoder_weights=args.encoder_weights and os.path.abspath(args.encoder_weights))
         pending: dict[int, dict] = {}
         next_index = 0
         try:

@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                               "--split dev --output eval/")
     p.add_argument("--checkpoint", metavar="MODEL",
                    help="a shipped model's name or a .safetensors file (default: the general model)")
+    p.add_argument("--encoder-weights", metavar="FILE",
+                   help="the encoder's weights file, for a model whose encoder no installed package ships "
+                        "(resnet50): the file it was trained with")
     p.add_argument("--data", metavar="PATH",
                    help="dataset folder (flickr8k) or annotation file (karpathy, coco, csv, jsonl)")
     p.add_argument("--format", default="flickr8k", choices=["flickr8k", "karpathy", "coco", "csv", "jsonl"],
@@ -261,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     samples = _usable(args, samples)
     if not samples:  # the scorers cannot score nothing (METEOR's Java process then hangs for good)
         return _refuse(f"no images to score in the {args.split} split")
-    cap = Captioner.load(args.checkpoint, precision=args.precision)
+    cap = Captioner.load(args.checkpoint, encoder_weights=args.encoder_weights, precision=args.precision)
     # Evaluation reads each image once: decode straight from the files through the public API.
     results = cap.caption([s.image for s in samples], beam_size=args.beam_size, batch_size=args.batch_size,
                           length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram,

@@ -14,7 +14,8 @@ class ModelConfig:
     encoder: str = "efficientnet_lite0"
     """Registered encoder name (see `captioner.models.encoder.available_encoders()`)."""
     encoder_weights: str | None = None
-    """Local weights file for encoders that do not ship their own (e.g. resnet50)."""
+    """Local weights file for encoders that do not ship their own (e.g. resnet50). Not read back from a
+    checkpoint: captioning with such a model takes the file again (`--encoder-weights`, `Captioner.load`)."""
     image_size: int = 0
     """Side of the square the encoder sees (0: the size its weights were trained at). A larger size gives a
     finer grid, one cell per 32 pixels, and objects the size the ImageNet training crops showed them at."""

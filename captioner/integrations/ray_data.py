@@ -45,7 +45,7 @@ class CaptionBatch:
     def __init__(self, checkpoint: str | os.PathLike | None = None, precision: str = "auto",
                  beam_size: int | None = None, n_best: int = 1, threads: int | None = None,
                  return_tags: bool = False, batch_size: int = 64, max_length: int | None = None,
-                 num_workers: int = 1):
+                 num_workers: int = 1, encoder_weights: str | None = None):
         """Load the model (in the actor, once).
 
         Args:
@@ -55,6 +55,8 @@ class CaptionBatch:
             threads: torch intra-op threads of this actor (None: torch's default, one per core of the node).
             return_tags: add the `tags` column (the encoder's ImageNet tags, `caption_iter(return_tags=True)`).
             batch_size: images per network batch inside the actor; num_workers: its image-decoding threads.
+            encoder_weights: the encoder's weights file, readable on every node, for encoders no installed package
+                ships (resnet50; `Captioner.load`).
         """
         import torch
 
@@ -62,7 +64,7 @@ class CaptionBatch:
 
         if threads:
             torch.set_num_threads(threads)
-        self.captioner = Captioner.load(checkpoint, precision=precision)
+        self.captioner = Captioner.load(checkpoint, encoder_weights=encoder_weights, precision=precision)
         self.n_best, self.return_tags = n_best, return_tags
         self.options: dict[str, Any] = {"beam_size": beam_size, "n_best": n_best, "batch_size": batch_size,
                                         "max_length": max_length, "num_workers": num_workers, "on_error": "skip"}

@@ -165,7 +165,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError (damaged, cut short), OSError: a clear error naming the file
+            raise EncoderError(f"{path}: not a readable weights file ({exc})") from exc
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -265,6 +268,11 @@ _REGISTRY: dict[str, _Builder] = {
 }
 _NATIVE_SIZE: dict[str, int] = {**{name: v.size for name, v in LITE_VARIANTS.items()}, "resnet50": 224}
 """The input side each encoder's weights were trained at: what `image_size=0` means."""
+
+
+NEEDS_WEIGHTS_FILE = frozenset({"resnet50"})
+"""Encoders whose ImageNet weights no installed package ships: a model of theirs needs the file it was trained
+with to caption (`Captioner.load(encoder_weights=...)`, the CLI's `--encoder-weights`)."""
 
 
 def available_encoders() -> list[str]:
