@@ -47,6 +47,7 @@ from captioner.explain import (
     top_cells,
 )
 from captioner.images import open_image
+from captioner.models.encoder import EncoderError
 from captioner.models.shipped import list_models
 
 CHECKPOINT_ENV = "CAPTIONER_CHECKPOINT"
@@ -149,7 +150,10 @@ def load_ui() -> tuple[Captioner, str | None] | None:
                 if path is None else "")
         st.error(f"No usable model: {exc}\n\n{hint}To use another checkpoint, start the app with "
                  f"`{CHECKPOINT_ENV}=/path/to/model.safetensors streamlit run app.py`.")
-    except (ValueError, OSError) as exc:  # e.g. the encoder's weights are missing
+    except EncoderError as exc:  # a model whose encoder's weights no package ships (resnet50), or a bad file
+        st.error(f"The model could not be loaded: {exc}\n\nWith `streamlit run app.py`, name the file in "
+                 f"`{ENCODER_WEIGHTS_ENV}`.")
+    except (ValueError, OSError) as exc:
         st.error(f"The model could not be loaded: {exc}")
     return None
 

@@ -90,7 +90,7 @@ def test_the_app_loads_the_model_of_its_environment_with_the_weights_file(resnet
     monkeypatch.setenv("CAPTIONER_CHECKPOINT", str(checkpoint))
     monkeypatch.delenv("CAPTIONER_ENCODER_WEIGHTS", raising=False)
     app = AppTest.from_file(str(Path(__file__).parent.parent / "app.py"), default_timeout=120).run()
-    assert any("--encoder-weights" in e.value for e in app.error)  # explained in the page, no traceback
+    assert any("CAPTIONER_ENCODER_WEIGHTS" in e.value for e in app.error)  # explained in the page, no traceback
     assert not app.exception
     monkeypatch.setenv("CAPTIONER_ENCODER_WEIGHTS", str(weights))
     app = AppTest.from_file(str(Path(__file__).parent.parent / "app.py"), default_timeout=120).run()

@@ -32,9 +32,8 @@ def app_path() -> Path:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `app` and its options; unknown options go to `streamlit run`."""
     p = sub.add_parser("app", help="start the Streamlit app (upload images, see attention and LSTM gates)",
-                       description="Start the Streamlit app. Options other than --checkpoint and --encoder-weights are "
-                                   "passed to "
-                                   "`streamlit run` (e.g. --server.port 8502).",
+                       description="Start the Streamlit app. Options other than --checkpoint and "
+                                   "--encoder-weights are passed to `streamlit run` (e.g. --server.port 8502).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="MODEL",
                    help="a shipped model's name (`captioner models`: general, flickr8k) or a .safetensors file "
