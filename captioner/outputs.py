@@ -134,17 +134,23 @@ def record_key(line: str, fmt: str) -> str | None:
     """The path of a whole written line, as `written_path` gives it; None for headers and alt lines.
 
     Raises:
-        ValueError: a jsonl line that is not JSON, or not an object with a string `path`.
+        ValueError: a jsonl line that is not JSON, or not an object with a string `path`; a text line without
+            the tab after its path (every text line has one: a JSON line or a CSV header has none).
     """
     if fmt == "jsonl":
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except RecursionError:  # json's C scanner on a line of deeply nested arrays
+            raise ValueError(f"a line nested too deeply: {line[:60].strip()}") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("path"), str):  # JSON, but not one of our records
             raise ValueError(f"not a record with a path: {line[:60].strip()}")
         return rec["path"]
     if fmt == "csv":
         row = next(csv.reader([line]))
         return None if row[:4] == csv_header(1) else row[0]
-    path, _, rest = line.partition("\t")
+    path, tab, rest = line.partition("\t")
+    if not tab:  # a jsonl or csv output resumed as text: its lines would be kept and text appended to them
+        raise ValueError(f"not a path<TAB>caption line: {line[:60].strip()}")
     return None if rest.startswith("  alt ") else path
 
 

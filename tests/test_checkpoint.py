@@ -223,3 +223,25 @@ def test_a_fifo_given_as_checkpoint_is_named_not_a_regular_file_without_blocking
         load_tensors(fifo)  # was "checkpoint file not found", for a file that is there
     with pytest.raises(CheckpointError, match="checkpoint file not found"):
         load_tensors(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path, tiny_model, value):
+    """It loaded and captioned: one word repeated, NaN scores, and `Caption.ok` true."""
+    good = tmp_path / "good.safetensors"
+    save_model(tiny_model, good)
+    tensors, meta = load_tensors(good)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name][0] = value
+    save_tensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(CheckpointError, match=f"{name} holds NaN or infinite weights"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+def test_weights_beyond_fp16_are_not_shipped_as_infinities(tmp_path, tiny_model):
+    with torch.no_grad():
+        next(tiny_model.decoder.parameters())[0] = 1e6  # finite in fp32, inf in fp16
+    save_model(tiny_model, tmp_path / "fp32.safetensors")
+    with pytest.raises(CheckpointError, match="in fp16"):
+        save_model(tiny_model, tmp_path / "fp16.safetensors", half=True)
+    assert not (tmp_path / "fp16.safetensors").exists()

@@ -35,6 +35,8 @@ def test_overrides_are_typed(tmp_path):
     ("1: 2\n", "unknown key.*1"),  # keys that are not strings: YAML reads 1, yes/on, ~ as int, bool, None
     ("model:\n  on: 1\n", "unknown key.*model.True"),
     ("model:\n  ~: 1\n  bogus: 2\n", "unknown key.*model.None"),
+    ("train:\n  seed: 18446744073709551616\n", r"train.seed must be in 0..4294967295"),  # torch overflowed
+    ("train:\n  seed: -1\n", r"train.seed must be in 0..4294967295"),
 ])
 def test_bad_configs_are_one_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

@@ -143,6 +143,21 @@ def test_a_truncated_store_file_is_named_and_recomputed(encoder, tmp_path, capsy
     assert torch.allclose(again.load(paths).float(), before.float(), atol=1e-3)
 
 
+def test_an_index_nested_too_deeply_is_a_damaged_file_and_recomputed(encoder, tmp_path, capsys):
+    """json's C scanner raised RecursionError, which ended training with a traceback."""
+    paths = write_images(tmp_path / "images", 2)
+    cache = FeatureCache(tmp_path / "cache", encoder)
+    cache.extract(paths, progress=False)
+    cache.store.close()
+    [index] = cache.folder.glob("shard-*.index.json")
+    index.write_text("[" * 200_000 + "]" * 200_000)
+
+    again = FeatureCache(tmp_path / "cache", encoder)
+    assert not again.is_cached(paths[0])
+    assert "is damaged" in capsys.readouterr().err
+    assert again.extract(paths, progress=False) == []
+
+
 def test_old_per_image_caches_are_read_into_the_store_and_damaged_ones_recomputed(encoder, tmp_path, capsys):
     paths = write_images(tmp_path / "images", 3)
     fresh = FeatureCache(tmp_path / "fresh", encoder)

@@ -92,6 +92,18 @@ def test_a_listed_image_without_captions_is_an_error(two_datasets, tmp_path):
         read_dataset(DataConfig(**second), "test")
 
 
+def test_a_train_list_and_a_dev_list_that_share_images_are_refused(two_datasets, tmp_path):
+    """The run validated on images it trained on, and chose its best epoch by them, without a word."""
+    _, _, second = two_datasets
+    train = Path(second["train_list"]).read_text().split()
+    leaky = tmp_path / "dev.txt"
+    leaky.write_text("\n".join([*Path(second["val_list"]).read_text().split(), train[0], train[1]]) + "\n")
+    cfg = DataConfig(**{**second, "val_list": str(leaky)})
+    for split in ("train", "dev"):
+        with pytest.raises(DatasetError, match=rf"share 2 image\(s\), e.g. .*{train[0]}.*images the model trained"):
+            read_dataset(cfg, split)
+
+
 def test_two_datasets_train_together_and_select_on_the_weighted_score(two_datasets):
     root, first, second = two_datasets
     datasets = [{**first, "selection_weight": 1.0}, {**second, "weight": 2.0, "selection_weight": 3.0}]

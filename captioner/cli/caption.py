@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from captioner.cli.output_file import PartialOutput, same_file
+    from captioner.cli.output_file import PartialOutput, clobbered_input
     from captioner.outputs import TEXT_FORMATS, pyarrow_missing, written_clash
     from captioner.sharding import parse_shard, take_shard
 
@@ -161,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         print("captioner: no images found", file=sys.stderr)
         return 2
-    if args.output and any(same_file(p, args.output) for p in paths):
-        print(f"captioner: error: --output {escape_path(args.output)} is one of the input images", file=sys.stderr)
+    clobbered = args.output and clobbered_input(args.output, paths, args.checkpoint, args.encoder_weights)
+    if clobbered:
+        print(f"captioner: error: {shown(clobbered)}", file=sys.stderr)
         return 2
     clash = written_clash(paths, args.format) if args.resume and args.format in TEXT_FORMATS else None
     if clash:
@@ -223,7 +224,7 @@ def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace,
             from captioner.cli.caption_ray import RayJobError
 
             try:
-                code = _caption_all(None, paths, writer, args, signal, threading)
+                failures, interrupted = _caption_all(None, paths, writer, args, signal, threading)
             except RayJobError as exc:
                 writer.close()
                 if output is not None:
@@ -234,7 +235,7 @@ def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace,
                 print(f"captioner: {writer.count} of {total} records written{where}", file=sys.stderr)
                 return 5
         else:
-            code = _caption_all(captioner, paths, writer, args, signal, threading)
+            failures, interrupted = _caption_all(captioner, paths, writer, args, signal, threading)
         writer.close()
     except BaseException as exc:  # a second Ctrl-C keeps the whole records; an error leaves the target as it was
         if output is not None and output.stream is not None:
@@ -245,10 +246,9 @@ def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace,
         raise
     if output is not None:
         output.close(keep=True)
-    if code == 130:
+    if interrupted:
         print(f"\ncaptioner: interrupted; {writer.count} of {total} records written", file=sys.stderr)
         return 130
-    failures = code
     if failures:
         print(f"captioner: {failures} of {total} images failed", file=sys.stderr)
     if missing:
@@ -256,8 +256,10 @@ def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace,
     return 1 if failures or missing else 0
 
 
-def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signal, threading) -> int:
-    """Write every record; returns the number of failed images, or 130 when stopped by Ctrl-C.
+def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signal, threading
+                 ) -> tuple[int, bool]:
+    """Write every record; returns the number of failed images and whether Ctrl-C stopped it (one number for
+    both made 130 failed images an interruption).
 
     `captioner` None: the records come from Ray (`caption_ray.records`), already in input order.
     """
@@ -303,8 +305,8 @@ def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signa
             except KeyboardInterrupt:
                 stream.close()
                 writer.flush()
-                return 130
+                return failures, True
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    return failures
+    return failures, False

@@ -167,9 +167,10 @@ def _file_id(path: str | os.PathLike) -> tuple[int, int] | None:
 
 def _input_files(args: argparse.Namespace) -> list[str]:
     """The files evaluate reads that the command line names, or that a flickr8k folder holds."""
+    from captioner.cli.output_file import model_files
     from captioner.data.readers import FLICKR8K_SPLITS
 
-    given = [args.data, args.annotations, args.split_list, args.checkpoint]
+    given = [args.data, args.annotations, args.split_list, *model_files(args.checkpoint, args.encoder_weights)]
     if args.format == "flickr8k" and args.data:
         names = ["Flickr8k.token.txt", *FLICKR8K_SPLITS.values()]
         given += [str(Path(args.data) / name) for name in names]

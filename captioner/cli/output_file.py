@@ -35,6 +35,34 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def model_files(checkpoint: str | None, encoder_weights: str | None) -> list[Path]:
+    """The files a captioning command reads its model from: the checkpoint (a shipped model's name resolved),
+    its int8 calibration beside it, the encoder's weights file. Why: `caption --output` equal to
+    `--checkpoint` replaced the model with its own captions, and said nothing."""
+    from captioner.models.shipped import UnknownModelError
+    from captioner.models.shipped import resolve as resolve_model
+    from captioner.runtime.int8 import calibration_path
+
+    files = [Path(encoder_weights)] if encoder_weights else []
+    try:
+        model = resolve_model(checkpoint)
+    except UnknownModelError:  # reported by the load, with the valid names
+        return files
+    return [model, calibration_path(model), *files]
+
+
+def clobbered_input(output: str | os.PathLike, images: list, checkpoint: str | None,
+                    encoder_weights: str | None) -> str | None:
+    """Why `--output` may not be written, as one line, when it is a file the command reads: one of the images,
+    or one of the model's files (`model_files`); else None."""
+    if any(same_file(p, output) for p in images):
+        return f"--output {escape_path(output)} is one of the input images"
+    model = next((f for f in model_files(checkpoint, encoder_weights) if same_file(f, output)), None)
+    if model is not None:
+        return f"--output {escape_path(output)} is the model's file {escape_path(model)}"
+    return None
+
+
 _QUOTE, _NEWLINE = ord('"'), ord("\n")
 _FIELD_END = re.compile(rb"[,\r\n]")  # the end of an unquoted field (or of what follows a closing quote)
 
@@ -169,7 +197,7 @@ class PartialOutput:
                 raise OutputResumeError("--resume does not work with --format parquet")
             self.stream = open(self.partial, "wb")
             return set()
-        kept, done = "", set()
+        kept, done, in_place = "", set(), False
         if self.resume:
             source = self.partial if self.partial.exists() else self.target
             if source.exists():
@@ -183,8 +211,15 @@ class PartialOutput:
                     self._check_header(kept, csv_header)
                 except (UnicodeDecodeError, ValueError) as exc:
                     raise OutputResumeError(f"--resume: {source} is not a whole {self.fmt} output: {exc}") from exc
-        self.stream = open(self.partial, "w", encoding="utf-8", newline="")
-        self.stream.write(kept)
+                in_place = source == self.partial
+        if in_place:
+            # Cut the partial record off where it lies and append: rewriting the file ("w", then the kept text)
+            # emptied it first, so a kill or a full disk in between lost every record the killed run had saved.
+            os.truncate(self.partial, len(raw))
+            self.stream = open(self.partial, "a", encoding="utf-8", newline="")
+        else:  # a finished output is copied, and stays as it is until this run's rename
+            self.stream = open(self.partial, "w", encoding="utf-8", newline="")
+            self.stream.write(kept)
         self.stream.flush()
         self.has_header = self.fmt == "csv" and bool(kept)
         return done

@@ -40,7 +40,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     """Gradient norm clip (0 disables)."""
     seed: int = 0
-    """Seed for weights, shuffling and dropout."""
+    """Seed for weights, shuffling and dropout, 0 to 2^32 - 1."""
     patience: int = 4
     """Stop after this many epochs without a better validation CIDEr (0 disables early stopping)."""
     val_max_images: int = 0
@@ -82,6 +82,8 @@ class TrainConfig:
             problems.append("train.epochs must be >= 1 (or >= 0 with train.init_from)")
         if self.init_from and not self.epochs and not self.scst_epochs:
             problems.append("train.init_from with train.epochs: 0 needs train.scst_epochs >= 1")
+        if not 0 <= self.seed < 2**32:  # torch.manual_seed overflowed past 64 bits, after the dry run passed
+            problems.append(f"train.seed must be in 0..{2**32 - 1}, got {str(self.seed)[:40]}")
         if not self.lr > 0:  # also nan
             problems.append(f"train.lr must be > 0, got {self.lr}")
         if self.encoder_head_lr < 0:

@@ -148,7 +148,7 @@ class FeatureStore:
                 total = (array.stat().st_size - shard.offset) // shard.row_bytes
                 if rows and max(rows.values()) >= total:
                     raise ValueError(f"{total} rows on disk, the index lists row {max(rows.values())}")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:  # RecursionError: an index nested too deeply
                 log(f"feature store file {array} is damaged or not this cache's ({exc}); its rows will be recomputed")
                 self._drop(array, index_file)
                 continue

@@ -68,6 +68,18 @@ def check_split(fmt: str, split: str) -> None:
         raise DatasetError(f"unknown {fmt} split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
+def _check_disjoint(cfg: DatasetConfig) -> None:
+    """Refuse a train list and a dev list that name the same image. Why: the run validated on images it trained
+    on, and chose its best epoch and reported its scores from them, without a word."""
+    if not (cfg.train_list and cfg.val_list):
+        return
+    shared = sorted(set(read_split_list(cfg.train_list)) & set(read_split_list(cfg.val_list)))
+    if shared:
+        raise DatasetError(f"{cfg.label()}: data.train_list {cfg.train_list} and data.val_list {cfg.val_list} "
+                           f"share {len(shared)} image(s), e.g. {shared[:3]}: the dev split would score images "
+                           "the model trained on")
+
+
 def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
     """Samples of `split` ("train", "dev"/"val" or "test") for the dataset `cfg` describes."""
     fmt = cfg.format
@@ -87,6 +99,7 @@ def read_dataset(cfg: DatasetConfig, split: str) -> list[Sample]:
     list_file = {"train": cfg.train_list, "dev": cfg.val_list, "val": cfg.val_list}.get(split, "")
     base = Path(cfg.images) if cfg.images or fmt == "coco" else Path(annotations).parent  # as the readers join
     if list_file:
+        _check_disjoint(cfg)
         return _listed(samples, list_file, base)
     if split == "test" and (cfg.train_list or cfg.val_list):
         raise DatasetError(f"{cfg.label()}: no split list for the 'test' split (data.train_list is the train "

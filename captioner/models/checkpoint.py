@@ -137,11 +137,24 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return tensors, metadata
 
 
+def _non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor holding a NaN or an infinity, by name; None when every weight is finite."""
+    return next((k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+
+
 def save_model(model: CaptionModel, path: str | Path, half: bool = False) -> None:
-    """Write a CaptionModel (fp16 weights when `half`, for shipping)."""
+    """Write a CaptionModel (fp16 weights when `half`, for shipping).
+
+    Raises:
+        CheckpointError: a weight is NaN or infinite (with `half`: beyond fp16's 65504), so the file would not load.
+    """
     state = model.decoder.state_dict()
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(f"{path}: not written: {bad} holds NaN or infinite weights"
+                              + (" in fp16 (values beyond 65504)" if half else ""))
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -189,6 +202,9 @@ def load_model(path: str | Path) -> CaptionModel:
         wrong = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
         raise CheckpointError(f"{path}: weights do not match the stored config (first differences: "
                               f"{', '.join(wrong[:3])})")
+    bad = _non_finite(tensors)
+    if bad:  # they captioned: NaN scores, one word repeated, and `Caption.ok` true
+        raise CheckpointError(f"{path}: {bad} holds NaN or infinite weights")
     model = new_model(model_cfg, vocab, encoder_dim, decode_cfg)  # drawn: training's random stream as it was
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     try:
