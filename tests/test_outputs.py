@@ -95,7 +95,7 @@ def test_resume_refuses_a_csv_with_other_columns(tmp_path):
 
 def test_parquet_rows_are_the_records(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
-    from captioner.outputs import ParquetCaptionWriter
+    from captioner.parquet import ParquetCaptionWriter
 
     captions = [_tagged(), _failed(), _tagged("odd\udcff.jpg")]
     path = tmp_path / "o.parquet"

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     import threading
 
     from captioner.cli.output_file import PartialOutput, clobbered_input
-    from captioner.outputs import TEXT_FORMATS, pyarrow_missing, written_clash
+    from captioner.outputs import TEXT_FORMATS, written_clash
+    from captioner.parquet import pyarrow_missing
     from captioner.sharding import parse_shard, take_shard
 
     problem = _check_args(args)
@@ -204,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
 def _write(captioner, paths: list, missing: list[str], args: argparse.Namespace, signal, threading,
            PartialOutput) -> int:
     """Open the output, caption `paths` (locally with `captioner`, or on Ray when it is None), close the output."""
-    from captioner.outputs import CaptionWriter, ParquetCaptionWriter, csv_header, written_path
+    from captioner.outputs import CaptionWriter, csv_header, written_path
+    from captioner.parquet import ParquetCaptionWriter
 
     output = PartialOutput(args.output, args.format, resume=args.resume) if args.output else None
     if output is not None:

@@ -21,7 +21,7 @@ for every batch it is given. A batch (a pyarrow Table, a pandas DataFrame or a d
 
 It returns a pyarrow Table with `index` (when given) and the fields of `captioner.outputs.record`, the local CLI's
 record: `path, caption, score, logprob, alternatives, [tags], error, path_bytes`, typed as
-`captioner.outputs.parquet_schema` (nested fields as list<struct>). `alternatives` is always there (n_best
+`captioner.parquet.parquet_schema` (nested fields as list<struct>). `alternatives` is always there (n_best
 entries), `tags` only with `return_tags=True`, `path_bytes` is null unless the name is not valid UTF-8. `to_record`
 turns a row back into exactly the record the local CLI writes. A bad image (missing, empty, truncated, not an image)
 is an error row (`on_error="skip"`, as in the CLI), never a failed task.
@@ -35,7 +35,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from captioner.outputs import RECORD_FIELDS, parquet_schema, record
+from captioner.outputs import RECORD_FIELDS, record
+from captioner.parquet import parquet_schema
 
 
 class CaptionBatch:
@@ -74,7 +75,8 @@ class CaptionBatch:
 
     @property
     def schema(self):
-        """The output Table's schema: `index` (int64), then `captioner.outputs.parquet_schema` with alternatives."""
+        """The output Table's schema: `index` (int64), then `captioner.parquet.parquet_schema` with
+        alternatives."""
         if self._schema is None:
             import pyarrow as pa
 
