@@ -121,3 +121,13 @@ def test_a_full_disk_while_resuming_keeps_the_killed_runs_records(tmp_path, tiny
     kept = partial.read_text()
     assert _caption(tiny_checkpoint, tmp_path / "in", "--format", "jsonl", "--output", target, "--resume") == 4
     assert partial.read_text() == kept and not target.exists()
+
+
+def test_an_image_named_twice_is_captioned_once(tmp_path, tiny_checkpoint):
+    """A folder and a file inside it (or one folder twice) wrote two records of the same image."""
+    images = write_images(tmp_path / "in", 2)
+    out = tmp_path / "o.jsonl"
+    assert _caption(tiny_checkpoint, images[1], tmp_path / "in", f"{tmp_path}/./in/", "--format", "jsonl",
+                    "--output", out) == 0
+    paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
+    assert paths == [str(images[1]), str(images[0])]

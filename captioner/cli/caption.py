@@ -110,16 +110,17 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 
 def _expand(raw_paths: list[str]) -> tuple[list, list[str]]:
-    """Image paths under `raw_paths`, and the explicitly given paths that do not exist."""
+    """Image paths under `raw_paths`, each once in the order first met, and the given paths that do not exist.
+    Why once: `captioner caption photos photos/a.jpg` wrote two records of a.jpg."""
     from captioner.images import find_images
 
-    paths, missing = [], []
+    paths, missing = {}, []
     for raw in raw_paths:
         try:
-            paths.extend(find_images([raw]))
+            paths.update(dict.fromkeys(find_images([raw])))
         except FileNotFoundError:
             missing.append(raw)
-    return paths, missing
+    return list(paths), missing
 
 
 def run(args: argparse.Namespace) -> int:
