@@ -151,8 +151,9 @@ def load_ui() -> tuple[Captioner, str | None] | None:
         st.error(f"No usable model: {exc}\n\n{hint}To use another checkpoint, start the app with "
                  f"`{CHECKPOINT_ENV}=/path/to/model.safetensors streamlit run app.py`.")
     except EncoderError as exc:  # a model whose encoder's weights no package ships (resnet50), or a bad file
-        st.error(f"The model could not be loaded: {exc}\n\nWith `streamlit run app.py`, name the file in "
-                 f"`{ENCODER_WEIGHTS_ENV}`.")
+        hint = ("" if weights else f"\n\nName its encoder's weights file in `{ENCODER_WEIGHTS_ENV}` "
+                "(`captioner app --encoder-weights FILE` sets it).")
+        st.error(f"The model could not be loaded: {exc}{hint}")
     except (ValueError, OSError) as exc:
         st.error(f"The model could not be loaded: {exc}")
     return None

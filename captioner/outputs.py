@@ -146,8 +146,10 @@ def record_key(line: str, fmt: str) -> str | None:
         row = next(csv.reader([line]))
         return None if row[:4] == csv_header(1) else row[0]
     path, tab, rest = line.partition("\t")
+    if not tab and not line.strip():  # a blank line (an editor's, a CRLF's): nothing, as before
+        return None
     if not tab:  # a jsonl or csv output resumed as text: its lines would be kept and text appended to them
-        raise ValueError(f"not a path<TAB>caption line: {line[:60].strip()}")
+        raise ValueError(f"not a path<TAB>caption line: {line[:60]!r}")
     return None if rest.startswith("  alt ") else path
 
 
@@ -245,5 +247,6 @@ class CaptionWriter:
         self.stream.flush()
 
     def close(self) -> None:
-        """Nothing to finish for the line formats (the stream is the caller's); see ParquetCaptionWriter.close."""
+        """Nothing to finish for the line formats (the stream is the caller's); see
+        `captioner.parquet.ParquetCaptionWriter.close`."""
         self.flush()

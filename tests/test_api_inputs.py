@@ -45,6 +45,6 @@ def test_closing_early_ends_the_threads_and_drops_the_queued_work():
     stream = prepared_batches(iter(range(100)), slow, 10, 1)
     assert next(stream) == list(range(10))
     stream.close()
-    assert len(started) < 30  # the queued batch was cancelled, not decoded to the end
+    assert len(started) < 20  # the batch queued ahead was cancelled (at most the one in hand), not decoded
     left = [t for t in threading.enumerate() if t.name.startswith("captioner-decode") and t.name not in before]
     assert not left

@@ -83,7 +83,22 @@ def test_the_app_command_passes_the_weights_file_as_an_absolute_path(monkeypatch
     assert cmd[-2:] == ["--server.port", "8502"]  # not passed on to streamlit
 
 
-def test_the_app_loads_the_model_of_its_environment_with_the_weights_file(resnet50_files, monkeypatch):
+def test_the_app_command_refuses_weights_without_a_checkpoint_or_a_missing_file(tmp_path, resnet50_files,
+                                                                                 monkeypatch, capsys):
+    """The app ignored a weights file without a checkpoint, and showed a missing one only in the browser."""
+    from captioner.cli import app as app_cli
+
+    checkpoint, weights = resnet50_files
+    monkeypatch.delenv(app_cli.CHECKPOINT_ENV, raising=False)
+    monkeypatch.delenv(app_cli.ENCODER_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(app_cli.subprocess, "call", lambda *a, **k: pytest.fail("the server was started"))
+    assert main(["app", "--encoder-weights", str(weights)]) == 2
+    assert "--encoder-weights is for the model of --checkpoint" in capsys.readouterr().err
+    assert main(["app", "--checkpoint", str(checkpoint), "--encoder-weights", str(tmp_path / "nope.pth")]) == 2
+    assert "encoder weights file not found" in capsys.readouterr().err
+
+
+def test_the_app_loads_the_model_of_its_environment_with_the_weights_file(resnet50_files, monkeypatch, tmp_path):
     from streamlit.testing.v1 import AppTest
 
     checkpoint, weights = resnet50_files
@@ -92,6 +107,12 @@ def test_the_app_loads_the_model_of_its_environment_with_the_weights_file(resnet
     app = AppTest.from_file(str(Path(__file__).parent.parent / "app.py"), default_timeout=120).run()
     assert any("CAPTIONER_ENCODER_WEIGHTS" in e.value for e in app.error)  # explained in the page, no traceback
     assert not app.exception
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights.read_bytes()[:1000])
+    monkeypatch.setenv("CAPTIONER_ENCODER_WEIGHTS", str(cut))
+    app = AppTest.from_file(str(Path(__file__).parent.parent / "app.py"), default_timeout=120).run()
+    [error] = app.error
+    assert "not a readable weights file" in error.value and "CAPTIONER_ENCODER_WEIGHTS" not in error.value
     monkeypatch.setenv("CAPTIONER_ENCODER_WEIGHTS", str(weights))
     app = AppTest.from_file(str(Path(__file__).parent.parent / "app.py"), default_timeout=120).run()
     assert not app.error and not app.exception

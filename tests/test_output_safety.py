@@ -44,6 +44,13 @@ def test_an_evaluate_output_folder_holding_the_checkpoint_is_refused(tmp_path, t
                  "--output", str(folder)]) == 2
     assert "which is the input file" in capsys.readouterr().err
     assert victim.read_bytes() == tiny_checkpoint.read_bytes()
+    # The encoder's weights file is one of the model's files too.
+    weights = folder / OUTPUT_FILES[1]
+    weights.write_bytes(b"weights")
+    assert main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--encoder-weights", str(weights), "--format",
+                 "csv", "--data", str(data), "--output", str(folder)]) == 2
+    assert "which is the input file" in capsys.readouterr().err
+    assert weights.read_bytes() == b"weights"
 
 
 def test_130_failed_images_exit_1_not_as_an_interruption(tmp_path, tiny_checkpoint, capsys):
@@ -105,29 +112,68 @@ def test_resuming_a_killed_runs_partial_file_never_empties_it(tmp_path, monkeypa
     assert seen == [records] and out.partial.read_text(encoding="utf-8") == records
 
 
-def test_a_full_disk_while_resuming_keeps_the_killed_runs_records(tmp_path, tiny_checkpoint, monkeypatch):
-    from captioner.outputs import CaptionWriter
+def test_a_full_disk_at_the_first_write_of_a_resume_keeps_the_killed_runs_records(tmp_path, monkeypatch):
+    """The old resume emptied the partial file and then wrote the kept records back: a full disk at that write
+    left it empty. Now nothing is written back, so the first write (here failing) finds the records in place."""
+    import captioner.cli.output_file as output_file
 
-    images = write_images(tmp_path / "in", 3)
     target = tmp_path / "o.jsonl"
-    assert _caption(tiny_checkpoint, images[0], "--format", "jsonl", "--output", target) == 0
-    partial = PartialOutput(target, "jsonl").partial
-    target.rename(partial)  # as a killed run leaves it: one record in the partial file, no target
+    out = PartialOutput(target, "jsonl", resume=True)
+    records = "".join(json.dumps({"path": f"p/{i}.jpg", "caption": "a dog", "error": None}) + "\n"
+                      for i in range(3))
+    out.partial.write_text(records + '{"path": "p/cu', encoding="utf-8")
+    real_open = open
 
-    def full(self, caption):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class FullDisk:
+        def __init__(self, stream):
+            self.stream = stream
 
-    monkeypatch.setattr(CaptionWriter, "write", full)
-    kept = partial.read_text()
-    assert _caption(tiny_checkpoint, tmp_path / "in", "--format", "jsonl", "--output", target, "--resume") == 4
-    assert partial.read_text() == kept and not target.exists()
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    def full_open(file, mode="r", *args, **kwargs):
+        stream = real_open(file, mode, *args, **kwargs)
+        return FullDisk(stream) if set(mode) & set("wa") else stream
+
+    monkeypatch.setattr(output_file, "open", full_open, raising=False)
+    try:
+        out.open()
+        out.stream.write('{"path": "p/3.jpg"}\n')
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        out.stream.stream.close()
+    assert out.partial.read_text(encoding="utf-8") == records
 
 
-def test_an_image_named_twice_is_captioned_once(tmp_path, tiny_checkpoint):
+def test_an_image_named_twice_is_captioned_once(tmp_path, tiny_checkpoint, monkeypatch):
     """A folder and a file inside it (or one folder twice) wrote two records of the same image."""
     images = write_images(tmp_path / "in", 2)
     out = tmp_path / "o.jsonl"
-    assert _caption(tiny_checkpoint, images[1], tmp_path / "in", f"{tmp_path}/./in/", "--format", "jsonl",
+    monkeypatch.chdir(tmp_path)
+    assert _caption(tiny_checkpoint, images[1], tmp_path / "in", "in/../in", "./in", "--format", "jsonl",
                     "--output", out) == 0
     paths = [json.loads(line)["path"] for line in out.read_text().splitlines()]
     assert paths == [str(images[1]), str(images[0])]
+
+
+def test_a_text_resume_skips_blank_lines_as_before(tmp_path, tiny_checkpoint):
+    images = write_images(tmp_path / "in", 2)
+    out = tmp_path / "o.txt"
+    assert _caption(tiny_checkpoint, images[0], "--output", out) == 0
+    out.write_bytes(out.read_bytes() + b"\r\n  \n")  # blank lines an editor left
+    assert _caption(tiny_checkpoint, tmp_path / "in", "--output", out, "--resume") == 0
+    lines = [line for line in out.read_text().splitlines() if line.strip()]
+    assert [line.split("\t")[0] for line in lines] == [str(images[0]), str(images[1])]
+
+
+def test_a_csv_resume_of_a_cell_over_the_csv_limit_is_not_a_whole_output(tmp_path, tiny_checkpoint, capsys):
+    """csv.Error is not a ValueError: it was a traceback."""
+    out = tmp_path / "o.csv"
+    out.write_text("path,caption,score,error\n" + "a.jpg," + "x" * 200_000 + ",,\n")
+    [img] = write_images(tmp_path / "in", 1)
+    assert _caption(tiny_checkpoint, img, "--format", "csv", "--output", out, "--resume") == 2
+    assert "not a whole csv output" in capsys.readouterr().err

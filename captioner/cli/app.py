@@ -76,6 +76,18 @@ def checkpoint_problem(path: Path) -> str | None:
     return f"{path}: {problem}" if problem else None
 
 
+def weights_problem(env: dict[str, str]) -> str | None:
+    """Why `$CAPTIONER_ENCODER_WEIGHTS` cannot be used, or None. Why: without a checkpoint the app ignores it
+    (the shipped models carry their encoders), and a missing file showed only in the browser."""
+    from captioner.path_kind import file_problem
+
+    if not env.get(CHECKPOINT_ENV):
+        return "--encoder-weights is for the model of --checkpoint (or $CAPTIONER_CHECKPOINT): give one"
+    path = Path(env[ENCODER_WEIGHTS_ENV])
+    problem = file_problem(path, missing="encoder weights file not found", folder="is a folder, not a weights file")
+    return f"{path}: {problem}" if problem else None
+
+
 def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The `streamlit run` command line and its environment.
 
@@ -107,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"captioner: error: {shown(exc)}", file=sys.stderr)
         return 2
     problem = checkpoint_problem(Path(env[CHECKPOINT_ENV])) if env.get(CHECKPOINT_ENV) else None
+    if not problem and env.get(ENCODER_WEIGHTS_ENV):
+        problem = weights_problem(env)
     if problem:
         print(f"captioner: error: {shown(problem)}", file=sys.stderr)
         return 2

@@ -117,10 +117,11 @@ def _expand(raw_paths: list[str]) -> tuple[list, list[str]]:
     paths, missing = {}, []
     for raw in raw_paths:
         try:
-            paths.update(dict.fromkeys(find_images([raw])))
+            for path in find_images([raw]):  # keyed by the absolute path, "in/../in" and "./in" alike
+                paths.setdefault(os.path.normpath(os.path.abspath(path)), path)
         except FileNotFoundError:
             missing.append(raw)
-    return list(paths), missing
+    return list(paths.values()), missing
 
 
 def run(args: argparse.Namespace) -> int:

@@ -209,7 +209,7 @@ class PartialOutput:
                     kept = raw.decode("utf-8")
                     done = self._keys(kept)
                     self._check_header(kept, csv_header)
-                except (UnicodeDecodeError, ValueError) as exc:
+                except (UnicodeDecodeError, ValueError, csv.Error) as exc:  # csv.Error: a cell over its limit
                     raise OutputResumeError(f"--resume: {source} is not a whole {self.fmt} output: {exc}") from exc
                 in_place = source == self.partial
         if in_place:
