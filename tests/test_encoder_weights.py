@@ -93,7 +93,7 @@ def test_the_app_command_refuses_weights_without_a_checkpoint_or_a_missing_file(
     monkeypatch.delenv(app_cli.ENCODER_WEIGHTS_ENV, raising=False)
     monkeypatch.setattr(app_cli.subprocess, "call", lambda *a, **k: pytest.fail("the server was started"))
     assert main(["app", "--encoder-weights", str(weights)]) == 2
-    assert "--encoder-weights is for the model of --checkpoint" in capsys.readouterr().err
+    assert "is for the model of --checkpoint" in capsys.readouterr().err
     assert main(["app", "--checkpoint", str(checkpoint), "--encoder-weights", str(tmp_path / "nope.pth")]) == 2
     assert "encoder weights file not found" in capsys.readouterr().err
 

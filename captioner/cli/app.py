@@ -82,7 +82,8 @@ def weights_problem(env: dict[str, str]) -> str | None:
     from captioner.path_kind import file_problem
 
     if not env.get(CHECKPOINT_ENV):
-        return "--encoder-weights is for the model of --checkpoint (or $CAPTIONER_CHECKPOINT): give one"
+        return ("--encoder-weights (or $CAPTIONER_ENCODER_WEIGHTS) is for the model of --checkpoint (or "
+                "$CAPTIONER_CHECKPOINT): give one, or unset it")
     path = Path(env[ENCODER_WEIGHTS_ENV])
     problem = file_problem(path, missing="encoder weights file not found", folder="is a folder, not a weights file")
     return f"{path}: {problem}" if problem else None
