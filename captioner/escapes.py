@@ -35,6 +35,12 @@ def text_field(text: str) -> str:
     return text.translate(_TEXT_ESCAPES)
 
 
+def path_line(path: str | os.PathLike) -> str:
+    """`path` on one line of text or of a terminal: `escape_path`, then `text_field`. The text format's path
+    field, and every stderr line that names an input file."""
+    return text_field(escape_path(path))
+
+
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 

@@ -46,7 +46,7 @@ import math
 import os
 from typing import IO, TYPE_CHECKING
 
-from captioner.escapes import csv_cell, escape_path, text_field
+from captioner.escapes import csv_cell, escape_path, path_line, text_field
 
 if TYPE_CHECKING:
     from captioner.results import Caption
@@ -62,9 +62,9 @@ present only in some records)."""
 
 def written_path(path: str | os.PathLike, fmt: str) -> str:
     """`path` as a whole written record of format `fmt` names it (what `record_key` reads back)."""
-    text = escape_path(path)
     if fmt == "text":
-        return text_field(text)
+        return path_line(path)
+    text = escape_path(path)
     return csv_cell(text) if fmt == "csv" else text
 
 

@@ -11,7 +11,7 @@ import contextlib
 import os
 import sys
 
-from captioner.escapes import escape_path, shown, text_field
+from captioner.escapes import escape_path, path_line, shown
 from captioner.outputs import FORMATS
 from captioner.runtime.precisions import PRECISIONS
 
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     paths, missing = _expand(args.paths)
     for raw in missing:
-        print(f"captioner: {text_field(escape_path(raw))}: no such file or directory", file=sys.stderr)
+        print(f"captioner: {path_line(raw)}: no such file or directory", file=sys.stderr)
     if args.shard:
         try:
             index, count = parse_shard(args.shard)
@@ -302,7 +302,7 @@ def _caption_all(captioner, paths: list, writer, args: argparse.Namespace, signa
                         error = item.error
                     if error:
                         failures += 1
-                        bar.write(f"captioner: failed: {text_field(escape_path(error))}", file=sys.stderr)
+                        bar.write(f"captioner: failed: {path_line(error)}", file=sys.stderr)
                     bar.update(1)
                     if stop:
                         raise KeyboardInterrupt

@@ -13,7 +13,7 @@ import stat
 import sys
 from pathlib import Path
 
-from captioner.escapes import escape_path, shown, text_field
+from captioner.escapes import escape_path, path_line, shown
 from captioner.runtime.precisions import PRECISIONS
 
 
@@ -219,7 +219,7 @@ def _usable(args: argparse.Namespace, samples: list) -> list:
 
     samples, missing = check_images(samples, "skip", f"{args.split} split")
     if missing:
-        print(f"captioner: skipping {len(missing)} missing images, e.g. {text_field(escape_path(missing[0]))}",
+        print(f"captioner: skipping {len(missing)} missing images, e.g. {path_line(missing[0])}",
               file=sys.stderr)
     return samples[: args.max_images] if args.max_images else samples
 

@@ -21,7 +21,7 @@ from captioner.data.dataset import CaptionSet
 from captioner.data.features import FeatureCache
 from captioner.data.readers import DatasetError, Sample
 from captioner.data.splits import check_images, read_dataset
-from captioner.escapes import escape_path, text_field
+from captioner.escapes import path_line, text_field
 from captioner.models.encoder import build_encoder
 from captioner.models.vocab import SPECIALS, Vocabulary, tokenize
 from captioner.training.distributed import Dist, gather
@@ -126,7 +126,7 @@ def _extract(cfg: Config, cache: FeatureCache, samples: list[Sample], what: str,
 
 def _listed(failures: list[tuple[Path, str]]) -> str:
     """The first 20 failures, one "path: reason" per indented line (each on one line, its controls shown)."""
-    return "".join(f"\n  {text_field(escape_path(p))}: {text_field(why)}" for p, why in failures[:20])
+    return "".join(f"\n  {path_line(p)}: {text_field(why)}" for p, why in failures[:20])
 
 
 def prepare_data(cfg: Config, dist: Dist | None = None) -> Prepared:
